@@ -1,0 +1,73 @@
+"""Django system checks: bad recovery configuration fails at start-up, saying how to fix it."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.checks import Error, Warning, register
+
+from . import conf
+
+
+@register()
+def check_recovery_settings(app_configs=None, **kwargs):
+    problems = []
+    user = getattr(settings, "RECOVERY", None)
+    if user is None:
+        return problems
+    if not isinstance(user, dict):
+        return [Error("RECOVERY must be a dict.", hint="See docs/settings.md.", id="recovery.E001")]
+    unknown = sorted(set(user) - set(conf.DEFAULTS))
+    if unknown:
+        problems.append(Error(
+            f"RECOVERY has unknown keys: {', '.join(unknown)}.",
+            hint=f"Known keys: {', '.join(sorted(conf.DEFAULTS))} (docs/settings.md).",
+            id="recovery.E002",
+        ))
+    try:
+        conf.default_policy()
+    except (TypeError, ValueError) as exc:
+        problems.append(Error(
+            f"RECOVERY['DEFAULT_POLICY'] is invalid: {exc}",
+            hint="Write it as RetryPolicy fields, e.g. {'max_attempts': 5, 'jitter': 'full'}.",
+            id="recovery.E003",
+        ))
+    try:
+        conf.classifier_rules()
+    except ImportError as exc:
+        problems.append(Error(
+            f"RECOVERY['CLASSIFIER_RULES'] cannot be imported: {exc}",
+            hint="Each entry is a dotted path to a callable exception -> Failure | None.",
+            id="recovery.E004",
+        ))
+    for key in ("MAX_DELIVERIES",):
+        value = user.get(key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            problems.append(Error(f"RECOVERY['{key}'] must be an integer >= 1.", id="recovery.E005"))
+    for key in ("SPOOL_DRAIN_INTERVAL_SECONDS", "BROKER_DELAY_MAX_SECONDS",
+                "DUE_POLL_INTERVAL_SECONDS", "VISIBILITY_TIMEOUT_SECONDS"):
+        value = user.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+            problems.append(Error(f"RECOVERY['{key}'] must be a positive number of seconds.",
+                                  id="recovery.E006"))
+    visibility = float(conf.get("VISIBILITY_TIMEOUT_SECONDS"))
+    if float(conf.get("BROKER_DELAY_MAX_SECONDS")) >= visibility:
+        problems.append(Warning(
+            "RECOVERY['BROKER_DELAY_MAX_SECONDS'] is not below the visibility timeout: long "
+            "retries would wait as broker ETA messages past the visibility timeout.",
+            hint="Keep BROKER_DELAY_MAX_SECONDS well below VISIBILITY_TIMEOUT_SECONDS.",
+            id="recovery.W001",
+        ))
+    return problems
+
+
+@register()
+def check_celery_serialization(app_configs=None, **kwargs):
+    accept = getattr(settings, "CELERY_ACCEPT_CONTENT", None)
+    if accept is not None and any("pickle" in str(item) for item in accept):
+        return [Error(
+            "CELERY_ACCEPT_CONTENT accepts pickle: a message can run arbitrary code, and "
+            "dead letters must be JSON to be inspected and edited.",
+            hint="Set CELERY_ACCEPT_CONTENT = ['json'] and CELERY_TASK_SERIALIZER = 'json'.",
+            id="recovery.E010",
+        )]
+    return []

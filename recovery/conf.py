@@ -1,0 +1,113 @@
+"""The single ``RECOVERY`` settings dict, read at call time so tests and
+``override_settings`` take effect without restarting anything.
+
+Every key and its default is documented in ``docs/settings.md``; keep the two
+in step. Precedence for per-task options lives in :func:`resolve`:
+per-call message header > task attribute > ``RECOVERY`` setting > library default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.utils.module_loading import import_string
+
+__all__ = ["DEFAULTS", "get", "default_policy", "classifier_rules", "spool_dir", "resolve"]
+
+DEFAULTS: Mapping[str, Any] = {
+    # RetryPolicy (as a dict or a RetryPolicy) used by tasks that declare none.
+    "DEFAULT_POLICY": None,
+    # Dotted paths of classifier rules asked before the built-in ones.
+    "CLASSIFIER_RULES": (),
+    # Deliveries of one task id (redeliveries after a lost worker included) before it is
+    # parked as a poison pill instead of run again.
+    "MAX_DELIVERIES": 5,
+    # Where dead letters are spooled, fsynced, while the database is unreachable.
+    "SPOOL_DIR": None,
+    # How often each worker tries to drain the spool into the database.
+    "SPOOL_DRAIN_INTERVAL_SECONDS": 5.0,
+    # Retries delayed longer than this wait in the database due-table instead of as broker
+    # ETA messages held in worker memory.
+    "BROKER_DELAY_MAX_SECONDS": 30.0,
+    # How often each worker publishes due retries from the due-table.
+    "DUE_POLL_INTERVAL_SECONDS": 1.0,
+    # Redis visibility timeout installed by recovery.setup(); live workers keep extending
+    # what they hold, so it bounds how long a dead worker's tasks stay stranded.
+    "VISIBILITY_TIMEOUT_SECONDS": 60.0,
+    # Bounds on what is stored per letter.
+    "MESSAGE_MAX_CHARS": 2000,
+    "TRACEBACK_MAX_CHARS": 20000,
+}
+
+
+def get(name: str) -> Any:
+    """One ``RECOVERY`` value, or its default."""
+    user = getattr(settings, "RECOVERY", None) or {}
+    if name in user:
+        return user[name]
+    return DEFAULTS[name]
+
+
+def default_policy():
+    from .policy import RetryPolicy
+
+    value = get("DEFAULT_POLICY")
+    if value is None:
+        return RetryPolicy()
+    if isinstance(value, RetryPolicy):
+        return value
+    return _policy_from_dict(_freeze(value))
+
+
+@lru_cache(maxsize=64)
+def _policy_from_dict(frozen):
+    from .policy import RetryPolicy
+
+    return RetryPolicy.from_dict(_thaw(frozen))
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return ("__list__", tuple(_freeze(v) for v in value))
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, tuple) and value and value[0] == "__list__":
+        return [_thaw(v) for v in value[1]]
+    if isinstance(value, tuple):
+        return {k: _thaw(v) for k, v in value}
+    return value
+
+
+def classifier_rules() -> tuple:
+    return _import_rules(tuple(get("CLASSIFIER_RULES") or ()))
+
+
+@lru_cache(maxsize=16)
+def _import_rules(paths: tuple) -> tuple:
+    return tuple(import_string(p) if isinstance(p, str) else p for p in paths)
+
+
+def spool_dir() -> Path:
+    configured = get("SPOOL_DIR")
+    if configured:
+        return Path(configured)
+    base = getattr(settings, "BASE_DIR", None) or os.getcwd()
+    return Path(base) / "var" / "recovery-spool"
+
+
+def resolve(name: str, *, header: Any = None, task: Any = None, setting: str | None = None) -> Any:
+    """Apply the precedence rule: per-call header > task attribute > setting > default."""
+    if header is not None:
+        return header
+    if task is not None and getattr(task, name, None) is not None:
+        return getattr(task, name)
+    return get(setting or name.upper())

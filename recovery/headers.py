@@ -1,0 +1,43 @@
+"""Names and helpers for what RecoveryTask carries in message headers.
+
+History and the per-call policy travel with the message, never in worker
+memory or a side table, so any worker can pick up the next attempt and a
+redelivered message carries exactly the state it left with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["HISTORY", "POLICY", "STARTED_AT", "REPLAY", "read", "policy_header"]
+
+HISTORY = "recovery_history"
+POLICY = "recovery_policy"
+STARTED_AT = "recovery_started_at"
+REPLAY = "recovery_replay"
+
+OURS = (HISTORY, POLICY, STARTED_AT, REPLAY)
+
+
+def read(request: Any, name: str, default: Any = None) -> Any:
+    """A custom header from a Celery request (Celery exposes them as attributes)."""
+    value = getattr(request, name, None)
+    if value is None:
+        headers = getattr(request, "headers", None) or {}
+        value = headers.get(name) if isinstance(headers, Mapping) else None
+    return default if value is None else value
+
+
+def policy_header(policy: Any) -> dict[str, Any]:
+    """Headers that override a task's policy for one call.
+
+    Example::
+
+        charge.apply_async((order_id,), headers=policy_header(RetryPolicy(max_attempts=2)))
+
+    A policy travels in a header, never in ``apply_async(retry_policy=...)``, which Celery
+    uses for *publish* retries.
+    """
+    data = policy.to_dict() if hasattr(policy, "to_dict") else dict(policy)
+    return {POLICY: data}

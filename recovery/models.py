@@ -1,0 +1,143 @@
+"""Durable state of the recovery runtime: dead letters, the retry due-table and
+per-task delivery counts.
+
+Dead-letter status transitions (anything else is a bug):
+
+    parked     -> replaying | resolved | discarded | compensated
+    replaying  -> resolved (the replayed run succeeded) | parked (it failed for good)
+    resolved, discarded, compensated -> parked (only when the same task id fails again)
+
+A task id has at most one letter: parking is an upsert on ``task_id`` and a
+replay reuses the row.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils import timezone
+
+__all__ = ["DeadLetter", "DueRetry", "DeliveryCount"]
+
+
+class DeadLetter(models.Model):
+    class Status(models.TextChoices):
+        PARKED = "parked", "Parked"
+        REPLAYING = "replaying", "Replaying"
+        RESOLVED = "resolved", "Resolved"
+        DISCARDED = "discarded", "Discarded"
+        COMPENSATED = "compensated", "Compensated"
+
+    class Kind(models.TextChoices):
+        DEPENDENCY = "dependency", "External dependency"
+        DATA_INTEGRITY = "data_integrity", "Data integrity"
+        RESOURCE_EXHAUSTED = "resource_exhausted", "Resource exhausted"
+        TIMEOUT = "timeout", "Timeout or deadlock"
+        POISON = "poison", "Poison message"
+        OTHER = "other", "Other"
+
+    task_id = models.CharField(
+        "task id", max_length=255, unique=True,
+        help_text="Celery task id; poison messages without one get poison-<sha256 of body>.",
+    )
+    task_name = models.CharField("task name", max_length=255, db_index=True)
+    args = models.JSONField("positional arguments", default=list, blank=True)
+    kwargs = models.JSONField("keyword arguments", default=dict, blank=True)
+    headers = models.JSONField(
+        "execution options", default=dict, blank=True,
+        help_text="What a replay needs to continue the workflow: chain, link, chord, "
+                  "group, root/parent ids and custom headers.",
+    )
+    raw_body = models.TextField(
+        "raw body", blank=True, default="",
+        help_text="The undecoded message body of a poison message (base64: prefix if binary).",
+    )
+    content_type = models.CharField(max_length=128, blank=True, default="")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PARKED)
+    kind = models.CharField(max_length=32, choices=Kind.choices, default=Kind.OTHER)
+    permanent = models.BooleanField(
+        default=False, help_text="Whether the classifier judged the last failure permanent.",
+    )
+    reason = models.CharField(
+        max_length=255, blank=True, default="",
+        help_text="Why it was parked: the classification and the policy's verdict.",
+    )
+    exception_type = models.CharField("exception type", max_length=255, blank=True, default="")
+    exception_message = models.TextField("exception message", blank=True, default="")
+    traceback = models.TextField(blank=True, default="")
+    attempts = models.PositiveIntegerField(
+        default=0, help_text="Runs that failed, cumulative across replays.",
+    )
+    replay_count = models.PositiveIntegerField("replays", default=0)
+    history = models.JSONField(
+        default=list, blank=True,
+        help_text="One entry per failed attempt: at, exception_type, exception_message, "
+                  "delay_seconds (the delay chosen before the next attempt, or null).",
+    )
+    queue = models.CharField("origin queue", max_length=255, blank=True, default="")
+    worker = models.CharField(max_length=255, blank=True, default="")
+    fingerprint = models.CharField(
+        max_length=40, db_index=True,
+        help_text="Groups the same failure on different data (see recovery.fingerprint).",
+    )
+    first_failed_at = models.DateTimeField("first failed", default=timezone.now)
+    last_failed_at = models.DateTimeField("last failed", default=timezone.now)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "dead letter"
+        verbose_name_plural = "dead letters"
+        ordering = ("-last_failed_at",)
+        indexes = [
+            models.Index(fields=["status", "-last_failed_at"], name="recovery_dl_status_last"),
+            models.Index(fields=["kind", "-last_failed_at"], name="recovery_dl_kind_last"),
+            models.Index(fields=["task_name", "-last_failed_at"], name="recovery_dl_task_last"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_name}[{self.task_id}] {self.status}"
+
+
+class DueRetry(models.Model):
+    """A retry whose delay is too long to hold safely as a broker ETA message.
+
+    Workers publish rows that are due (``recovery.due``); ``signature`` is the
+    Celery signature dict of the next attempt.
+    """
+
+    task_id = models.CharField(max_length=255, db_index=True)
+    task_name = models.CharField(max_length=255)
+    due_at = models.DateTimeField(db_index=True)
+    signature = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "due retry"
+        verbose_name_plural = "due retries"
+        ordering = ("due_at",)
+
+    def __str__(self) -> str:
+        return f"{self.task_name}[{self.task_id}] due {self.due_at:%Y-%m-%d %H:%M:%S}"
+
+
+class DeliveryCount(models.Model):
+    """How often a task id was redelivered (lost worker, hard time limit, restore).
+
+    The broker keeps no count, so a task that kills its worker every time would
+    loop forever; past ``RECOVERY["MAX_DELIVERIES"]`` it is parked instead.
+    """
+
+    task_id = models.CharField(max_length=255, primary_key=True)
+    deliveries = models.PositiveIntegerField(default=1)
+    last_failure = models.CharField(
+        max_length=255, blank=True, default="",
+        help_text="How the last delivery was lost (worker lost, hard time limit).",
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "delivery count"
+        verbose_name_plural = "delivery counts"
+
+    def __str__(self) -> str:
+        return f"{self.task_id}: {self.deliveries}"

@@ -1,0 +1,330 @@
+"""RecoveryTask: a Celery task that retries what can heal and parks what cannot.
+
+The lifecycle of a failing task:
+
+1. The task raises. :meth:`RecoveryTask.__call__` hands the exception to the
+   classifier (project rules first, then the built-in ones): a ``Failure``
+   comes back with a scenario kind, transient or permanent, and an optional
+   retry-after. ``self.retry()`` and ``autoretry_for`` land here too, so no
+   Celery retry path can bypass the policy (Celery's ``max_retries`` is
+   unused: ``max_attempts`` governs).
+2. The task's ``RetryPolicy`` (per-call header > task attribute >
+   ``RECOVERY["DEFAULT_POLICY"]`` > library default) turns the failure and the
+   attempt history carried in the message into a verdict: retry after N
+   seconds, or park.
+3. Retry: the task is republished under the same id with the delay and the
+   history in its headers. Delays longer than
+   ``RECOVERY["BROKER_DELAY_MAX_SECONDS"]`` wait in the database due-table and
+   are published by the workers when due, so no worker holds them past the
+   broker's visibility timeout.
+4. Park: one ``DeadLetter`` row per task id (an upsert), written with the
+   FAILURE result in one transaction, or spooled to local disk when the
+   database is down. The exception is then re-raised so Celery records the
+   failure, fires errbacks and signals; the message is acknowledged only
+   after all of this (``acks_late``).
+5. What the child process cannot do (it was killed, or hit the hard time
+   limit) happens in the worker's main process: see :mod:`recovery.worker`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import traceback as traceback_module
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Ignore, Reject, Retry
+from django.utils import timezone
+
+from . import conf, headers as hdr
+from .classification import Failure, Rule, classify
+from .errors import TransientError
+from .policy import Attempt, RetryPolicy, Verdict
+
+__all__ = ["RecoveryTask", "exception_path"]
+
+logger = logging.getLogger(__name__)
+
+
+def exception_path(exc: BaseException | type) -> str:
+    cls = exc if isinstance(exc, type) else type(exc)
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+class _RetryRequested(Exception):
+    """Raised by RecoveryTask.retry() so the request flows through the policy."""
+
+    def __init__(self, exc: BaseException | None, min_delay: float | None,
+                 args: Any, kwargs: Any, options: dict) -> None:
+        super().__init__("retry requested")
+        self.exc = exc
+        self.min_delay = min_delay
+        self.call_args = args
+        self.call_kwargs = kwargs
+        self.options = options
+
+
+class _ParkAwareBackend:
+    """The task's result backend, minus the second write of a FAILURE already stored.
+
+    Parking stores the FAILURE result in the same transaction as the letter; Celery
+    then calls ``mark_as_failure`` as usual (errbacks, chords, signals) and this
+    wrapper only skips its store, so the result is written once.
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    def mark_as_failure(self, task_id, exc, traceback=None, request=None,
+                        store_result=True, call_errbacks=True, state=None, **kwargs):
+        if request is not None and getattr(request, "_recovery_result_stored", False):
+            store_result = False
+        if state is not None:
+            kwargs["state"] = state
+        return self._backend.mark_as_failure(
+            task_id, exc, traceback=traceback, request=request,
+            store_result=store_result, call_errbacks=call_errbacks, **kwargs,
+        )
+
+
+class RecoveryTask(Task):
+    """Base class for tasks that must survive permanent failures.
+
+    Use it per task (``@app.task(base=RecoveryTask, bind=True, retry_policy=...)``) or
+    for every task of a project (``Celery("proj", task_cls="recovery.task:RecoveryTask")``).
+
+    Attributes:
+        retry_policy: this task's RetryPolicy (or a dict for ``RetryPolicy.from_dict``);
+            None means ``RECOVERY["DEFAULT_POLICY"]``.
+        classifier_rules: extra rules for this task, asked before the project's.
+    """
+
+    retry_policy: RetryPolicy | None = None
+    classifier_rules: Sequence[Rule] = ()
+    acks_late = True
+    reject_on_worker_lost = True
+    max_retries = None  # the policy's max_attempts governs; see __init_subclass__
+    Request = "recovery.worker:RecoveryRequest"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        policy = cls.__dict__.get("retry_policy")
+        if isinstance(policy, dict):
+            cls.retry_policy = RetryPolicy.from_dict(policy)
+        elif policy is not None and not isinstance(policy, RetryPolicy):
+            raise TypeError(
+                f"{cls.__name__}.retry_policy must be a recovery.RetryPolicy or a dict of its "
+                f"fields, not {type(policy).__name__}"
+            )
+        if cls.__dict__.get("max_retries") is not None:
+            logger.warning(
+                "%s sets max_retries=%r, which RecoveryTask ignores: set "
+                "retry_policy=RetryPolicy(max_attempts=...) instead (attempts count the first run)",
+                cls.__name__, cls.__dict__["max_retries"],
+            )
+            cls.max_retries = None
+
+    # -- result backend -----------------------------------------------------------------
+
+    @property
+    def backend(self):  # type: ignore[override]
+        real = Task.backend.fget(self)
+        wrapped = self.__dict__.get("_recovery_backend")
+        if wrapped is None or wrapped._backend is not real:
+            wrapped = _ParkAwareBackend(real)
+            self.__dict__["_recovery_backend"] = wrapped
+        return wrapped
+
+    @backend.setter
+    def backend(self, value):
+        Task.backend.fset(self, value)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        if request.called_directly:
+            return super().__call__(*args, **kwargs)
+        try:
+            return self.run(*args, **kwargs)
+        except (Retry, Ignore, Reject):
+            raise
+        except _RetryRequested as requested:
+            exc = requested.exc or TransientError("retry requested by the task")
+            self._recover(exc, requested.call_args if requested.call_args is not None else args,
+                          requested.call_kwargs if requested.call_kwargs is not None else kwargs,
+                          min_delay=requested.min_delay, options=requested.options)
+            raise AssertionError("unreachable")  # _recover always raises
+        except Exception as exc:
+            self._recover(exc, args, kwargs)
+            raise
+
+    def retry(self, args=None, kwargs=None, exc=None, throw=True, eta=None, countdown=None,
+              max_retries=None, **options):
+        """Ask for a retry; the task's policy decides whether and when.
+
+        ``countdown``/``eta`` become a minimum delay, and an exhausted policy parks the
+        task instead of raising ``MaxRetriesExceededError``. ``throw`` is ignored: a
+        RecoveryTask's retry always raises.
+        """
+        request = self.request
+        if request.called_directly:
+            return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+        if exc is None:
+            exc = sys.exc_info()[1]
+        min_delay = countdown
+        if eta is not None:
+            min_delay = max(0.0, (eta - timezone.now()).total_seconds())
+        raise _RetryRequested(exc, min_delay, args, kwargs, options)
+
+    def classify(self, exc: BaseException) -> Failure:
+        return classify(exc, rules=(*self.classifier_rules, *conf.classifier_rules()))
+
+    def effective_policy(self) -> RetryPolicy:
+        """The policy for the current request (header > task attribute > settings > default)."""
+        base = self.retry_policy or conf.default_policy()
+        override = hdr.read(self.request, hdr.POLICY)
+        if override:
+            try:
+                return base.merged(override)
+            except (TypeError, ValueError) as exc:
+                logger.error("%s[%s]: ignoring invalid per-call policy %r: %s",
+                             self.name, self.request.id, override, exc)
+        return base
+
+    def _recover(self, exc: BaseException, args: Any, kwargs: Any, *,
+                 min_delay: float | None = None, options: dict | None = None) -> None:
+        """Run steps 1-4 of the lifecycle; always raises (Retry, or re-raises ``exc``)."""
+        request = self.request
+        failure = self.classify(exc)
+        history = list(hdr.read(request, hdr.HISTORY, []) or [])
+        started_at = float(hdr.read(request, hdr.STARTED_AT, 0) or 0) or time.time()
+        policy = self.effective_policy()
+        verdict = policy.decide(
+            failure,
+            [Attempt(entry.get("delay_seconds")) for entry in history],
+            exception=exc,
+            elapsed_seconds=max(0.0, time.time() - started_at),
+        )
+        if verdict.retrying and min_delay is not None and min_delay > (verdict.delay_seconds or 0):
+            verdict = Verdict.retry(min_delay, verdict.reason + "; honouring requested countdown")
+        history.append({
+            "at": timezone.now().isoformat(),
+            "attempt": len(history) + 1,
+            "replay": int(hdr.read(request, hdr.REPLAY, 0) or 0),
+            "exception_type": exception_path(exc),
+            "exception_message": str(exc)[: int(conf.get("MESSAGE_MAX_CHARS"))],
+            "kind": failure.kind.value,
+            "delay_seconds": round(verdict.delay_seconds, 3) if verdict.retrying else None,
+        })
+        if verdict.retrying:
+            self._schedule_retry(exc, verdict, history, started_at, args, kwargs, options or {})
+        self._park(exc, failure, verdict, history, args, kwargs)
+        raise exc
+
+    def _schedule_retry(self, exc, verdict, history, started_at, args, kwargs, options) -> None:
+        request = self.request
+        delay = verdict.delay_seconds or 0.0
+        carried = {hdr.HISTORY: history, hdr.STARTED_AT: started_at}
+        for name in (hdr.POLICY, hdr.REPLAY):
+            value = hdr.read(request, name)
+            if value is not None:
+                carried[name] = value
+        headers = {**(options.pop("headers", None) or {}), **carried}
+        logger.info("%s[%s] retry in %.2fs: %s (%s)", self.name, request.id, delay,
+                    exception_path(exc), verdict.reason)
+        if delay > float(conf.get("BROKER_DELAY_MAX_SECONDS")) and not request.is_eager:
+            signature = self.signature_from_request(
+                request, args, kwargs, retries=request.retries + 1, headers=headers, **options,
+            )
+            if self._hold_in_due_table(signature, delay):
+                raise Retry(exc=exc, when=delay, sig=signature)
+        try:
+            super().retry(args=args, kwargs=kwargs, exc=exc, countdown=delay, max_retries=None,
+                          headers=headers, **options)
+        except Reject as rejected:
+            # Celery rejects (drops) the message when the retry cannot be published;
+            # parking instead keeps the task.
+            logger.error("%s[%s]: could not publish the retry (%s); parking instead",
+                         self.name, request.id, rejected.reason)
+            history[-1]["delay_seconds"] = None
+
+    def _hold_in_due_table(self, signature, delay: float) -> bool:
+        from django.db import Error as DatabaseError
+
+        from .due import hold
+
+        try:
+            hold(signature, timezone.now() + timedelta(seconds=delay))
+        except DatabaseError as db_exc:
+            logger.warning("%s[%s]: due-table unavailable (%s); using a broker countdown",
+                           self.name, self.request.id, db_exc)
+            return False
+        return True
+
+    def _park(self, exc, failure: Failure, verdict: Verdict, history, args, kwargs) -> None:
+        from .parking import ParkRecord, park
+
+        request = self.request
+        store_errors = not self.ignore_result or self.store_errors_even_if_ignored
+        real_backend = Task.backend.fget(self)
+        tb = "".join(traceback_module.format_exception(type(exc), exc, exc.__traceback__))
+        result = None
+        if store_errors and not request.is_eager:
+            result = {"result": real_backend.prepare_exception(exc), "traceback": tb}
+        delivery = request.delivery_info or {}
+        record = ParkRecord(
+            task_id=request.id,
+            task_name=self.name,
+            kind=failure.kind.value,
+            permanent=failure.permanent,
+            reason=verdict.reason if failure.reason in verdict.reason else
+            f"{verdict.reason} ({failure.reason})",
+            exception_type=exception_path(exc),
+            exception_message=str(exc),
+            traceback=tb,
+            args=_json_safe(list(args)),
+            kwargs=_json_safe(dict(kwargs)),
+            headers=_json_safe(self._replay_options(request)),
+            history=history,
+            replay=int(hdr.read(request, hdr.REPLAY, 0) or 0),
+            queue=delivery.get("routing_key") or "",
+            worker=request.hostname or "",
+            result=result,
+        )
+        try:
+            outcome = park(record, backend=real_backend, request=request)
+        except OSError as spool_exc:
+            # Neither the database nor the spool took the letter: leave the message on
+            # the broker (requeued) rather than acknowledge a task we could not keep.
+            logger.critical("%s[%s]: could not park (database and spool both failed: %s); "
+                            "requeueing the message", self.name, request.id, spool_exc)
+            raise Reject(spool_exc, requeue=True) from exc
+        request._recovery_result_stored = outcome.result_stored
+        logger.warning("%s[%s] parked as a dead letter (%s): %s", self.name, request.id,
+                       failure.kind.value, verdict.reason)
+
+    @staticmethod
+    def _replay_options(request) -> dict:
+        options = {
+            key: value for key, value in request.as_execution_options().items()
+            if value not in (None, [], {}) and key not in ("task_id", "expires", "retries")
+        }
+        delivery = request.delivery_info or {}
+        for key in ("exchange", "routing_key", "priority"):
+            if delivery.get(key) not in (None, ""):
+                options[key] = delivery[key]
+        return options

@@ -1,0 +1,65 @@
+"""Example workflows a project would copy: each shows one failure scenario.
+
+Retry delays are short so the demo finishes in seconds; production policies
+would start at seconds and cap at minutes.
+"""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from recovery import RecoveryTask, RetryPolicy
+from recovery.errors import DataIntegrityError, DependencyError, ResourceExhaustedError, TimeoutOrDeadlockError
+
+DEMO_POLICY = RetryPolicy(max_attempts=4, initial_delay_seconds=0.5, multiplier=2.0,
+                          max_delay_seconds=2.0, jitter="full")
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=DEMO_POLICY)
+def fetch_exchange_rate(self, currency: str, fail_times: int = 2) -> dict:
+    """An external API that answers 503 a few times, then recovers (transient dependency)."""
+    if self.request.retries < fail_times:
+        raise DependencyError(f"rates API answered 503 for {currency}")
+    return {"currency": currency, "rate": 1.08}
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=DEMO_POLICY)
+def charge_payment(self, order_id: int, amount_cents: int) -> dict:
+    """A payment provider that declines a card: permanent, parked after one attempt."""
+    if amount_cents > 100_000:
+        raise DependencyError(f"card declined for order {order_id}: amount over limit",
+                              permanent=True)
+    return {"order_id": order_id, "charged": amount_cents}
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=DEMO_POLICY)
+def import_customer_row(self, row: dict) -> dict:
+    """A data import: a row without an email is invalid data and cannot be retried."""
+    if not row.get("email") or "@" not in row["email"]:
+        raise DataIntegrityError(f"row {row.get('id')!r} has no valid email: {row.get('email')!r}")
+    return {"imported": row["id"]}
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=DEMO_POLICY)
+def send_newsletter_batch(self, batch: int) -> dict:
+    """A rate-limited API: 429 with Retry-After once, then accepted."""
+    if self.request.retries < 1:
+        raise ResourceExhaustedError("mail API rate limit (429)", retry_after_seconds=1.0)
+    return {"batch": batch, "sent": True}
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=DEMO_POLICY)
+def build_monthly_report(self, month: str) -> dict:
+    """A report query that keeps losing a deadlock: retried, then parked when the policy gives up."""
+    raise TimeoutOrDeadlockError(f"deadlock detected building report {month}")
+
+
+EXAMPLES = [
+    (fetch_exchange_rate, ("EUR",), {"fail_times": 2}),
+    (charge_payment, (41, 2_500), {}),
+    (charge_payment, (42, 250_000), {}),
+    (import_customer_row, ({"id": 7, "email": "ada@example.com"},), {}),
+    (import_customer_row, ({"id": 8, "email": ""},), {}),
+    (send_newsletter_batch, (3,), {}),
+    (build_monthly_report, ("2026-10",), {}),
+]
