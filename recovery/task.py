@@ -172,6 +172,13 @@ class RecoveryTask(Task):
             self._recover(exc, args, kwargs)
             raise
 
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        if hdr.read(self.request, hdr.REPLAY):
+            from .replay import mark_replay_succeeded
+
+            mark_replay_succeeded(task_id)
+        super().on_success(retval, task_id, args, kwargs)
+
     def retry(self, args=None, kwargs=None, exc=None, throw=True, eta=None, countdown=None,
               max_retries=None, **options):
         """Ask for a retry; the task's policy decides whether and when.

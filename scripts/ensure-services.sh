@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Start PostgreSQL and Redis on localhost if they are not answering (the test suite needs both).
+# Uses the machine's own service commands; does nothing when both are already up.
+set -u
+
+pg_up() { python3 - <<'PY'
+import socket, sys
+s = socket.socket(); s.settimeout(1)
+sys.exit(0 if s.connect_ex(("127.0.0.1", 5432)) == 0 else 1)
+PY
+}
+redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; }
+
+if ! pg_up; then
+  echo "PostgreSQL is down; starting it"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+  for _ in $(seq 1 30); do pg_up && break; sleep 1; done
+fi
+if ! redis_up; then
+  echo "Redis is down; starting it"
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log || true
+  for _ in $(seq 1 30); do redis_up && break; sleep 1; done
+fi
+pg_up || { echo "PostgreSQL is not reachable on 127.0.0.1:5432" >&2; exit 1; }
+redis_up || { echo "Redis is not reachable on 127.0.0.1:6379" >&2; exit 1; }
+echo "services: PostgreSQL and Redis are up"

@@ -1,0 +1,155 @@
+"""Tasks the integration tests run on real worker processes.
+
+They record what happened (runs, timestamps, pids) in Redis so the test
+process can observe the workers from outside.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import redis
+from celery import Task, shared_task
+from django.conf import settings
+
+from recovery import RecoveryTask, RetryPolicy
+from recovery.errors import (
+    DataIntegrityError,
+    DependencyError,
+    ResourceExhaustedError,
+    TimeoutOrDeadlockError,
+    TransientError,
+)
+
+_client = None
+
+
+def store() -> redis.Redis:
+    global _client
+    if _client is None:
+        _client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    return _client
+
+
+def record_run(key: str) -> int:
+    client = store()
+    client.rpush(f"t:times:{key}", repr(time.time()))
+    client.rpush(f"t:pids:{key}", os.getpid())
+    return client.incr(f"t:runs:{key}")
+
+
+QUICK = RetryPolicy(max_attempts=5, initial_delay_seconds=0.2, multiplier=2, max_delay_seconds=1)
+FOUR = RetryPolicy(max_attempts=4, initial_delay_seconds=0.3, multiplier=2, max_delay_seconds=1.5,
+                   jitter="full")
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
+def flaky_twice(self, key: str) -> int:
+    runs = record_run(key)
+    if runs <= 2:
+        raise DependencyError(f"payments API answered 503 (run {runs})")
+    return runs
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
+def declined(self, key: str, order_id: int) -> None:
+    record_run(key)
+    raise DependencyError(f"card declined for order {order_id}", permanent=True)
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=FOUR)
+def always_transient(self, key: str) -> None:
+    runs = record_run(key)
+    raise TimeoutOrDeadlockError(f"deadlock detected (run {runs})")
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
+def rate_limited_once(self, key: str) -> int:
+    runs = record_run(key)
+    if runs == 1:
+        raise ResourceExhaustedError("HTTP 429 Too Many Requests", retry_after_seconds=2.0)
+    return runs
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
+def sleepy_first_time(self, key: str, seconds: float) -> int:
+    runs = record_run(key)
+    if runs == 1:
+        time.sleep(seconds)
+    return runs
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
+def kills_its_worker(self, key: str) -> None:
+    record_run(key)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
+def long_running(self, key: str, seconds: float) -> int:
+    runs = record_run(key)
+    time.sleep(seconds)
+    store().rpush(f"t:done:{key}", repr(time.time()))
+    return runs
+
+
+@shared_task(base=RecoveryTask, bind=True,
+             retry_policy=RetryPolicy(max_attempts=3, initial_delay_seconds=20,
+                                      max_delay_seconds=20, jitter="none"))
+def retry_in_twenty_seconds(self, key: str) -> int:
+    runs = record_run(key)
+    if runs == 1:
+        raise TransientError("try again in a while")
+    return runs
+
+
+@shared_task(base=RecoveryTask, bind=True, autoretry_for=(ValueError,),
+             retry_policy=RetryPolicy(max_attempts=6, initial_delay_seconds=0.1,
+                                      max_delay_seconds=0.3))
+def autoretry_value_error(self, key: str) -> None:
+    runs = record_run(key)
+    raise ValueError(f"bad value on run {runs}")
+
+
+@shared_task(base=RecoveryTask, bind=True,
+             retry_policy=RetryPolicy(max_attempts=6, initial_delay_seconds=0.1,
+                                      max_delay_seconds=0.3))
+def explicit_self_retry(self, key: str) -> None:
+    runs = record_run(key)
+    try:
+        raise RuntimeError(f"upstream not ready (run {runs})")
+    except RuntimeError as exc:
+        raise self.retry(exc=exc, countdown=0.1)
+
+
+@shared_task(base=RecoveryTask, bind=True)
+def uses_default_policy(self, key: str) -> None:
+    record_run(key)
+    raise DataIntegrityError("invoice total does not match its lines")
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
+def add_one(self, x: int) -> int:
+    return x + 1
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
+def times_ten_unless_broken(self, x: int, key: str) -> int:
+    record_run(key)
+    if not store().get(f"t:fixed:{key}"):
+        raise DataIntegrityError(f"price list for {x} is corrupt")
+    return x * 10
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
+def remember(self, x: int, key: str) -> int:
+    store().set(f"t:result:{key}", x)
+    return x
+
+
+@shared_task(base=Task, bind=True)
+def plain_fail(self, key: str) -> None:
+    record_run(key)
+    raise DependencyError("plain celery task failure")

@@ -1,0 +1,32 @@
+"""Test settings: real PostgreSQL and Redis on localhost, found through
+TEST_DATABASE_URL and TEST_BROKER_URL (defaults below)."""
+
+import os
+
+import dj_database_url
+
+os.environ.setdefault("CELERY_BROKER_URL", os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/11"))
+
+from config.settings import *  # noqa: E402,F401,F403
+
+TEST_DATABASE_URL = os.environ.get(
+    "TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/celery_recovery"
+)
+TEST_BROKER_URL = os.environ["CELERY_BROKER_URL"]
+
+DATABASES = {"default": dj_database_url.parse(TEST_DATABASE_URL, conn_max_age=600)}
+DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = 3
+
+CELERY_BROKER_URL = TEST_BROKER_URL
+CELERY_BROKER_TRANSPORT_OPTIONS = {}
+
+RECOVERY = {
+    "SPOOL_DIR": os.environ.get("RECOVERY_SPOOL_DIR", str(VAR_DIR / "test-spool")),  # noqa: F405
+    "VISIBILITY_TIMEOUT_SECONDS": float(os.environ.get("RECOVERY_VISIBILITY_TIMEOUT_SECONDS", 12)),
+    "BROKER_DELAY_MAX_SECONDS": float(os.environ.get("RECOVERY_BROKER_DELAY_MAX_SECONDS", 5)),
+    "MAX_DELIVERIES": int(os.environ.get("RECOVERY_MAX_DELIVERIES", 3)),
+    "SPOOL_DRAIN_INTERVAL_SECONDS": 1.0,
+    "DUE_POLL_INTERVAL_SECONDS": 0.5,
+}
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
