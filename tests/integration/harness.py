@@ -139,6 +139,11 @@ class TcpProxy:
 
     def cut(self) -> None:
         if self._listener is not None:
+            try:
+                # Wakes the thread blocked in accept(); close() alone would leave it listening.
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self._listener.close()
             self._listener = None
         with self._lock:
