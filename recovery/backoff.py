@@ -34,7 +34,7 @@ def exponential_delay(retry_number: int, initial: float, multiplier: float, cap:
     try:
         raw = initial * (multiplier ** (retry_number - 1))
     except OverflowError:
-        raw = cap
+        raw = cap if initial > 0 else 0.0  # 0 * anything is still 0
     return min(cap, raw)
 
 

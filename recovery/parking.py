@@ -171,6 +171,17 @@ def _write(record: ParkRecord, backend: Any, request: Any) -> int:
         fingerprint=fingerprint(record.task_name, record.exception_type, record.exception_message),
         last_failed_at=failed_at,
     )
+    from . import pg_fastpath
+
+    if pg_fastpath.applicable(backend):
+        history = list(record.history)
+        letter_id = pg_fastpath.insert_new_letter(
+            {"task_id": record.task_id, "history": history, "attempts": max(len(history), 1),
+             "first_failed_at": failed_at, **values},
+            record, backend, request,
+        )
+        if letter_id is not None:
+            return letter_id
     with transaction.atomic():
         letter = DeadLetter.objects.select_for_update().filter(task_id=record.task_id).first()
         if letter is None:

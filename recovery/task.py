@@ -197,6 +197,14 @@ class RecoveryTask(Task):
             min_delay = max(0.0, (eta - timezone.now()).total_seconds())
         raise _RetryRequested(exc, min_delay, args, kwargs, options)
 
+    @property
+    def attempt_history(self) -> list[dict]:
+        """The failed attempts before the current run (this replay only), oldest first.
+
+        Useful to log or return "succeeded after N attempts"; empty on a first run.
+        """
+        return list(hdr.read(self.request, hdr.HISTORY, []) or [])
+
     def classify(self, exc: BaseException) -> Failure:
         return classify(exc, rules=(*self.classifier_rules, *conf.classifier_rules()))
 

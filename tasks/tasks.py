@@ -11,6 +11,13 @@ from celery import shared_task
 from recovery import RecoveryTask, RetryPolicy
 from recovery.errors import DataIntegrityError, DependencyError, ResourceExhaustedError, TimeoutOrDeadlockError
 
+def _outcome(task, **result) -> dict:
+    """The task's result plus how it got there, for the demo's table."""
+    history = task.attempt_history
+    return {**result, "attempts": len(history) + 1,
+            "recovered_from": sorted({entry["kind"] for entry in history})}
+
+
 DEMO_POLICY = RetryPolicy(max_attempts=4, initial_delay_seconds=0.5, multiplier=2.0,
                           max_delay_seconds=2.0, jitter="full")
 
@@ -20,7 +27,7 @@ def fetch_exchange_rate(self, currency: str, fail_times: int = 2) -> dict:
     """An external API that answers 503 a few times, then recovers (transient dependency)."""
     if self.request.retries < fail_times:
         raise DependencyError(f"rates API answered 503 for {currency}")
-    return {"currency": currency, "rate": 1.08}
+    return _outcome(self, currency=currency, rate=1.08)
 
 
 @shared_task(base=RecoveryTask, bind=True, retry_policy=DEMO_POLICY)
@@ -29,7 +36,7 @@ def charge_payment(self, order_id: int, amount_cents: int) -> dict:
     if amount_cents > 100_000:
         raise DependencyError(f"card declined for order {order_id}: amount over limit",
                               permanent=True)
-    return {"order_id": order_id, "charged": amount_cents}
+    return _outcome(self, order_id=order_id, charged=amount_cents)
 
 
 @shared_task(base=RecoveryTask, bind=True, retry_policy=DEMO_POLICY)
@@ -37,7 +44,7 @@ def import_customer_row(self, row: dict) -> dict:
     """A data import: a row without an email is invalid data and cannot be retried."""
     if not row.get("email") or "@" not in row["email"]:
         raise DataIntegrityError(f"row {row.get('id')!r} has no valid email: {row.get('email')!r}")
-    return {"imported": row["id"]}
+    return _outcome(self, imported=row["id"])
 
 
 @shared_task(base=RecoveryTask, bind=True, retry_policy=DEMO_POLICY)
@@ -45,7 +52,7 @@ def send_newsletter_batch(self, batch: int) -> dict:
     """A rate-limited API: 429 with Retry-After once, then accepted."""
     if self.request.retries < 1:
         raise ResourceExhaustedError("mail API rate limit (429)", retry_after_seconds=1.0)
-    return {"batch": batch, "sent": True}
+    return _outcome(self, batch=batch, sent=True)
 
 
 @shared_task(base=RecoveryTask, bind=True, retry_policy=DEMO_POLICY)

@@ -1,0 +1,30 @@
+# The two commands of the README. Both set up everything they need on a fresh machine.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: demo test bench install clean
+
+demo: $(STAMP)  ## run the example workflows on a worker, print what happened, serve the admin
+	$(PY) manage.py demo
+
+test: $(STAMP)  ## start PostgreSQL/Redis if they are down, then run the whole suite
+	./scripts/ensure-services.sh
+	$(PY) -m pytest
+
+bench: $(STAMP)  ## throughput of RecoveryTask against plain Celery (needs Redis and PostgreSQL)
+	./scripts/ensure-services.sh
+	$(PY) bench/throughput.py
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .hypothesis
