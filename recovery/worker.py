@@ -171,6 +171,7 @@ class RecoveryRequest(Request):
     """A request that parks instead of looping or dropping."""
 
     _recovery_parked = False
+    _recovery_requeued = False
 
     def revoked(self) -> bool:
         if self._recovery_parked:
@@ -228,8 +229,15 @@ class RecoveryRequest(Request):
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if soft or not self.task.acks_late:
             return super().on_timeout(soft, timeout)
+        self._requeue_after_hard_limit(timeout)
+
+    def _requeue_after_hard_limit(self, timeout: Any) -> None:
         # The child was killed at the hard limit and never got to park itself: count it
-        # as a lost delivery and requeue; the delivery cap parks it as a timeout.
+        # as a lost delivery and requeue; the delivery cap parks it as a timeout. Celery
+        # reports the limit twice (error callback and timeout callback): act once.
+        if self._recovery_requeued:
+            return
+        self._recovery_requeued = True
         self._note_loss(f"hard time limit ({timeout}s) exceeded")
         logger.error("Hard time limit (%ss) exceeded for %s[%s]; requeueing", timeout,
                      self.name, self.id)
@@ -238,6 +246,9 @@ class RecoveryRequest(Request):
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
         exc = getattr(exc_info.exception, "exc", exc_info.exception)
+        if isinstance(exc, TimeLimitExceeded) and self.task.acks_late:
+            limit = exc.args[0] if exc.args else "?"
+            return self._requeue_after_hard_limit(limit)
         if isinstance(exc, WorkerLostError):
             self._note_loss(f"worker lost: {exc}")
         elif not return_ok and not isinstance(
