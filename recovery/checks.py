@@ -49,8 +49,11 @@ def check_recovery_settings(app_configs=None, **kwargs):
         if value is not None and (not isinstance(value, (int, float)) or value <= 0):
             problems.append(Error(f"RECOVERY['{key}'] must be a positive number of seconds.",
                                   id="recovery.E006"))
-    visibility = float(conf.get("VISIBILITY_TIMEOUT_SECONDS"))
-    if float(conf.get("BROKER_DELAY_MAX_SECONDS")) >= visibility:
+    visibility = conf.get("VISIBILITY_TIMEOUT_SECONDS")
+    broker_delay = conf.get("BROKER_DELAY_MAX_SECONDS")
+    # A value that is not a number was reported as E006 above; comparing it would crash.
+    if all(isinstance(v, (int, float)) for v in (visibility, broker_delay)) and \
+            broker_delay >= visibility:
         problems.append(Warning(
             "RECOVERY['BROKER_DELAY_MAX_SECONDS'] is not below the visibility timeout: long "
             "retries would wait as broker ETA messages past the visibility timeout.",
@@ -63,7 +66,10 @@ def check_recovery_settings(app_configs=None, **kwargs):
 @register()
 def check_celery_serialization(app_configs=None, **kwargs):
     accept = getattr(settings, "CELERY_ACCEPT_CONTENT", None)
-    if accept is not None and any("pickle" in str(item) for item in accept):
+    # kombu accepts names and content types; pickle's is application/x-python-serialize.
+    if accept is not None and any(
+        "pickle" in str(item) or "python-serialize" in str(item) for item in accept
+    ):
         return [Error(
             "CELERY_ACCEPT_CONTENT accepts pickle: a message can run arbitrary code, and "
             "dead letters must be JSON to be inspected and edited.",

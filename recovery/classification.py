@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -109,6 +110,8 @@ def parse_retry_after(value: object, now: datetime | None = None) -> float | Non
         if when.tzinfo is None:
             when = when.replace(tzinfo=timezone.utc)
         seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
+    if not math.isfinite(seconds):  # "inf"/"nan" parse as floats but are not delays
+        return None
     return max(0.0, seconds)
 
 

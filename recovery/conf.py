@@ -2,8 +2,9 @@
 ``override_settings`` take effect without restarting anything.
 
 Every key and its default is documented in ``docs/settings.md``; keep the two
-in step. Precedence for per-task options lives in :func:`resolve`:
-per-call message header > task attribute > ``RECOVERY`` setting > library default.
+in step. Per-task options follow one precedence (applied in
+``RecoveryTask.effective_policy``): per-call message header > task attribute >
+``RECOVERY`` setting > library default.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-__all__ = ["DEFAULTS", "get", "default_policy", "classifier_rules", "spool_dir", "resolve"]
+__all__ = ["DEFAULTS", "get", "default_policy", "classifier_rules", "spool_dir"]
 
 DEFAULTS: Mapping[str, Any] = {
     # RetryPolicy (as a dict or a RetryPolicy) used by tasks that declare none.
@@ -36,7 +37,8 @@ DEFAULTS: Mapping[str, Any] = {
     "BROKER_DELAY_MAX_SECONDS": 30.0,
     # How often each worker publishes due retries from the due-table.
     "DUE_POLL_INTERVAL_SECONDS": 1.0,
-    # Redis visibility timeout installed by recovery.setup(); live workers keep extending
+    # Redis visibility timeout recovery.setup() installs unless the project set
+    # broker_transport_options["visibility_timeout"] itself; live workers keep extending
     # what they hold, so it bounds how long a dead worker's tasks stay stranded.
     "VISIBILITY_TIMEOUT_SECONDS": 60.0,
     # Bounds on what is stored per letter.
@@ -102,12 +104,3 @@ def spool_dir() -> Path:
         return Path(configured)
     base = getattr(settings, "BASE_DIR", None) or os.getcwd()
     return Path(base) / "var" / "recovery-spool"
-
-
-def resolve(name: str, *, header: Any = None, task: Any = None, setting: str | None = None) -> Any:
-    """Apply the precedence rule: per-call header > task attribute > setting > default."""
-    if header is not None:
-        return header
-    if task is not None and getattr(task, name, None) is not None:
-        return getattr(task, name)
-    return get(setting or name.upper())

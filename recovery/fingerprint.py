@@ -13,7 +13,11 @@ import re
 __all__ = ["normalise_message", "fingerprint"]
 
 _UUID = re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b")
-_HEX = re.compile(r"\b(?:0x)?(?=[0-9a-fA-F]*\d)(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{6,}\b")
+# 0x-prefixed hex, or six or more hex digits with at least one digit and one letter (a
+# run of a-f letters alone could be a word such as "facade"; all digits is a number).
+_HEX = re.compile(
+    r"\b(?:0x[0-9a-fA-F]+|(?=[0-9a-fA-F]*\d)(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{6,})\b"
+)
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
@@ -21,7 +25,9 @@ _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 def normalise_message(message: str) -> str:
     text = _UUID.sub("<uuid>", message)
     text = _QUOTED.sub("<str>", text)
-    text = _HEX.sub("<hex>", text)
+    # Same placeholder as numbers: a hex id that happens to be all digits ("1234567" as a
+    # short commit sha) must group with one that has letters ("1a2b3c4").
+    text = _HEX.sub("<n>", text)
     return _NUMBER.sub("<n>", text)
 
 

@@ -10,6 +10,7 @@ task is always either in the table, in the spool, or still on the broker.
 
 from __future__ import annotations
 
+import base64
 import logging
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone as dt_timezone
@@ -34,7 +35,20 @@ def _bounded(text: str, limit: int) -> str:
     text = text.replace("\x00", "\\x00")  # PostgreSQL text cannot hold NUL
     if len(text) <= limit:
         return text
+    if limit < 30:  # no room for the "... [N chars cut]" marker
+        return text[: max(limit, 0)]
     return text[: limit - 30] + f"... [{len(text) - limit + 30} chars cut]"
+
+
+def _nul_free(value: Any) -> Any:
+    """JSON data with NUL escaped in every string: PostgreSQL jsonb rejects \\u0000."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\\x00")
+    if isinstance(value, list):
+        return [_nul_free(v) for v in value]
+    if isinstance(value, dict):
+        return {_nul_free(k): _nul_free(v) for k, v in value.items()}
+    return value
 
 
 @dataclass
@@ -66,6 +80,15 @@ class ParkRecord:
     def __post_init__(self) -> None:
         self.exception_message = _bounded(self.exception_message or "", int(conf.get("MESSAGE_MAX_CHARS")))
         self.traceback = _bounded(self.traceback or "", int(conf.get("TRACEBACK_MAX_CHARS")))
+        # A NUL anywhere (an argument, a message in the history, a poison body) would make
+        # every write fail, and the letter would sit in the spool forever.
+        for name in ("args", "kwargs", "headers", "history", "task_name", "queue", "worker",
+                     "content_type"):
+            setattr(self, name, _nul_free(getattr(self, name)))
+        if "\x00" in (self.raw_body or ""):
+            self.raw_body = "base64:" + base64.b64encode(self.raw_body.encode("utf-8")).decode("ascii")
+        if self.result is not None and isinstance(self.result.get("traceback"), str):
+            self.result = {**self.result, "traceback": _nul_free(self.result["traceback"])}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -10,6 +10,7 @@ ask for most (temporalio/temporal#131).
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -24,6 +25,10 @@ from .classification import Failure
 from .kinds import FailureKind
 
 __all__ = ["RetryPolicy", "Verdict", "Action", "Attempt"]
+
+# A server asking for more than this is treated as asking for this (and a policy with
+# max_elapsed_seconds parks instead): it keeps scheduling arithmetic finite.
+MAX_RETRY_AFTER_SECONDS = 30 * 24 * 3600.0
 
 _PER_KIND_FIELDS = frozenset(
     {"max_attempts", "initial_delay_seconds", "multiplier", "max_delay_seconds", "jitter",
@@ -119,17 +124,19 @@ class RetryPolicy:
             raise ValueError(f"max_attempts must be an integer >= 1 (got {self.max_attempts!r})")
         for name in ("initial_delay_seconds", "max_delay_seconds"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0 (got {value!r})")
-        if not isinstance(self.multiplier, (int, float)) or self.multiplier < 1:
-            raise ValueError(f"multiplier must be a number >= 1 (got {self.multiplier!r})")
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0 (got {value!r})")
+        if (not isinstance(self.multiplier, (int, float)) or not math.isfinite(self.multiplier)
+                or self.multiplier < 1):
+            raise ValueError(f"multiplier must be a finite number >= 1 (got {self.multiplier!r})")
         if self.max_delay_seconds < self.initial_delay_seconds:
             raise ValueError(
                 f"max_delay_seconds ({self.max_delay_seconds}) is below initial_delay_seconds "
                 f"({self.initial_delay_seconds}); raise the cap or lower the initial delay"
             )
         if self.max_elapsed_seconds is not None and (
-            not isinstance(self.max_elapsed_seconds, (int, float)) or self.max_elapsed_seconds <= 0
+            not isinstance(self.max_elapsed_seconds, (int, float))
+            or not math.isfinite(self.max_elapsed_seconds) or self.max_elapsed_seconds <= 0
         ):
             raise ValueError("max_elapsed_seconds must be a positive number or None")
         try:
@@ -241,7 +248,7 @@ class RetryPolicy:
         )
         reason = f"attempt {attempts_so_far} of {policy.max_attempts} failed"
         if failure.retry_after_seconds is not None and failure.retry_after_seconds > delay:
-            delay = failure.retry_after_seconds
+            delay = min(failure.retry_after_seconds, MAX_RETRY_AFTER_SECONDS)
             reason += "; honouring Retry-After"
         if policy.max_elapsed_seconds is not None and (
             elapsed_seconds + delay > policy.max_elapsed_seconds

@@ -158,6 +158,7 @@ class RecoveryTask(Task):
         request = self.request
         if request.called_directly:
             return super().__call__(*args, **kwargs)
+        started = time.time()
         try:
             return self.run(*args, **kwargs)
         except (Retry, Ignore, Reject):
@@ -166,10 +167,11 @@ class RecoveryTask(Task):
             exc = requested.exc or TransientError("retry requested by the task")
             self._recover(exc, requested.call_args if requested.call_args is not None else args,
                           requested.call_kwargs if requested.call_kwargs is not None else kwargs,
-                          min_delay=requested.min_delay, options=requested.options)
+                          min_delay=requested.min_delay, options=requested.options,
+                          started=started)
             raise AssertionError("unreachable")  # _recover always raises
         except Exception as exc:
-            self._recover(exc, args, kwargs)
+            self._recover(exc, args, kwargs, started=started)
             raise
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
@@ -221,12 +223,14 @@ class RecoveryTask(Task):
         return base
 
     def _recover(self, exc: BaseException, args: Any, kwargs: Any, *,
-                 min_delay: float | None = None, options: dict | None = None) -> None:
+                 min_delay: float | None = None, options: dict | None = None,
+                 started: float | None = None) -> None:
         """Run steps 1-4 of the lifecycle; always raises (Retry, or re-raises ``exc``)."""
         request = self.request
         failure = self.classify(exc)
         history = list(hdr.read(request, hdr.HISTORY, []) or [])
-        started_at = float(hdr.read(request, hdr.STARTED_AT, 0) or 0) or time.time()
+        # Elapsed time counts from the start of the first attempt of this run.
+        started_at = float(hdr.read(request, hdr.STARTED_AT, 0) or 0) or started or time.time()
         policy = self.effective_policy()
         verdict = policy.decide(
             failure,

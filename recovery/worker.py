@@ -143,18 +143,19 @@ class RecoveryConsumer(Consumer):
             logger.exception("recovery: could not record the unknown task's FAILURE result")
 
     def on_unknown_message(self, body, message):
-        self._park_undecodable(message, None, "message is not a Celery task message")
-        super().on_unknown_message(body, message)
+        if self._park_undecodable(message, None, "message is not a Celery task message"):
+            super().on_unknown_message(body, message)
 
     def on_invalid_task(self, body, message, exc):
-        self._park_undecodable(message, exc, "invalid task message")
-        super().on_invalid_task(body, message, exc)
+        if self._park_undecodable(message, exc, "invalid task message"):
+            super().on_invalid_task(body, message, exc)
 
     def on_decode_error(self, message, exc):
-        self._park_undecodable(message, exc, "message body cannot be decoded")
-        super().on_decode_error(message, exc)
+        if self._park_undecodable(message, exc, "message body cannot be decoded"):
+            super().on_decode_error(message, exc)
 
-    def _park_undecodable(self, message, exc, reason: str) -> None:
+    def _park_undecodable(self, message, exc, reason: str) -> bool:
+        """Park the message; if that fails, requeue it (never drop what we could not keep)."""
         headers = message.headers if isinstance(message.headers, dict) else {}
         try:
             park_poison(
@@ -164,7 +165,11 @@ class RecoveryConsumer(Consumer):
                 hostname=self.hostname or "",
             )
         except Exception:  # noqa: BLE001
-            logger.critical("recovery: could not park an undecodable message", exc_info=True)
+            logger.critical("recovery: could not park an undecodable message; requeueing",
+                            exc_info=True)
+            message.reject_log_error(logger, self.connection_errors, requeue=True)
+            return False
+        return True
 
 
 class RecoveryRequest(Request):
@@ -211,8 +216,8 @@ class RecoveryRequest(Request):
                 hostname=self.hostname or "",
             )
         except OSError:
-            logger.critical("recovery: could not park %s[%s]; leaving it on the broker",
-                            self.name, self.id, exc_info=True)
+            logger.critical("recovery: could not park %s[%s] (database and spool both failed); "
+                            "running it once more", self.name, self.id, exc_info=True)
             return False
         self._recovery_parked = True
         task_ready(self)
@@ -264,7 +269,10 @@ class RecoveryRequest(Request):
                     reason="message body cannot be decoded", hostname=self.hostname or "",
                 )
             except Exception:  # noqa: BLE001
-                logger.critical("recovery: could not park undecodable %s", self.id, exc_info=True)
+                logger.critical("recovery: could not park undecodable %s; requeueing", self.id,
+                                exc_info=True)
+                task_ready(self)
+                return self.reject(requeue=True)
         return super().on_failure(exc_info, send_failed_event=send_failed_event,
                                   return_ok=return_ok)
 

@@ -1,0 +1,186 @@
+"""recovery.checks: a bad RECOVERY or Celery configuration is reported at start-up."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.checks import Error, Warning, run_checks
+
+from recovery.checks import check_celery_serialization, check_recovery_settings
+
+
+def ids(messages):
+    return sorted(message.id for message in messages)
+
+
+def recovery_messages():
+    """What ``manage.py check`` reports for this app, through Django's registry."""
+    return [m for m in run_checks() if (m.id or "").startswith("recovery.")]
+
+
+@pytest.fixture
+def recovery(settings):
+    """Set RECOVERY keys on top of the test settings (the spool dir included)."""
+
+    def apply(**values):
+        settings.RECOVERY = {**settings.RECOVERY, **values}
+
+    return apply
+
+
+# -- valid configuration --------------------------------------------------------------------------
+
+
+def test_the_test_settings_pass_every_check():
+    assert check_recovery_settings() == []
+    assert check_celery_serialization() == []
+    assert recovery_messages() == []
+
+
+def test_a_full_valid_configuration_passes(recovery, settings):
+    recovery(
+        DEFAULT_POLICY={"max_attempts": 4, "jitter": "decorrelated",
+                        "non_retryable": ["recovery.errors.PermanentError"],
+                        "per_kind": {"resource_exhausted": {"max_delay_seconds": 3600}}},
+        CLASSIFIER_RULES=["recovery.classification.stdlib_rule"],
+        MAX_DELIVERIES=3,
+        MESSAGE_MAX_CHARS=500,
+    )
+    settings.CELERY_ACCEPT_CONTENT = ["json"]
+    assert check_recovery_settings() == []
+    assert check_celery_serialization() == []
+    assert recovery_messages() == []
+
+
+def test_a_policy_object_is_a_valid_default_policy(recovery):
+    from recovery.policy import RetryPolicy
+
+    recovery(DEFAULT_POLICY=RetryPolicy(max_attempts=2))
+    assert check_recovery_settings() == []
+
+
+def test_no_recovery_setting_at_all_is_valid(settings):
+    del settings.RECOVERY
+    assert check_recovery_settings() == []
+
+
+# -- RECOVERY -------------------------------------------------------------------------------------
+
+
+def test_recovery_must_be_a_dict(settings):
+    settings.RECOVERY = [("MAX_DELIVERIES", 3)]
+    assert ids(check_recovery_settings()) == ["recovery.E001"]
+
+
+def test_an_unknown_recovery_key_is_an_error_naming_it(recovery):
+    recovery(MAX_DELIVERY=3, SPOOL_DIRECTORY="/tmp/x")
+    problems = check_recovery_settings()
+    assert ids(problems) == ["recovery.E002"]
+    (problem,) = problems
+    assert isinstance(problem, Error)
+    assert "MAX_DELIVERY" in problem.msg and "SPOOL_DIRECTORY" in problem.msg
+    assert "MAX_DELIVERIES" in problem.hint  # the hint lists the keys that do exist
+    assert "recovery.E002" in ids(recovery_messages())
+
+
+@pytest.mark.parametrize(
+    ("policy", "fragment"),
+    [
+        ({"max_attempts": 0}, "max_attempts must be an integer >= 1"),
+        ({"jitter": "gaussian"}, "jitter must be one of"),
+        ({"max_retries": 3}, "unknown RetryPolicy fields ['max_retries']"),
+        ({"non_retryable": ["myapp.errors.Nope"]}, "cannot be imported"),
+        ({"per_kind": {"network": {}}}, "is not a failure kind"),
+        ({"initial_delay_seconds": 10, "max_delay_seconds": 1}, "is below initial_delay_seconds"),
+        ("full jitter please", "unknown RetryPolicy fields"),
+        (5, ""),
+    ],
+)
+def test_an_invalid_default_policy_is_an_error_that_explains_it(recovery, policy, fragment):
+    recovery(DEFAULT_POLICY=policy)
+    problems = check_recovery_settings()
+    assert ids(problems) == ["recovery.E003"]
+    assert fragment in problems[0].msg
+    assert "recovery.E003" in ids(recovery_messages())
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [["myapp.rules.nope"], ["recovery.classification.no_such_rule"], ["norules"]],
+)
+def test_unimportable_classifier_rules_are_an_error(recovery, rules):
+    recovery(CLASSIFIER_RULES=rules)
+    problems = check_recovery_settings()
+    assert ids(problems) == ["recovery.E004"]
+    assert "cannot be imported" in problems[0].msg
+    assert "recovery.E004" in ids(recovery_messages())
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, "3"])
+def test_max_deliveries_must_be_a_positive_integer(recovery, value):
+    recovery(MAX_DELIVERIES=value)
+    assert ids(check_recovery_settings()) == ["recovery.E005"]
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["SPOOL_DRAIN_INTERVAL_SECONDS", "BROKER_DELAY_MAX_SECONDS", "DUE_POLL_INTERVAL_SECONDS",
+     "VISIBILITY_TIMEOUT_SECONDS"],
+)
+@pytest.mark.parametrize("value", [0, -5, "soon", [1]])
+def test_intervals_must_be_positive_numbers(recovery, key, value):
+    recovery(**{key: value})
+    problems = check_recovery_settings()
+    assert "recovery.E006" in ids(problems)
+    assert any(key in p.msg for p in problems if p.id == "recovery.E006")
+
+
+def test_a_broker_delay_at_or_above_the_visibility_timeout_is_a_warning(recovery):
+    recovery(VISIBILITY_TIMEOUT_SECONDS=30, BROKER_DELAY_MAX_SECONDS=30)
+    problems = check_recovery_settings()
+    assert ids(problems) == ["recovery.W001"]
+    assert isinstance(problems[0], Warning)
+
+
+def test_a_broker_delay_below_the_visibility_timeout_is_fine(recovery):
+    recovery(VISIBILITY_TIMEOUT_SECONDS=30, BROKER_DELAY_MAX_SECONDS=29.5)
+    assert check_recovery_settings() == []
+
+
+def test_several_mistakes_are_all_reported(recovery):
+    recovery(BOGUS=1, DEFAULT_POLICY={"max_attempts": 0}, CLASSIFIER_RULES=["nope.nope"],
+             MAX_DELIVERIES=0)
+    assert ids(check_recovery_settings()) == [
+        "recovery.E002", "recovery.E003", "recovery.E004", "recovery.E005",
+    ]
+
+
+# -- Celery serialization -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        ["pickle"],
+        ["json", "pickle"],
+        ("json", "pickle"),
+        ["application/x-python-serialize"],  # pickle's content type, as kombu also accepts it
+    ],
+)
+def test_accepting_pickle_is_an_error(settings, accept):
+    settings.CELERY_ACCEPT_CONTENT = accept
+    problems = check_celery_serialization()
+    assert ids(problems) == ["recovery.E010"]
+    assert "CELERY_ACCEPT_CONTENT = ['json']" in problems[0].hint
+    assert "recovery.E010" in ids(recovery_messages())
+
+
+@pytest.mark.parametrize("accept", [["json"], ["application/json"], ["json", "msgpack"], []])
+def test_accepting_only_safe_serializers_is_fine(settings, accept):
+    settings.CELERY_ACCEPT_CONTENT = accept
+    assert check_celery_serialization() == []
+
+
+def test_no_accept_content_setting_is_fine(settings):
+    if hasattr(settings, "CELERY_ACCEPT_CONTENT"):
+        del settings.CELERY_ACCEPT_CONTENT
+    assert check_celery_serialization() == []

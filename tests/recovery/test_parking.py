@@ -1,0 +1,402 @@
+"""recovery.parking against the real PostgreSQL test database: one letter per task id,
+bounded and NUL-safe text, cumulative attempts across replays, and the spool drain.
+
+Parking a new letter outside a transaction takes the single-statement PostgreSQL path
+(recovery.pg_fastpath); inside a transaction, or on a conflict, it takes the general
+path. The ``park_via`` fixture runs each test through both.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime, timezone
+
+import pytest
+from celery.app.task import Context
+from django.db import transaction
+from django.test import override_settings
+from django_celery_results.models import TaskResult
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from config.celery import app as celery_app
+from recovery.fingerprint import fingerprint
+from recovery.models import DeadLetter
+from recovery.parking import ParkRecord, drain_spool, park, spool
+
+FAILED_AT = "2026-03-01T12:00:00+00:00"
+LATER = "2026-03-02T08:30:00+00:00"
+
+db = pytest.mark.django_db(transaction=True)
+
+
+def attempts(count, *, replay=0, message="503 Server Error for order 1234", first=1):
+    """History entries shaped the way RecoveryTask writes them."""
+    return [
+        {
+            "at": f"2026-03-01T11:5{n}:00+00:00",
+            "attempt": n,
+            "replay": replay,
+            "exception_type": "requests.exceptions.HTTPError",
+            "exception_message": message,
+            "kind": "dependency",
+            "delay_seconds": None if n == first + count - 1 else 2.0 * n,
+        }
+        for n in range(first, first + count)
+    ]
+
+
+def make_record(**overrides) -> ParkRecord:
+    data = dict(
+        task_id="7d4c0b5e-charge-1234",
+        task_name="tasks.charge_order",
+        kind="dependency",
+        reason="gave up after 3 attempts (requests: HTTP 503)",
+        exception_type="requests.exceptions.HTTPError",
+        exception_message="503 Server Error for order 1234",
+        traceback="Traceback (most recent call last):\n  File \"tasks.py\", line 9\n",
+        args=[1234],
+        kwargs={"amount": "9.99", "currency": "EUR"},
+        headers={"chain": [{"task": "tasks.ship_order"}], "priority": 3},
+        raw_body="",
+        content_type="application/json",
+        permanent=False,
+        history=attempts(3),
+        replay=0,
+        queue="payments",
+        worker="celery@worker-1",
+        failed_at=FAILED_AT,
+    )
+    data.update(overrides)
+    return ParkRecord(**data)
+
+
+@pytest.fixture(params=["single-statement", "in-transaction"])
+def park_via(request):
+    def call(record, **kwargs):
+        if request.param == "in-transaction":
+            with transaction.atomic():
+                return park(record, **kwargs)
+        return park(record, **kwargs)
+
+    return call
+
+
+@pytest.fixture
+def recovery_settings(settings):
+    def apply(**values):
+        settings.RECOVERY = {**settings.RECOVERY, **values}
+
+    return apply
+
+
+# -- a first park ---------------------------------------------------------------------------------
+
+
+@db
+def test_park_creates_one_letter_holding_every_field(park_via):
+    record = make_record()
+    outcome = park_via(record)
+
+    letter = DeadLetter.objects.get()
+    assert outcome.letter_id == letter.pk
+    assert outcome.spooled is False
+    assert outcome.result_stored is False
+    assert letter.task_id == "7d4c0b5e-charge-1234"
+    assert letter.task_name == "tasks.charge_order"
+    assert letter.status == DeadLetter.Status.PARKED
+    assert letter.kind == "dependency"
+    assert letter.permanent is False
+    assert letter.reason == "gave up after 3 attempts (requests: HTTP 503)"
+    assert letter.exception_type == "requests.exceptions.HTTPError"
+    assert letter.exception_message == "503 Server Error for order 1234"
+    assert letter.traceback == record.traceback
+    assert letter.args == [1234]
+    assert letter.kwargs == {"amount": "9.99", "currency": "EUR"}
+    assert letter.headers == {"chain": [{"task": "tasks.ship_order"}], "priority": 3}
+    assert letter.content_type == "application/json"
+    assert letter.queue == "payments"
+    assert letter.worker == "celery@worker-1"
+    assert letter.history == attempts(3)
+    assert letter.attempts == 3 == len(record.history)
+    assert letter.replay_count == 0
+    assert letter.fingerprint == fingerprint(
+        "tasks.charge_order", "requests.exceptions.HTTPError", "503 Server Error for order 1234"
+    )
+    assert len(letter.fingerprint) == 40
+    expected_time = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+    assert letter.first_failed_at == expected_time
+    assert letter.last_failed_at == expected_time
+    assert len(spool()) == 0
+
+
+@db
+def test_a_permanent_poison_letter_keeps_its_raw_body(park_via):
+    park_via(make_record(kind="poison", permanent=True, raw_body='{"this is": not json',
+                         args=[], kwargs={}, history=attempts(1)))
+    letter = DeadLetter.objects.get()
+    assert (letter.kind, letter.permanent) == ("poison", True)
+    assert letter.raw_body == '{"this is": not json'
+    assert letter.attempts == 1
+
+
+@db
+def test_a_letter_without_history_counts_one_attempt(park_via):
+    park_via(make_record(history=[]))
+    assert DeadLetter.objects.get().attempts == 1
+
+
+@db
+def test_a_failed_at_without_a_zone_is_utc(park_via):
+    park_via(make_record(failed_at="2026-03-01T12:00:00"))
+    assert DeadLetter.objects.get().last_failed_at == datetime(2026, 3, 1, 12, tzinfo=timezone.utc)
+
+
+@db
+def test_a_long_reason_and_exception_type_fit_their_columns(park_via):
+    park_via(make_record(reason="r" * 1000, exception_type="x." * 400))
+    letter = DeadLetter.objects.get()
+    assert len(letter.reason) <= 255
+    assert len(letter.exception_type) <= 255
+
+
+def celery_request(record):
+    """The Celery request a worker would pass along (a real celery Context)."""
+    return Context(id=record.task_id, task=record.task_name, args=record.args,
+                   kwargs=record.kwargs, hostname=record.worker)
+
+
+@db
+def test_park_stores_the_failure_result_with_the_letter(park_via):
+    backend = celery_app.backend
+    exc = ValueError("card declined for order 1234")
+    record = make_record(result={"result": backend.prepare_exception(exc),
+                                 "traceback": "Traceback: card declined"})
+    outcome = park_via(record, backend=backend, request=celery_request(record))
+    assert outcome.result_stored is True
+    assert outcome.spooled is False
+    assert DeadLetter.objects.count() == 1
+    result = TaskResult.objects.get(task_id=record.task_id)
+    assert result.status == "FAILURE"
+    assert "card declined for order 1234" in result.result
+    assert result.traceback == "Traceback: card declined"
+    assert result.task_name == "tasks.charge_order"
+
+
+# -- bounded, NUL-safe text -----------------------------------------------------------------------
+
+
+@db
+def test_the_message_is_bounded_by_the_setting(park_via, recovery_settings):
+    recovery_settings(MESSAGE_MAX_CHARS=200, TRACEBACK_MAX_CHARS=300)
+    message = "order 1234 " + "x" * 5000
+    park_via(make_record(exception_message=message, traceback="t" * 10_000))
+    letter = DeadLetter.objects.get()
+    assert len(letter.exception_message) <= 200
+    assert letter.exception_message.startswith("order 1234 xxx")
+    assert letter.exception_message.endswith("chars cut]")
+    assert len(letter.traceback) <= 300
+    assert letter.traceback.endswith("chars cut]")
+
+
+@db
+def test_a_message_within_the_bound_is_kept_whole(park_via, recovery_settings):
+    recovery_settings(MESSAGE_MAX_CHARS=50)
+    park_via(make_record(exception_message="m" * 50))
+    assert DeadLetter.objects.get().exception_message == "m" * 50
+
+
+@settings(max_examples=200, deadline=None)
+@given(limit=st.integers(min_value=1, max_value=400), message=st.text(max_size=800))
+def test_any_message_is_cut_to_the_configured_bound(limit, message):
+    with override_settings(RECOVERY={"MESSAGE_MAX_CHARS": limit, "TRACEBACK_MAX_CHARS": limit}):
+        record = make_record(exception_message=message, traceback=message)
+    assert len(record.exception_message) <= limit
+    assert len(record.traceback) <= limit
+    assert "\x00" not in record.exception_message
+    if len(message) <= limit and "\x00" not in message:
+        assert record.exception_message == message
+
+
+@db
+def test_nul_characters_do_not_break_postgresql(park_via):
+    nul_message = "bad byte \x00 in order 1234"
+    record = make_record(
+        exception_message=nul_message,
+        traceback="Traceback\x00(most recent call last)",
+        reason="gave up\x00",
+        exception_type="tasks.errors.Bad\x00Error",
+        history=attempts(2, message=nul_message),
+        args=["abc\x00def", {"note\x00": "x\x00"}],
+        kwargs={"memo": "\x00"},
+        headers={"custom": "h\x00"},
+        raw_body='["abc\x00def"]',
+    )
+    outcome = park_via(record)
+
+    assert outcome.spooled is False
+    assert len(spool()) == 0
+    letter = DeadLetter.objects.get()
+    assert letter.exception_message == "bad byte \\x00 in order 1234"
+    assert letter.traceback == "Traceback\\x00(most recent call last)"
+    assert "\x00" not in letter.reason + letter.exception_type
+    assert letter.raw_body == "base64:" + base64.b64encode(b'["abc\x00def"]').decode()
+    assert [entry["exception_message"] for entry in letter.history] == \
+        ["bad byte \\x00 in order 1234"] * 2
+    assert "\x00" not in repr((letter.args, letter.kwargs, letter.headers))
+    assert letter.attempts == 2
+
+
+@db
+def test_nul_characters_do_not_break_the_stored_failure_result(park_via):
+    backend = celery_app.backend
+    exc = ValueError("bad byte \x00 in order 1234")
+    record = make_record(
+        exception_message=str(exc), history=attempts(1, message=str(exc)),
+        result={"result": backend.prepare_exception(exc),
+                "traceback": "Traceback\nValueError: bad byte \x00 in order 1234"},
+    )
+    outcome = park_via(record, backend=backend, request=celery_request(record))
+    assert outcome.spooled is False
+    assert outcome.result_stored is True
+    result = TaskResult.objects.get(task_id=record.task_id)
+    assert result.status == "FAILURE"
+    assert result.traceback == "Traceback\nValueError: bad byte \\x00 in order 1234"
+
+
+@db
+def test_a_nul_in_a_spooled_letter_does_not_block_the_spool():
+    nul_message = "bad byte \x00"
+    spool().put(make_record(task_id="nul", exception_message=nul_message,
+                            history=attempts(1, message=nul_message)).to_dict())
+    spool().put(make_record(task_id="after").to_dict())
+    assert drain_spool() == 2
+    assert set(DeadLetter.objects.values_list("task_id", flat=True)) == {"nul", "after"}
+    assert len(spool()) == 0
+
+
+# -- parking the same task id again ---------------------------------------------------------------
+
+
+@db
+def test_parking_the_same_task_twice_keeps_one_row_and_its_attempts(park_via):
+    first = park_via(make_record())
+    second = park_via(make_record())
+    assert DeadLetter.objects.count() == 1
+    assert first.letter_id == second.letter_id
+    letter = DeadLetter.objects.get()
+    assert letter.attempts == 3
+    assert letter.history == attempts(3)
+
+
+@db
+def test_a_replay_that_fails_again_appends_its_attempts(park_via):
+    park_via(make_record())
+    replay_history = attempts(2, replay=1, message="timeout charging order 1234")
+    park_via(make_record(
+        replay=1, history=replay_history, kind="timeout",
+        exception_type="TimeoutError", exception_message="timeout charging order 1234",
+        reason="gave up after 2 attempts (timeout)", failed_at=LATER,
+    ))
+
+    assert DeadLetter.objects.count() == 1
+    letter = DeadLetter.objects.get()
+    assert letter.attempts == 5
+    assert letter.history == attempts(3) + replay_history
+    # The letter describes the latest failure, and remembers when the first one happened.
+    assert letter.kind == "timeout"
+    assert letter.exception_type == "TimeoutError"
+    assert letter.exception_message == "timeout charging order 1234"
+    assert letter.fingerprint == fingerprint("tasks.charge_order", "TimeoutError",
+                                             "timeout charging order 1234")
+    assert letter.first_failed_at == datetime(2026, 3, 1, 12, tzinfo=timezone.utc)
+    assert letter.last_failed_at == datetime(2026, 3, 2, 8, 30, tzinfo=timezone.utc)
+
+
+@db
+def test_a_redelivered_replay_does_not_count_its_attempts_twice(park_via):
+    park_via(make_record())
+    park_via(make_record(replay=1, history=attempts(2, replay=1)))
+    park_via(make_record(replay=1, history=attempts(3, replay=1)))
+    letter = DeadLetter.objects.get()
+    assert letter.attempts == 6
+    assert letter.history == attempts(3) + attempts(3, replay=1)
+
+
+@db
+def test_successive_replays_accumulate(park_via):
+    park_via(make_record())
+    park_via(make_record(replay=1, history=attempts(2, replay=1)))
+    park_via(make_record(replay=2, history=attempts(4, replay=2)))
+    assert DeadLetter.objects.get().attempts == 3 + 2 + 4
+
+
+@db
+def test_a_resolved_letter_that_fails_again_is_parked_again(park_via):
+    park_via(make_record())
+    DeadLetter.objects.update(status=DeadLetter.Status.RESOLVED)
+    park_via(make_record())
+    letter = DeadLetter.objects.get()
+    assert letter.status == DeadLetter.Status.PARKED
+    assert letter.attempts == 3
+
+
+@db
+def test_different_task_ids_get_different_letters(park_via):
+    park_via(make_record(task_id="a"))
+    park_via(make_record(task_id="b"))
+    assert sorted(DeadLetter.objects.values_list("task_id", flat=True)) == ["a", "b"]
+
+
+# -- the spool ------------------------------------------------------------------------------------
+
+
+@db
+def test_drain_spool_writes_spooled_letters_and_empties_the_spool():
+    record = make_record()
+    spool().put(record.to_dict())
+    spool().put(make_record(task_id="second", history=attempts(1)).to_dict())
+    assert DeadLetter.objects.count() == 0
+    assert len(spool()) == 2
+
+    assert drain_spool() == 2
+
+    assert len(spool()) == 0
+    letter = DeadLetter.objects.get(task_id=record.task_id)
+    assert letter.task_name == record.task_name
+    assert letter.exception_message == record.exception_message
+    assert letter.history == record.history
+    assert letter.attempts == 3
+    assert letter.last_failed_at == datetime(2026, 3, 1, 12, tzinfo=timezone.utc)
+    assert DeadLetter.objects.get(task_id="second").attempts == 1
+
+
+@db
+def test_drain_spool_with_nothing_spooled_does_nothing():
+    assert drain_spool() == 0
+    assert DeadLetter.objects.count() == 0
+
+
+@db
+def test_drain_spool_merges_into_a_letter_already_parked(park_via):
+    park_via(make_record())
+    spool().put(make_record().to_dict())
+    assert drain_spool() == 1
+    assert DeadLetter.objects.count() == 1
+    assert DeadLetter.objects.get().attempts == 3
+
+
+@db
+def test_drain_spool_respects_its_limit():
+    for n in range(3):
+        spool().put(make_record(task_id=f"t{n}").to_dict())
+    assert drain_spool(limit=2) == 2
+    assert len(spool()) == 1
+    assert sorted(DeadLetter.objects.values_list("task_id", flat=True)) == ["t0", "t1"]
+
+
+def test_a_spooled_record_round_trips_through_json():
+    record = make_record()
+    assert ParkRecord.from_dict(record.to_dict()) == record
+    # Keys a newer version might add are ignored by an older drain.
+    assert ParkRecord.from_dict({**record.to_dict(), "added_later": 1}) == record
