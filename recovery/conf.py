@@ -41,6 +41,9 @@ DEFAULTS: Mapping[str, Any] = {
     # broker_transport_options["visibility_timeout"] itself; live workers keep extending
     # what they hold, so it bounds how long a dead worker's tasks stay stranded.
     "VISIBILITY_TIMEOUT_SECONDS": 60.0,
+    # Store Celery's intermediate RETRY state in the result backend (one write per retry).
+    # Off: the attempt history travels in the message and is kept on the dead letter.
+    "STORE_RETRY_STATE": False,
     # Bounds on what is stored per letter.
     "MESSAGE_MAX_CHARS": 2000,
     "TRACEBACK_MAX_CHARS": 20000,

@@ -75,11 +75,14 @@ class _RetryRequested(Exception):
 
 
 class _ParkAwareBackend:
-    """The task's result backend, minus the second write of a FAILURE already stored.
+    """The task's result backend, minus writes recovery makes redundant.
 
     Parking stores the FAILURE result in the same transaction as the letter; Celery
     then calls ``mark_as_failure`` as usual (errbacks, chords, signals) and this
-    wrapper only skips its store, so the result is written once.
+    wrapper only skips its store, so the result is written once. The intermediate
+    RETRY state is not stored unless ``RECOVERY["STORE_RETRY_STATE"]``: the attempt
+    history travels with the message and lands on the letter, and a RETRY row costs a
+    database transaction per retry, as much as a small task itself.
     """
 
     def __init__(self, backend: Any) -> None:
@@ -87,6 +90,12 @@ class _ParkAwareBackend:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
+
+    def mark_as_retry(self, task_id, exc, traceback=None, request=None, **kwargs):
+        if not conf.get("STORE_RETRY_STATE"):
+            return None
+        return self._backend.mark_as_retry(task_id, exc, traceback=traceback, request=request,
+                                           **kwargs)
 
     def mark_as_failure(self, task_id, exc, traceback=None, request=None,
                         store_result=True, call_errbacks=True, state=None, **kwargs):

@@ -1,0 +1,88 @@
+"""RecoveryTask pieces that need no worker: class creation, policy precedence, backend writes."""
+
+from __future__ import annotations
+
+import pytest
+from celery import Celery, states
+from django_celery_results.models import TaskResult
+
+from recovery import RecoveryTask, RetryPolicy
+from recovery.task import _ParkAwareBackend, exception_path
+
+
+def test_project_wide_task_cls_makes_every_task_a_recovery_task():
+    app = Celery("unit", task_cls="recovery.task:RecoveryTask", set_as_current=False)
+
+    @app.task
+    def plain():
+        return 1
+
+    assert isinstance(plain, RecoveryTask)
+    assert plain.acks_late is True and plain.reject_on_worker_lost is True
+    assert plain.max_retries is None
+
+
+def test_policy_given_as_a_dict_is_validated_at_class_creation():
+    app = Celery("unit", set_as_current=False)
+
+    @app.task(base=RecoveryTask, retry_policy={"max_attempts": 2})
+    def with_dict():
+        return 1
+
+    assert with_dict.retry_policy == RetryPolicy(max_attempts=2)
+    # Celery builds task classes when the app is finalized (worker start-up): the
+    # bad policy fails there, before any message is consumed.
+    @app.task(base=RecoveryTask, retry_policy={"max_attempts": 0})
+    def broken():
+        return 1
+
+    with pytest.raises(ValueError, match="max_attempts must be an integer >= 1"):
+        broken.name  # noqa: B018 - evaluating the proxy creates the class
+
+    @app.task(base=RecoveryTask, retry_policy=3)
+    def wrong_type():
+        return 1
+
+    with pytest.raises(TypeError, match="must be a recovery.RetryPolicy or a dict"):
+        wrong_type.name  # noqa: B018
+
+
+def test_max_retries_on_a_recovery_task_is_ignored_for_the_policy():
+    app = Celery("unit", set_as_current=False)
+
+    @app.task(base=RecoveryTask, max_retries=1, retry_policy=RetryPolicy(max_attempts=7))
+    def capped():
+        return 1
+
+    assert capped.max_retries is None
+    assert capped.retry_policy.max_attempts == 7
+
+
+def test_task_without_policy_uses_the_settings_default(settings):
+    app = Celery("unit", set_as_current=False)
+
+    @app.task(base=RecoveryTask, bind=True)
+    def defaulted(self):
+        return 1
+
+    settings.RECOVERY = {**settings.RECOVERY, "DEFAULT_POLICY": {"max_attempts": 9}}
+    assert defaulted.effective_policy().max_attempts == 9
+
+
+def test_exception_path_is_dotted_except_for_builtins():
+    assert exception_path(ValueError("x")) == "ValueError"
+    assert exception_path(RetryPolicy) == "recovery.policy.RetryPolicy"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("store_retry_state, expected_rows", [(False, 0), (True, 1)])
+def test_retry_state_is_stored_only_when_asked(settings, store_retry_state, expected_rows):
+    from config.celery import app
+
+    settings.RECOVERY = {**settings.RECOVERY, "STORE_RETRY_STATE": store_retry_state}
+    backend = _ParkAwareBackend(app.backend)
+    backend.mark_as_retry("retry-task-id", ValueError("again"), traceback="tb")
+    rows = TaskResult.objects.filter(task_id="retry-task-id")
+    assert rows.count() == expected_rows
+    if expected_rows:
+        assert rows.get().status == states.RETRY
