@@ -19,7 +19,7 @@ import recovery  # noqa: E402
 
 app = Celery("bench")
 app.config_from_object("django.conf:settings", namespace="CELERY")
-app.conf.update(task_default_queue="bench", worker_prefetch_multiplier=4,
+app.conf.update(task_default_queue="bench", worker_prefetch_multiplier=int(os.environ.get("BENCH_PREFETCH", 4)),
                 CELERY_DB_REUSE_MAX=2**31)
 if os.environ.get("BENCH_RECOVERY") == "1":
     recovery.setup(app)

@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--verbose", action="store_true", help="print every run")
     parser.add_argument("--only", choices=sorted(SCENARIOS), action="append")
     options = parser.parse_args()
 
@@ -126,6 +127,9 @@ def main() -> None:
                 runs.append(run_side(name, options.n, options.concurrency, with_recovery))
         plain_best, recovery_best = statistics.median(plain_runs), statistics.median(recovery_runs)
         ratio = recovery_best / plain_best
+        if options.verbose:
+            print(f"  {scenario} runs: baseline {[round(x) for x in plain_runs]}, "
+                  f"recovery {[round(x) for x in recovery_runs]}")
         verdict = "ok" if ratio >= TARGETS[scenario] else "BELOW"
         print(f"{scenario:<10} {plain_best:>17.1f} {recovery_best:>17.1f} {ratio:>7.3f} "
               f"{TARGETS[scenario]:>6.2f} {verdict}", flush=True)

@@ -185,3 +185,21 @@ def test_project_wide_task_cls_makes_plain_tasks_recovery_tasks(start_worker, st
                       message="letter from a plain @app.task")
     assert letter.kind == "data_integrity"
     assert letter.attempts == 1
+
+
+def test_message_without_task_or_id_is_parked_under_its_body_hash(start_worker, store, key):
+    import hashlib
+
+    worker = start_worker()
+    body = b'{"event": "order.created", "order": 17}'
+    with Connection(app.conf.broker_url) as conn:
+        Producer(conn).publish(body, routing_key="celery", exchange="",
+                               content_type="application/json", content_encoding="utf-8")
+    expected_id = "poison-" + hashlib.sha256(body).hexdigest()
+    letter = wait_for(lambda: DeadLetter.objects.filter(task_id=expected_id).first(), 30,
+                      message="poison letter keyed by body hash")
+    assert letter.kind == "poison"
+    assert letter.raw_body == body.decode()
+    assert "not a Celery task message" in letter.reason
+    assert t.flaky_twice.delay(key).get(timeout=30) == 3
+    assert worker.process.poll() is None

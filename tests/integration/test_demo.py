@@ -1,0 +1,32 @@
+"""The README's first command on the embedded default: SQLite and the file broker, no server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .harness import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_runs_the_examples_on_the_embedded_default(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE")}
+    env.update(RECOVERY_VAR_DIR=str(tmp_path), DJANGO_SETTINGS_MODULE="config.settings",
+               DEMO_ADMIN_PASSWORD="pw-for-test")
+    done = subprocess.run([sys.executable, "manage.py", "demo", "--no-serve", "--timeout", "120"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "SQLite (embedded)" in out and "filesystem://" in out
+    assert "7 workflows: 4 succeeded, 3 parked as dead letters." in out
+    lines = {line.split()[0] + " " + line.split()[1]: line for line in out.splitlines()
+             if line.startswith(("fetch_exchange_rate", "charge_payment", "build_monthly_report"))}
+    assert "succeeded after retries" in lines["fetch_exchange_rate 'EUR',"]
+    assert "parked (dead letter)" in lines["build_monthly_report '2026-10'"]
+    assert " 4 " in lines["build_monthly_report '2026-10'"]
+    assert (tmp_path / "demo.sqlite3").exists()
