@@ -178,9 +178,11 @@ class RecoveryTask(Task):
                           requested.call_kwargs if requested.call_kwargs is not None else kwargs,
                           min_delay=requested.min_delay, options=requested.options,
                           started=started)
-            raise AssertionError("unreachable")  # _recover always raises
+            raise exc from None
         except Exception as exc:
             self._recover(exc, args, kwargs, started=started)
+            # A bare raise keeps the task's own traceback: no recovery frames for Celery to
+            # format, log and store.
             raise
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
@@ -234,7 +236,8 @@ class RecoveryTask(Task):
     def _recover(self, exc: BaseException, args: Any, kwargs: Any, *,
                  min_delay: float | None = None, options: dict | None = None,
                  started: float | None = None) -> None:
-        """Run steps 1-4 of the lifecycle; always raises (Retry, or re-raises ``exc``)."""
+        """Run steps 1-4 of the lifecycle: raises Retry, or returns once ``exc`` is parked
+        (the caller then re-raises it so Celery records the failure)."""
         request = self.request
         failure = self.classify(exc)
         history = list(hdr.read(request, hdr.HISTORY, []) or [])
@@ -261,7 +264,6 @@ class RecoveryTask(Task):
         if verdict.retrying:
             self._schedule_retry(exc, verdict, history, started_at, args, kwargs, options or {})
         self._park(exc, failure, verdict, history, args, kwargs)
-        raise exc
 
     def _schedule_retry(self, exc, verdict, history, started_at, args, kwargs, options) -> None:
         request = self.request

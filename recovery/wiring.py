@@ -51,8 +51,14 @@ def setup(app: Celery) -> Celery:
     return app
 
 
-def _reuse_connection(**kwargs: Any) -> None:
-    """What Django does at the start of a request: drop only unusable or expired connections."""
+def _reuse_connection(sender: Any = None, **kwargs: Any) -> None:
+    """What Django does at the start of a request: drop only unusable or expired connections.
+
+    Not for eager calls: they run inside the caller's transaction (a test, a view).
+    """
     from django.db import close_old_connections
 
+    request = getattr(sender, "request", None)
+    if getattr(request, "is_eager", False):
+        return
     close_old_connections()

@@ -86,3 +86,32 @@ def test_retry_state_is_stored_only_when_asked(settings, store_retry_state, expe
     assert rows.count() == expected_rows
     if expected_rows:
         assert rows.get().status == states.RETRY
+
+
+@pytest.mark.django_db
+def test_eager_apply_retries_through_the_policy_and_parks(settings):
+    """Projects that test with task_always_eager / .apply() get the same lifecycle, without sleeping."""
+    from recovery.errors import DependencyError, PermanentError
+    from recovery.models import DeadLetter
+
+    app = Celery("eager", set_as_current=False)
+    app.conf.task_always_eager = True
+    calls: list[int] = []
+
+    @app.task(base=RecoveryTask, bind=True, retry_policy=RetryPolicy(max_attempts=3, initial_delay_seconds=5))
+    def flaky(self):
+        calls.append(len(self.attempt_history))
+        if len(calls) < 3:
+            raise DependencyError("503")
+        return "ok"
+
+    @app.task(base=RecoveryTask, bind=True)
+    def doomed(self):
+        raise PermanentError("bad input")
+
+    assert flaky.apply().get() == "ok"
+    assert calls == [0, 1, 2]  # the history header travels with each eager retry
+    result = doomed.apply()
+    assert result.failed()
+    letter = DeadLetter.objects.get(task_id=result.id)
+    assert letter.attempts == 1 and letter.permanent
