@@ -141,3 +141,31 @@ class DeliveryCount(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_id}: {self.deliveries}"
+
+
+class DeadLetterEvent(models.Model):
+    """One operator action on a letter: the audit trail. Never edited or deleted."""
+
+    class Action(models.TextChoices):
+        REPLAYED = "replayed", "Replayed"
+        REPLAY_FAILED = "replay_failed", "Replay could not be published"
+        EDITED = "edited", "Payload edited"
+        DISCARDED = "discarded", "Discarded"
+        RESOLVED = "resolved", "Resolved by hand"
+
+    letter = models.ForeignKey(DeadLetter, on_delete=models.CASCADE, related_name="events")
+    action = models.CharField(max_length=32, choices=Action.choices)
+    actor = models.CharField(max_length=150, help_text="Who acted: a username, or cli:<user>.")
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    note = models.TextField(blank=True, default="")
+    before = models.JSONField(null=True, blank=True, help_text="The payload before an edit.")
+    after = models.JSONField(null=True, blank=True, help_text="The payload after an edit.")
+    outcome = models.CharField(max_length=255, blank=True, default="")
+
+    class Meta:
+        verbose_name = "dead-letter event"
+        verbose_name_plural = "dead-letter events"
+        ordering = ("-at", "-pk")
+
+    def __str__(self) -> str:
+        return f"{self.action} by {self.actor} at {self.at:%Y-%m-%d %H:%M:%S}"

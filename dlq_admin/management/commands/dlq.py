@@ -1,0 +1,200 @@
+"""``manage.py dlq``: the dead-letter queue from a shell, for bulk work and for 3 a.m.
+
+    manage.py dlq list [filters]             manage.py dlq show ID
+    manage.py dlq replay [filters] [--queue Q] [--rate N] [--batch-size N] [--dry-run] [--yes]
+    manage.py dlq discard|resolve [filters] [--note TEXT] [--dry-run] [--yes]
+    manage.py dlq stats                      manage.py dlq drain
+
+Filters: --ids 1,2,3 --task NAME --kind KIND --status STATUS --fingerprint SHA1
+--since/--until (ISO date or time, or 30m/6h/2d ago) --limit N. Every operation goes
+through recovery.replay, so it is locked, audited (actor cli:<user>) and the same as in
+the admin. Exit status 1 when some letters could not be handled.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import re
+from datetime import datetime, timedelta
+
+from django.core.management.base import BaseCommand, CommandError
+from django.db.models import Count
+from django.utils import timezone
+from django.utils.dateparse import parse_date, parse_datetime
+
+from recovery import replay as service
+from recovery.models import DeadLetter
+from recovery.parking import drain_spool
+
+_AGO = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def _moment(text: str) -> datetime:
+    match = _AGO.match(text.strip())
+    if match:
+        return timezone.now() - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    parsed = parse_datetime(text)
+    if parsed is None:
+        day = parse_date(text)
+        if day is not None:
+            parsed = datetime(day.year, day.month, day.day)
+    if parsed is None:
+        raise CommandError(f"cannot read {text!r} as a time: use 2026-11-28, 2026-11-28T10:00 or 6h")
+    return timezone.make_aware(parsed) if timezone.is_naive(parsed) else parsed
+
+
+class Command(BaseCommand):
+    help = "Inspect, replay, discard and resolve dead letters (see the module docstring)."
+
+    def add_arguments(self, parser):
+        sub = parser.add_subparsers(dest="verb", required=True)
+
+        def filtered(name, help_text):
+            p = sub.add_parser(name, help=help_text)
+            p.add_argument("--ids", help="comma-separated letter ids")
+            p.add_argument("--task", help="task name")
+            p.add_argument("--kind", choices=DeadLetter.Kind.values)
+            p.add_argument("--status", choices=DeadLetter.Status.values)
+            p.add_argument("--fingerprint")
+            p.add_argument("--since", help="last failure at or after (ISO time, or 30m/6h/2d)")
+            p.add_argument("--until", help="last failure before (ISO time, or 30m/6h/2d)")
+            p.add_argument("--limit", type=int)
+            return p
+
+        filtered("list", "list letters, newest failure first")
+        show = sub.add_parser("show", help="everything about one letter")
+        show.add_argument("id", type=int)
+        for verb in ("replay", "discard", "resolve"):
+            p = filtered(verb, f"{verb} parked letters")
+            p.add_argument("--dry-run", action="store_true", help="say what would happen")
+            p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+            p.add_argument("--batch-size", type=int, default=500)
+            p.add_argument("--note", default="", help="recorded in the audit trail")
+            if verb == "replay":
+                p.add_argument("--queue", help="publish to this queue instead of the original")
+                p.add_argument("--rate", type=float, help="at most N letters per second")
+        sub.add_parser("stats", help="counts by status, kind and task")
+        sub.add_parser("drain", help="move spooled letters into the database now")
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _queryset(self, options):
+        qs = DeadLetter.objects.all()
+        if options.get("ids"):
+            try:
+                ids = [int(part) for part in options["ids"].split(",") if part.strip()]
+            except ValueError:
+                raise CommandError("--ids takes comma-separated numbers, e.g. --ids 4,8,15") from None
+            qs = qs.filter(pk__in=ids)
+        for option, lookup in (("task", "task_name"), ("kind", "kind"), ("status", "status"),
+                               ("fingerprint", "fingerprint")):
+            if options.get(option):
+                qs = qs.filter(**{lookup: options[option]})
+        if options.get("since"):
+            qs = qs.filter(last_failed_at__gte=_moment(options["since"]))
+        if options.get("until"):
+            qs = qs.filter(last_failed_at__lt=_moment(options["until"]))
+        return qs
+
+    @staticmethod
+    def _actor() -> str:
+        try:
+            return f"cli:{getpass.getuser()}"
+        except Exception:  # noqa: BLE001 - no user name in some containers
+            return "cli"
+
+    # -- verbs ----------------------------------------------------------------------------
+
+    def handle(self, *args, **options):
+        return getattr(self, f"do_{options['verb']}")(options)
+
+    def do_list(self, options):
+        qs = self._queryset(options).order_by("-last_failed_at")
+        if options.get("limit"):
+            qs = qs[: options["limit"]]
+        self.stdout.write(f"{'id':>7}  {'status':<11} {'kind':<18} {'att':>3} {'rep':>3}  "
+                          f"{'last failed':<19}  task / exception")
+        for letter in qs.iterator(chunk_size=1000):
+            self.stdout.write(
+                f"{letter.pk:>7}  {letter.status:<11} {letter.kind:<18} {letter.attempts:>3} "
+                f"{letter.replay_count:>3}  {letter.last_failed_at:%Y-%m-%d %H:%M:%S}  "
+                f"{letter.task_name}: {letter.exception_type}: "
+                f"{letter.exception_message[:80].splitlines()[0] if letter.exception_message else ''}"
+            )
+
+    def do_show(self, options):
+        try:
+            letter = DeadLetter.objects.get(pk=options["id"])
+        except DeadLetter.DoesNotExist:
+            raise CommandError(f"no dead letter with id {options['id']}") from None
+        data = {
+            field.name: getattr(letter, field.name) for field in DeadLetter._meta.fields
+        }
+        data["events"] = [
+            {"at": e.at, "action": e.action, "actor": e.actor, "note": e.note,
+             "outcome": e.outcome, "before": e.before, "after": e.after}
+            for e in letter.events.all()
+        ]
+        self.stdout.write(json.dumps(data, indent=2, default=str))
+
+    def _bulk(self, verb, options):
+        qs = self._queryset(options).filter(status=DeadLetter.Status.PARKED)
+        if options.get("limit"):
+            ids = list(qs.order_by("pk").values_list("pk", flat=True)[: options["limit"]])
+            qs = DeadLetter.objects.filter(pk__in=ids)
+        count = qs.count()
+        if count == 0:
+            self.stdout.write(f"No parked letters match; nothing to {verb}.")
+            return
+        if options["dry_run"]:
+            self.stdout.write(f"Would {verb} {count} parked letter{'s' if count != 1 else ''}:")
+            for letter in qs.order_by("pk")[:20]:
+                self.stdout.write(f"  {letter.pk}  {letter.task_name}  {letter.exception_type}")
+            if count > 20:
+                self.stdout.write(f"  ... and {count - 20} more")
+            return
+        if not options["yes"]:
+            answer = input(f"{verb.capitalize()} {count} parked letter{'s' if count != 1 else ''}? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                raise CommandError("aborted; nothing changed")
+
+        def progress(result):
+            self.stderr.write(f"  {result.done + result.failed}/{count} "
+                              f"({result.done} ok, {result.failed} failed)")
+
+        result = service.bulk(
+            verb, qs, actor=self._actor(), batch_size=options["batch_size"],
+            rate=options.get("rate"), queue=options.get("queue"), note=options["note"],
+            progress=progress,
+        )
+        past = {"replay": "replayed", "discard": "discarded", "resolve": "resolved"}[verb]
+        self.stdout.write(f"{past.capitalize()} {result.done} letter{'s' if result.done != 1 else ''}"
+                          f"; {result.failed} failed.")
+        for error in result.errors[:50]:
+            self.stderr.write(f"  {error}")
+        if not result.ok:
+            raise CommandError(f"{result.failed} letter(s) could not be {past}")
+
+    def do_replay(self, options):
+        self._bulk("replay", options)
+
+    def do_discard(self, options):
+        self._bulk("discard", options)
+
+    def do_resolve(self, options):
+        self._bulk("resolve", options)
+
+    def do_stats(self, options):
+        for label, field in (("status", "status"), ("kind", "kind"), ("task", "task_name")):
+            self.stdout.write(f"by {label}:")
+            rows = DeadLetter.objects.values(field).annotate(n=Count("pk")).order_by("-n", field)
+            for row in rows[:50]:
+                self.stdout.write(f"  {row['n']:>8}  {row[field]}")
+
+    def do_drain(self, options):
+        from celery import current_app
+
+        drained = drain_spool(backend=current_app.backend)
+        self.stdout.write(f"Drained {drained} spooled letter{'s' if drained != 1 else ''} into the database.")
