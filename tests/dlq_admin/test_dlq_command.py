@@ -9,8 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import redis
-from django.conf import settings
 from django.core.management import CommandError, call_command
 from django.db import connection
 
@@ -22,13 +20,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 TASK = "tasks.tasks.charge_payment"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-@pytest.fixture
-def broker():
-    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    client.flushdb()
-    yield client
-    client.flushdb()
 
 
 def letters(n: int, **overrides) -> list[DeadLetter]:

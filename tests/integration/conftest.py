@@ -4,7 +4,6 @@ import os
 import uuid
 
 import pytest
-import redis
 from django.conf import settings
 from django.db import connection
 
@@ -12,11 +11,9 @@ from .harness import TcpProxy, Worker
 
 
 @pytest.fixture
-def store():
-    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    client.flushdb()
-    yield client
-    client.flushdb()
+def store(broker):
+    """Where worker tasks record their runs (the test Redis)."""
+    return broker
 
 
 @pytest.fixture

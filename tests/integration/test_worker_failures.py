@@ -203,3 +203,19 @@ def test_message_without_task_or_id_is_parked_under_its_body_hash(start_worker, 
     assert "not a Celery task message" in letter.reason
     assert t.flaky_twice.delay(key).get(timeout=30) == 3
     assert worker.process.poll() is None
+
+
+def test_replay_that_fails_again_is_parked_again_on_the_same_row(start_worker, store, key):
+    start_worker()
+    result = t.declined.delay(key, 7)
+    letter = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first(), 30,
+                      message="first park")
+    replay(letter, actor="alice")
+    wait_for(lambda: runs(store, key) == 2, 30, message="replayed run")
+    letter = wait_for(lambda: DeadLetter.objects.filter(
+        task_id=result.id, status=DeadLetter.Status.PARKED, replay_count=1).first(), 30,
+        message="parked again")
+    assert DeadLetter.objects.count() == 1
+    assert letter.attempts == 2
+    assert [entry["replay"] for entry in letter.history] == [0, 1]
+    assert list(letter.events.values_list("action", flat=True)) == ["replayed"]

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import redis
-from django.conf import settings
 
 from config.celery import app
 from recovery import replay as service
@@ -16,13 +14,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 TASK = "tasks.tasks.charge_payment"  # charge_payment(self, order_id, amount_cents)
 
-
-@pytest.fixture
-def broker():
-    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    client.flushdb()
-    yield client
-    client.flushdb()
 
 
 def make_letter(n: int = 1, **overrides) -> DeadLetter:
