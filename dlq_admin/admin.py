@@ -1,15 +1,62 @@
-"""Read-only Django admin for dead letters (inspection; actions come with the operator surface)."""
+"""The dead-letter admin: inspect, replay (with an edited payload), discard, resolve.
+
+Every operation calls recovery.replay, the same service as ``manage.py dlq``;
+each is behind its own permission, bulk and destructive ones go through a
+confirmation page, and each ends with one pluralised message.
+"""
 
 from __future__ import annotations
 
 import json
 
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
 from django.utils.html import format_html
 from django.utils.safestring import mark_safe
+from django.utils.text import capfirst
 from django.utils.timesince import timesince
+from django.utils.translation import ngettext
 
-from recovery.models import DeadLetter
+from recovery import replay as service
+from recovery.models import DeadLetter, DeadLetterEvent
+
+from .forms import ReplayForm
+
+#: operation -> (permission codename, past tense)
+OPERATIONS = {
+    "replay": ("replay_deadletter", "replayed"),
+    "discard": ("discard_deadletter", "discarded"),
+    "resolve": ("resolve_deadletter", "resolved"),
+}
+
+
+class DeadLetterEventInline(admin.TabularInline):
+    """The audit trail: shown on each letter, never editable or deletable."""
+
+    model = DeadLetterEvent
+    fields = ("at", "action", "actor", "note", "outcome", "before", "after")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    ordering = ("-at", "-pk")
+
+    def has_view_permission(self, request, obj=None) -> bool:
+        # Whoever may see a letter may see its history.
+        return request.user.has_perm("recovery.view_deadletter")
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
 
 
 def _pretty(value) -> str:
@@ -23,6 +70,9 @@ class DeadLetterAdmin(admin.ModelAdmin):
     list_filter = ("status", "kind", "task_name", "last_failed_at")
     search_fields = ("=task_id", "task_name", "exception_message")
     date_hierarchy = "last_failed_at"
+    actions = ("replay_selected", "discard_selected", "resolve_selected")
+    inlines = (DeadLetterEventInline,)
+    change_form_template = "admin/recovery/deadletter/change_form.html"
     show_full_result_count = False
     list_per_page = 50
     fieldsets = (
@@ -72,6 +122,157 @@ class DeadLetterAdmin(admin.ModelAdmin):
             "<th>message</th><th>next delay</th></tr></thead><tbody>{}</tbody></table>",
             mark_safe(rows),  # each row was built by format_html above
         )
+
+    # -- permissions ------------------------------------------------------------------
+
+    def _has(self, request, operation: str) -> bool:
+        return request.user.has_perm(f"recovery.{OPERATIONS[operation][0]}")
+
+    def has_replay_permission(self, request) -> bool:
+        return self._has(request, "replay")
+
+    def has_discard_permission(self, request) -> bool:
+        return self._has(request, "discard")
+
+    def has_resolve_permission(self, request) -> bool:
+        return self._has(request, "resolve")
+
+    # -- bulk actions (confirmation page first) ------------------------------------------
+
+    @admin.action(permissions=["replay"], description="Replay selected dead letters")
+    def replay_selected(self, request, queryset):
+        return self._confirm_and_run(request, queryset, "replay")
+
+    @admin.action(permissions=["discard"], description="Discard selected dead letters")
+    def discard_selected(self, request, queryset):
+        return self._confirm_and_run(request, queryset, "discard")
+
+    @admin.action(permissions=["resolve"], description="Mark selected dead letters resolved")
+    def resolve_selected(self, request, queryset):
+        return self._confirm_and_run(request, queryset, "resolve")
+
+    def _confirm_and_run(self, request, queryset, operation: str):
+        parked = queryset.filter(status=DeadLetter.Status.PARKED)
+        if request.POST.get("post") == "yes":
+            self._run(request, parked, operation, note=request.POST.get("note", ""))
+            return None
+        count = parked.count()
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"{capfirst(operation)} dead letters?",
+            "operation": operation,
+            "letters": parked.order_by("pk")[:200],
+            "count": count,
+            "skipped": queryset.count() - count,
+            "queryset": queryset,
+            "action_name": f"{operation}_selected",
+            "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            "opts": self.model._meta,
+            "media": self.media,
+        }
+        return TemplateResponse(request, "admin/recovery/deadletter/confirm_action.html", context)
+
+    def _run(self, request, queryset, operation: str, note: str = "") -> None:
+        result = service.bulk(operation, queryset, actor=request.user.get_username(), note=note)
+        past = OPERATIONS[operation][1]
+        message = ngettext("%(count)d dead letter was %(past)s.",
+                           "%(count)d dead letters were %(past)s.", result.done) % {
+            "count": result.done, "past": past}
+        if result.failed:
+            message += " " + ngettext("%(count)d could not be: %(error)s",
+                                      "%(count)d could not be; first error: %(error)s",
+                                      result.failed) % {"count": result.failed,
+                                                        "error": result.errors[0]}
+        self.message_user(request, message, messages.WARNING if result.failed else messages.SUCCESS)
+
+    # -- one letter: replay form, discard / resolve confirmation -----------------------
+
+    def get_urls(self):
+        wrap = self.admin_site.admin_view
+        return [
+            path("<int:object_id>/replay/", wrap(self.replay_view),
+                 name="recovery_deadletter_replay"),
+            path("<int:object_id>/discard/", wrap(self.operation_view), {"operation": "discard"},
+                 name="recovery_deadletter_discard"),
+            path("<int:object_id>/resolve/", wrap(self.operation_view), {"operation": "resolve"},
+                 name="recovery_deadletter_resolve"),
+            *super().get_urls(),
+        ]
+
+    def _letter_or_404(self, request, object_id) -> DeadLetter:
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        return get_object_or_404(DeadLetter, pk=object_id)
+
+    def replay_view(self, request, object_id):
+        letter = self._letter_or_404(request, object_id)
+        if not self.has_replay_permission(request):
+            raise PermissionDenied
+        form = ReplayForm(request.POST or None, letter=letter)
+        if request.method == "POST" and form.is_valid():
+            if form.edited and not request.user.has_perm("recovery.change_deadletter"):
+                raise PermissionDenied
+            edit = form.edited
+            try:
+                service.replay(
+                    letter, actor=request.user.get_username(), queue=form.cleaned_data["queue"] or None,
+                    args=form.cleaned_data["args"] if edit else None,
+                    kwargs=form.cleaned_data["kwargs"] if edit else None,
+                    note=form.cleaned_data["note"],
+                )
+            except service.ReplayError as exc:
+                form.add_error(None, str(exc))
+            else:
+                self.message_user(request, f"Dead letter {letter.pk} was replayed"
+                                           f"{' with the edited payload' if edit else ''}.")
+                return HttpResponseRedirect(
+                    reverse("admin:recovery_deadletter_change", args=[letter.pk]))
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Replay {letter.task_name}",
+            "letter": letter,
+            "form": form,
+            "opts": self.model._meta,
+            "can_edit": request.user.has_perm("recovery.change_deadletter"),
+        }
+        return TemplateResponse(request, "admin/recovery/deadletter/replay_form.html", context)
+
+    def operation_view(self, request, object_id, operation):
+        if operation not in ("discard", "resolve"):
+            raise Http404(f"unknown operation {operation!r}")
+        letter = self._letter_or_404(request, object_id)
+        if not self._has(request, operation):
+            raise PermissionDenied
+        if request.method == "POST":
+            try:
+                getattr(service, operation)(letter, actor=request.user.get_username(),
+                                            note=request.POST.get("note", ""))
+            except service.ReplayError as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+            else:
+                self.message_user(request, f"Dead letter {letter.pk} was {OPERATIONS[operation][1]}.")
+            return HttpResponseRedirect(reverse("admin:recovery_deadletter_change", args=[letter.pk]))
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"{capfirst(operation)} dead letter {letter.pk}?",
+            "operation": operation,
+            "letters": [letter],
+            "count": 1,
+            "single": True,
+            "opts": self.model._meta,
+        }
+        return TemplateResponse(request, "admin/recovery/deadletter/confirm_action.html", context)
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        letter = DeadLetter.objects.filter(pk=object_id).first()
+        parked = letter is not None and letter.status == DeadLetter.Status.PARKED
+        extra_context = {
+            **(extra_context or {}),
+            "can_replay": parked and self.has_replay_permission(request),
+            "can_discard": parked and self.has_discard_permission(request),
+            "can_resolve": parked and self.has_resolve_permission(request),
+        }
+        return super().change_view(request, object_id, form_url, extra_context)
 
     def has_add_permission(self, request) -> bool:
         return False

@@ -88,6 +88,13 @@ class DeadLetter(models.Model):
         verbose_name = "dead letter"
         verbose_name_plural = "dead letters"
         ordering = ("-last_failed_at",)
+        permissions = [
+            ("replay_deadletter", "Can replay dead letters"),
+            ("discard_deadletter", "Can discard dead letters"),
+            ("resolve_deadletter", "Can mark dead letters resolved"),
+            ("compensate_deadletter", "Can compensate dead letters"),
+            ("reveal_deadletter_secrets", "Can reveal secrets in dead letters"),
+        ]
         indexes = [
             models.Index(fields=["status", "-last_failed_at"], name="recovery_dl_status_last"),
             models.Index(fields=["kind", "-last_failed_at"], name="recovery_dl_kind_last"),

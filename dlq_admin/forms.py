@@ -1,0 +1,61 @@
+"""Forms of the operator surface; validation delegates to recovery.replay."""
+
+from __future__ import annotations
+
+import json
+
+from django import forms
+
+from recovery import replay as service
+
+
+class ReplayForm(forms.Form):
+    """Replay one letter, optionally with an edited payload and another queue."""
+
+    args = forms.CharField(widget=forms.Textarea(attrs={"rows": 6, "cols": 80}),
+                           help_text="A JSON list of positional arguments.")
+    kwargs = forms.CharField(widget=forms.Textarea(attrs={"rows": 6, "cols": 80}),
+                             help_text="A JSON object of keyword arguments.")
+    queue = forms.CharField(required=False, help_text="Leave empty for the original queue.")
+    note = forms.CharField(required=False, help_text="Why; kept in the audit trail.")
+
+    def __init__(self, *args, letter, **kwargs):
+        self.letter = letter
+        super().__init__(*args, **kwargs)
+        if not self.is_bound:
+            self.initial.update(args=json.dumps(letter.args, indent=2),
+                                kwargs=json.dumps(letter.kwargs, indent=2))
+
+    def _json(self, name: str):
+        text = self.cleaned_data[name]
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise forms.ValidationError(f"Not valid JSON: {exc.msg} (line {exc.lineno}, "
+                                        f"column {exc.colno}).") from None
+
+    def clean_args(self):
+        value = self._json("args")
+        if not isinstance(value, list):
+            raise forms.ValidationError("args must be a JSON list, e.g. [42, \"EUR\"].")
+        return value
+
+    def clean_kwargs(self):
+        value = self._json("kwargs")
+        if not isinstance(value, dict):
+            raise forms.ValidationError("kwargs must be a JSON object, e.g. {\"force\": true}.")
+        return value
+
+    def clean(self):
+        cleaned = super().clean()
+        if "args" in cleaned and "kwargs" in cleaned:
+            try:
+                service.validate_payload(self.letter.task_name, cleaned["args"], cleaned["kwargs"])
+            except service.ReplayError as exc:
+                raise forms.ValidationError(str(exc)) from None
+        return cleaned
+
+    @property
+    def edited(self) -> bool:
+        return (self.cleaned_data["args"], self.cleaned_data["kwargs"]) != \
+            (self.letter.args, self.letter.kwargs)
