@@ -70,8 +70,9 @@ class DeadLetter(models.Model):
     replay_count = models.PositiveIntegerField("replays", default=0)
     history = models.JSONField(
         default=list, blank=True,
-        help_text="One entry per failed attempt: at, exception_type, exception_message, "
-                  "delay_seconds (the delay chosen before the next attempt, or null).",
+        help_text="One entry per failed attempt: at, attempt, replay (0 for the original "
+                  "run), kind, exception_type, exception_message, delay_seconds (the delay "
+                  "chosen before the next attempt, or null).",
     )
     queue = models.CharField("origin queue", max_length=255, blank=True, default="")
     worker = models.CharField(max_length=255, blank=True, default="")

@@ -24,7 +24,7 @@ from django.utils.dateparse import parse_datetime
 from . import conf
 from .fingerprint import fingerprint
 from .models import DeadLetter
-from .spool import Spool
+from .spool import BadRecord, Spool
 
 __all__ = ["ParkRecord", "ParkOutcome", "park", "drain_spool", "spool"]
 
@@ -255,7 +255,10 @@ def drain_spool(backend: Any = None, limit: int | None = None) -> int:
         return 0
 
     def handle(data: dict) -> None:
-        record = ParkRecord.from_dict(data)
+        try:
+            record = ParkRecord.from_dict(data)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise BadRecord(f"not a dead-letter record: {exc}") from exc
         _write(record, backend, None)
 
     try:

@@ -191,7 +191,7 @@ def _close(letter: DeadLetter | int, status: str, action: str, *, actor: str, no
 
 
 def discard(letter: DeadLetter | int, *, actor: str = "system", note: str = "") -> DeadLetter:
-    """Give up on a parked letter on purpose (it stays, for the record, until purged)."""
+    """Give up on a parked letter on purpose (the row stays, for the record)."""
     return _close(letter, DeadLetter.Status.DISCARDED, DeadLetterEvent.Action.DISCARDED,
                   actor=actor, note=note, verb="discarded")
 
@@ -220,7 +220,10 @@ def bulk(operation: str, queryset: QuerySet, *, actor: str, batch_size: int = 50
 
     Streams in id order, one batch in memory at a time; each batch is locked with
     ``SELECT ... FOR UPDATE SKIP LOCKED`` and committed on its own, so a concurrent run
-    skips what this one holds, and an interrupted run can simply be started again.
+    skips what this one holds. An interrupted run puts the letters it had not published
+    yet back to parked, so it can simply be started again (a run killed with SIGKILL
+    between commit and publish leaves up to one batch ``replaying``: keep
+    ``batch_size`` small with a low ``rate``).
 
     Args:
         rate: at most this many letters per second (SQS redrive's velocity), or None.
@@ -264,20 +267,36 @@ def bulk(operation: str, queryset: QuerySet, *, actor: str, batch_size: int = 50
                     result.failed += 1
                     result.errors.append(f"letter {letter.pk}: {exc}")
         # Committed: now publish, outside any lock, at the requested velocity.
-        for letter in prepared:
-            if rate:
-                ahead = (result.done + result.failed) / rate - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
-            try:
-                _publish_replay(letter, actor=actor, app=app, queue=queue, note=note)
-                result.done += 1
-            except ReplayError as exc:
-                result.failed += 1
-                result.errors.append(f"letter {letter.pk}: {exc}")
+        pending = list(prepared)
+        try:
+            while pending:
+                letter = pending[0]
+                if rate:
+                    ahead = (result.done + result.failed) / rate - (time.monotonic() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
+                try:
+                    _publish_replay(letter, actor=actor, app=app, queue=queue, note=note)
+                    result.done += 1
+                except ReplayError as exc:
+                    result.failed += 1
+                    result.errors.append(f"letter {letter.pk}: {exc}")
+                pending.pop(0)
+        finally:
+            # Interrupted (Ctrl-C, an error): letters marked replaying but never published
+            # go back to parked, so running the same command again picks them up.
+            if pending:
+                _unprepare(pending)
         if progress is not None:
             progress(result)
     return result
+
+
+def _unprepare(letters: list[DeadLetter]) -> None:
+    for letter in letters:
+        DeadLetter.objects.filter(pk=letter.pk, status=DeadLetter.Status.REPLAYING).update(
+            status=DeadLetter.Status.PARKED, replay_count=F("replay_count") - 1,
+        )
 
 
 def mark_replay_succeeded(task_id: str) -> int:

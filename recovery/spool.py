@@ -20,9 +20,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["Spool"]
+__all__ = ["Spool", "BadRecord"]
 
 logger = logging.getLogger(__name__)
+
+
+class BadRecord(ValueError):
+    """Raised by a drain handler for a record it can never write (not a retryable error)."""
 
 
 class Spool:
@@ -62,8 +66,9 @@ class Spool:
         """Hand each record to ``handler`` oldest first; delete it once handled.
 
         Stops at the first record whose handler raises (the database is probably
-        still down) and leaves it in place. A file that is not valid JSON is renamed
-        ``*.bad`` and reported, never deleted. Returns how many records were drained.
+        still down) and leaves it in place. A file that is not valid JSON, or that the
+        handler rejects with :class:`BadRecord`, is renamed ``*.bad`` and reported, never
+        deleted, so it cannot block the records behind it. Returns how many were drained.
         """
         drained = 0
         for path in self.paths():
@@ -83,12 +88,13 @@ class Spool:
                 raw = path.read_bytes()
                 try:
                     record = json.loads(raw)
-                except ValueError:
+                    handler(record)
+                except (BadRecord, json.JSONDecodeError, UnicodeDecodeError) as exc:
                     bad = path.with_suffix(".bad")
                     os.replace(path, bad)
-                    logger.error("recovery spool: %s is not valid JSON; kept as %s", path, bad)
+                    logger.error("recovery spool: %s cannot be drained (%s); kept as %s",
+                                 path, exc, bad)
                     continue
-                handler(record)
                 path.unlink()
                 self._fsync_directory()
                 drained += 1

@@ -400,3 +400,16 @@ def test_a_spooled_record_round_trips_through_json():
     assert ParkRecord.from_dict(record.to_dict()) == record
     # Keys a newer version might add are ignored by an older drain.
     assert ParkRecord.from_dict({**record.to_dict(), "added_later": 1}) == record
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_spooled_file_that_is_not_a_letter_is_set_aside_and_does_not_block_the_rest():
+    from recovery.parking import ParkRecord, drain_spool, spool
+
+    pending = spool()
+    stray = pending.put({"unexpected": "shape"})
+    pending.put(ParkRecord(task_id="behind-the-stray", task_name="x", kind="other",
+                           reason="r").to_dict())
+    assert drain_spool() == 1
+    assert DeadLetter.objects.filter(task_id="behind-the-stray").exists()
+    assert stray.with_suffix(".bad").exists() and not stray.exists()

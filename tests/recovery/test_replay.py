@@ -137,3 +137,27 @@ def test_bulk_replay_counts_unregistered_tasks_as_failures_and_replays_the_rest(
     assert "not registered" in result.errors[0]
     assert len(published(broker)) == 2
     assert DeadLetter.objects.get(task_id="task-2").status == DeadLetter.Status.PARKED
+
+
+def test_an_interrupted_bulk_replay_puts_unpublished_letters_back_to_parked(broker, monkeypatch):
+    for n in range(1, 6):
+        make_letter(n)
+    real_publish = service._publish_replay
+    calls = []
+
+    def publish_then_interrupt(letter, **kwargs):
+        calls.append(letter.pk)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the operator pressed Ctrl-C mid-batch
+        return real_publish(letter, **kwargs)
+
+    monkeypatch.setattr(service, "_publish_replay", publish_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        service.bulk("replay", DeadLetter.objects.all(), actor="bob", batch_size=10)
+    assert len(published(broker)) == 2
+    assert DeadLetter.objects.filter(status="replaying", replay_count=1).count() == 2
+    assert DeadLetter.objects.filter(status="parked", replay_count=0).count() == 3
+    # Running it again finishes the job.
+    monkeypatch.setattr(service, "_publish_replay", real_publish)
+    assert service.bulk("replay", DeadLetter.objects.all(), actor="bob").done == 3
+    assert len(published(broker)) == 5

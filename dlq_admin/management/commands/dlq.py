@@ -1,8 +1,9 @@
 """``manage.py dlq``: the dead-letter queue from a shell, for bulk work and for 3 a.m.
 
     manage.py dlq list [filters]             manage.py dlq show ID
-    manage.py dlq replay [filters] [--queue Q] [--rate N] [--batch-size N] [--dry-run] [--yes]
-    manage.py dlq discard|resolve [filters] [--note TEXT] [--dry-run] [--yes]
+    manage.py dlq replay [filters] [--queue Q] [--rate N] [--batch-size N] [--note TEXT]
+                         [--dry-run] [--yes]
+    manage.py dlq discard|resolve [filters] [--batch-size N] [--note TEXT] [--dry-run] [--yes]
     manage.py dlq stats                      manage.py dlq drain
 
 Filters: --ids 1,2,3 --task NAME --kind KIND --status STATUS --fingerprint SHA1
