@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from celery.result import AsyncResult
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.urls import reverse
@@ -37,9 +38,9 @@ def test_park_then_replay_from_the_admin_then_resolved(start_worker, store, key,
                          follow=True)
     assert "was replayed" in page.content.decode()
     # Then the replayed run succeeds under the same id and the letter is resolved
-    assert result.get(timeout=30) == 40
     wait_for(lambda: DeadLetter.objects.get(pk=letter.pk).status == DeadLetter.Status.RESOLVED,
-             15, message="resolved letter")
+             30, message="resolved letter")
+    assert AsyncResult(result.id).get(timeout=10) == 40
     assert list(DeadLetter.objects.get(pk=letter.pk).events.values_list("action", "actor")) == [
         ("replayed", "night-shift")]
 
@@ -56,10 +57,10 @@ def test_park_then_edit_the_payload_then_replay_then_resolved(start_worker, stor
     operator.post(reverse("admin:recovery_deadletter_replay", args=[letter.pk]),
                   {"args": f'[5, "{good_key}"]', "kwargs": "{}", "note": "pointed at v2 prices"})
     # Then the replayed run uses the edited payload, succeeds, and the letter is resolved
-    assert result.get(timeout=30) == 50
-    assert int(store.get(f"t:runs:{good_key}") or 0) == 1
     wait_for(lambda: DeadLetter.objects.get(pk=letter.pk).status == DeadLetter.Status.RESOLVED,
-             15, message="resolved letter")
+             30, message="resolved letter")
+    assert AsyncResult(result.id).get(timeout=10) == 50
+    assert int(store.get(f"t:runs:{good_key}") or 0) == 1
     letter.refresh_from_db()
     assert letter.args == [5, good_key]
     edit = letter.events.get(action="edited")
