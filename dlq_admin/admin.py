@@ -22,6 +22,7 @@ from django.utils.text import capfirst
 from django.utils.timesince import timesince
 from django.utils.translation import ngettext
 
+from recovery import redaction
 from recovery import replay as service
 from recovery.models import DeadLetter, DeadLetterEvent
 
@@ -39,8 +40,24 @@ class DeadLetterEventInline(admin.TabularInline):
     """The audit trail: shown on each letter, never editable or deletable."""
 
     model = DeadLetterEvent
-    fields = ("at", "action", "actor", "note", "outcome", "before", "after")
+    fields = ("at", "action", "actor", "note", "outcome", "before_shown", "after_shown")
     readonly_fields = fields
+
+    @staticmethod
+    def _shown(event: DeadLetterEvent, payload) -> str:
+        if not isinstance(payload, dict):
+            return "—"
+        args, kwargs = redaction.masked_payload(event.letter.task_name, payload.get("args") or [],
+                                                payload.get("kwargs") or {})
+        return json.dumps({"args": args, "kwargs": kwargs}, default=str)
+
+    @admin.display(description="payload before")
+    def before_shown(self, event: DeadLetterEvent) -> str:
+        return self._shown(event, event.before)
+
+    @admin.display(description="payload after")
+    def after_shown(self, event: DeadLetterEvent) -> str:
+        return self._shown(event, event.after)
     extra = 0
     can_delete = False
     ordering = ("-at", "-pk")
@@ -60,7 +77,8 @@ class DeadLetterEventInline(admin.TabularInline):
 
 
 def _pretty(value) -> str:
-    return format_html("<pre>{}</pre>", json.dumps(value, indent=2, sort_keys=True, default=str))
+    return format_html("<pre>{}</pre>", json.dumps(value, indent=2, sort_keys=True, default=str,
+                                                   ensure_ascii=False))
 
 
 @admin.register(DeadLetter)
@@ -80,7 +98,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
                            "attempts", "replay_count", "queue", "worker",
                            "first_failed_at", "last_failed_at", "fingerprint")}),
         ("Exception", {"fields": ("exception_type", "exception_message", "traceback_pre")}),
-        ("Payload", {"fields": ("args_pretty", "kwargs_pretty", "headers_pretty", "raw_body",
+        ("Payload", {"fields": ("args_pretty", "kwargs_pretty", "headers_pretty", "raw_body_shown",
                                 "content_type")}),
         ("Attempt history", {"fields": ("history_table",)}),
     )
@@ -96,17 +114,42 @@ class DeadLetterAdmin(admin.ModelAdmin):
     def traceback_pre(self, obj: DeadLetter) -> str:
         return format_html("<pre>{}</pre>", obj.traceback)
 
+    # -- secrets: masked unless the user may reveal them and asked to ------------------
+
+    def get_object(self, request, object_id, from_field=None):
+        obj = super().get_object(request, object_id, from_field)
+        if obj is not None:
+            obj._can_reveal = request.user.has_perm("recovery.reveal_deadletter_secrets")
+            obj._reveal = obj._can_reveal and request.GET.get("reveal") == "1"
+        return obj
+
+    @staticmethod
+    def _shown_payload(obj: DeadLetter) -> tuple[list, dict]:
+        if getattr(obj, "_reveal", False):
+            return obj.args, obj.kwargs
+        return redaction.masked_payload(obj.task_name, obj.args, obj.kwargs)
+
     @admin.display(description="args")
     def args_pretty(self, obj: DeadLetter) -> str:
-        return _pretty(obj.args)
+        return _pretty(self._shown_payload(obj)[0])
 
     @admin.display(description="kwargs")
     def kwargs_pretty(self, obj: DeadLetter) -> str:
-        return _pretty(obj.kwargs)
+        return _pretty(self._shown_payload(obj)[1])
 
     @admin.display(description="headers")
     def headers_pretty(self, obj: DeadLetter) -> str:
-        return _pretty(obj.headers)
+        return _pretty(obj.headers if getattr(obj, "_reveal", False) else redaction.mask(obj.headers))
+
+    @admin.display(description="raw body")
+    def raw_body_shown(self, obj: DeadLetter) -> str:
+        if getattr(obj, "_reveal", False) or not obj.raw_body:
+            return format_html("<pre>{}</pre>", obj.raw_body)
+        try:
+            parsed = json.loads(obj.raw_body)
+        except ValueError:
+            return format_html("<pre>{}</pre>", obj.raw_body)
+        return format_html("<pre>{}</pre>", json.dumps(redaction.mask(parsed), ensure_ascii=False))
 
     @admin.display(description="history")
     def history_table(self, obj: DeadLetter) -> str:
@@ -208,7 +251,8 @@ class DeadLetterAdmin(admin.ModelAdmin):
         letter = self._letter_or_404(request, object_id)
         if not self.has_replay_permission(request):
             raise PermissionDenied
-        form = ReplayForm(request.POST or None, letter=letter)
+        can_reveal = request.user.has_perm("recovery.reveal_deadletter_secrets")
+        form = ReplayForm(request.POST or None, letter=letter, can_reveal=can_reveal)
         if request.method == "POST" and form.is_valid():
             if form.edited and not request.user.has_perm("recovery.change_deadletter"):
                 raise PermissionDenied
@@ -269,6 +313,9 @@ class DeadLetterAdmin(admin.ModelAdmin):
         extra_context = {
             **(extra_context or {}),
             "can_replay": parked and self.has_replay_permission(request),
+            "can_reveal": (letter is not None and request.GET.get("reveal") != "1"
+                           and request.user.has_perm("recovery.reveal_deadletter_secrets")
+                           and redaction.has_secrets(letter.task_name, letter.args, letter.kwargs)),
             "can_discard": parked and self.has_discard_permission(request),
             "can_resolve": parked and self.has_resolve_permission(request),
         }

@@ -6,6 +6,7 @@ import json
 
 from django import forms
 
+from recovery import redaction
 from recovery import replay as service
 
 
@@ -19,12 +20,23 @@ class ReplayForm(forms.Form):
     queue = forms.CharField(required=False, help_text="Leave empty for the original queue.")
     note = forms.CharField(required=False, help_text="Why; kept in the audit trail.")
 
-    def __init__(self, *args, letter, **kwargs):
+    def __init__(self, *args, letter, can_reveal: bool = True, **kwargs):
         self.letter = letter
         super().__init__(*args, **kwargs)
-        if not self.is_bound:
-            self.initial.update(args=json.dumps(letter.args, indent=2),
-                                kwargs=json.dumps(letter.kwargs, indent=2))
+        # A payload with secrets is shown masked to users who may not reveal them; they
+        # can replay it as stored but not edit it (a masked value must never be saved).
+        self.locked = not can_reveal and redaction.has_secrets(letter.task_name, letter.args,
+                                                                letter.kwargs)
+        shown_args, shown_kwargs = (redaction.masked_payload(letter.task_name, letter.args,
+                                                             letter.kwargs)
+                                    if self.locked else (letter.args, letter.kwargs))
+        self.initial.update(args=json.dumps(shown_args, indent=2),
+                            kwargs=json.dumps(shown_kwargs, indent=2))
+        if self.locked:
+            for name in ("args", "kwargs"):
+                self.fields[name].disabled = True
+                self.fields[name].help_text = ("Contains secrets, shown masked; editing needs "
+                                               "the reveal-secrets permission.")
 
     def _json(self, name: str):
         text = self.cleaned_data[name]
@@ -35,12 +47,16 @@ class ReplayForm(forms.Form):
                                         f"column {exc.colno}).") from None
 
     def clean_args(self):
+        if self.locked:
+            return self.letter.args
         value = self._json("args")
         if not isinstance(value, list):
             raise forms.ValidationError("args must be a JSON list, e.g. [42, \"EUR\"].")
         return value
 
     def clean_kwargs(self):
+        if self.locked:
+            return self.letter.kwargs
         value = self._json("kwargs")
         if not isinstance(value, dict):
             raise forms.ValidationError("kwargs must be a JSON object, e.g. {\"force\": true}.")

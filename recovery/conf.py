@@ -44,6 +44,10 @@ DEFAULTS: Mapping[str, Any] = {
     # Store Celery's intermediate RETRY state in the result backend (one write per retry).
     # Off: the attempt history travels in the message and is kept on the dead letter.
     "STORE_RETRY_STATE": False,
+    # Argument and header names (substrings, case-insensitive) whose values are masked
+    # in the admin, exports and `dlq show`; the stored payload keeps the real values.
+    "SECRET_KEYS": ("password", "passwd", "secret", "token", "authorization", "api_key",
+                    "apikey", "access_key", "private_key", "credential", "cookie", "session"),
     # Bounds on what is stored per letter.
     "MESSAGE_MAX_CHARS": 2000,
     "TRACEBACK_MAX_CHARS": 20000,

@@ -24,6 +24,7 @@ from django.db.models import Count
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
+from recovery import redaction
 from recovery import replay as service
 from recovery.models import DeadLetter
 from recovery.parking import drain_spool
@@ -65,8 +66,9 @@ class Command(BaseCommand):
             return p
 
         filtered("list", "list letters, newest failure first")
-        show = sub.add_parser("show", help="everything about one letter")
+        show = sub.add_parser("show", help="everything about one letter (secrets masked)")
         show.add_argument("id", type=int)
+        show.add_argument("--reveal", action="store_true", help="show secrets unmasked")
         for verb in ("replay", "discard", "resolve"):
             p = filtered(verb, f"{verb} parked letters")
             p.add_argument("--dry-run", action="store_true", help="say what would happen")
@@ -133,12 +135,27 @@ class Command(BaseCommand):
         data = {
             field.name: getattr(letter, field.name) for field in DeadLetter._meta.fields
         }
+        if not options.get("reveal"):
+            data["args"], data["kwargs"] = redaction.masked_payload(
+                letter.task_name, letter.args, letter.kwargs)
+            data["headers"] = redaction.mask(letter.headers)
+            try:
+                data["raw_body"] = json.dumps(redaction.mask(json.loads(letter.raw_body)))
+            except ValueError:
+                pass
+        def shown(payload):
+            if options.get("reveal") or not isinstance(payload, dict):
+                return payload
+            args, kwargs = redaction.masked_payload(letter.task_name, payload.get("args") or [],
+                                                    payload.get("kwargs") or {})
+            return {"args": args, "kwargs": kwargs}
+
         data["events"] = [
             {"at": e.at, "action": e.action, "actor": e.actor, "note": e.note,
-             "outcome": e.outcome, "before": e.before, "after": e.after}
+             "outcome": e.outcome, "before": shown(e.before), "after": shown(e.after)}
             for e in letter.events.all()
         ]
-        self.stdout.write(json.dumps(data, indent=2, default=str))
+        self.stdout.write(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
     def _bulk(self, verb, options):
         qs = self._queryset(options).filter(status=DeadLetter.Status.PARKED)

@@ -1,0 +1,72 @@
+"""Mask secrets in dead-letter payloads wherever a person or an export sees them.
+
+The stored payload keeps the real values (a replay must work); pages, exports
+and ``dlq show`` show a mask instead. A key is secret when its name contains
+one of ``RECOVERY["SECRET_KEYS"]`` (case-insensitive). Positional arguments are
+bound to the task's signature first, so ``charge(card_token)`` called as
+``charge("tok_123")`` is masked by its parameter name too.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from . import conf
+
+__all__ = ["MASK", "is_secret_key", "mask", "masked_payload", "has_secrets"]
+
+MASK = "••••••"
+
+
+def _keys() -> tuple[str, ...]:
+    return tuple(k.lower().replace("-", "_") for k in conf.get("SECRET_KEYS"))
+
+
+def is_secret_key(name: Any) -> bool:
+    text = str(name).lower().replace("-", "_")
+    return any(key in text for key in _keys())
+
+
+def mask(value: Any) -> Any:
+    """A copy of ``value`` with the values of secret-named keys masked, at any depth."""
+    if isinstance(value, dict):
+        return {k: (MASK if is_secret_key(k) and v not in (None, "") else mask(v))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask(item) for item in value]
+    return value
+
+
+def _positional_names(task_name: str, count: int, app: Any) -> list[str | None]:
+    task = app.tasks.get(task_name) if app is not None else None
+    if task is None:
+        return [None] * count
+    run = getattr(task, "_orig_run", None) or task.run
+    try:
+        parameters = list(inspect.signature(run).parameters.values())
+    except (TypeError, ValueError):
+        return [None] * count
+    names: list[str | None] = []
+    for index in range(count):
+        if index < len(parameters) and parameters[index].kind in (
+            inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
+            names.append(parameters[index].name)
+        else:
+            names.append(None)
+    return names
+
+
+def masked_payload(task_name: str, args: list, kwargs: dict, app: Any = None) -> tuple[list, dict]:
+    """(args, kwargs) as a person may see them."""
+    if app is None:
+        from celery import current_app as app  # noqa: N811
+    names = _positional_names(task_name, len(args or []), app)
+    shown_args = [MASK if name and is_secret_key(name) and arg not in (None, "") else mask(arg)
+                  for name, arg in zip(names, args or [])]
+    return shown_args, mask(kwargs or {})
+
+
+def has_secrets(task_name: str, args: list, kwargs: dict, app: Any = None) -> bool:
+    return masked_payload(task_name, args, kwargs, app) != (list(args or []), dict(kwargs or {}))
