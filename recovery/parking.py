@@ -129,7 +129,7 @@ def park(record: ParkRecord, *, backend: Any = None, request: Any = None) -> Par
             return ParkOutcome(letter_id, spooled=False, result_stored=record.result is not None)
         except DatabaseError as exc:
             # A stale connection (database restarted) fails once; a fresh one may work.
-            _discard_broken_connections()
+            discard_broken_connections()
             if attempt == 2:
                 logger.warning(
                     "recovery: database unavailable while parking %s[%s] (%s); spooling",
@@ -140,7 +140,8 @@ def park(record: ParkRecord, *, backend: Any = None, request: Any = None) -> Par
     return ParkOutcome(None, spooled=True, result_stored=record.result is not None)
 
 
-def _discard_broken_connections() -> None:
+def discard_broken_connections() -> None:
+    """Drop connections the database has broken, so the next query reconnects."""
     try:
         close_old_connections()
     except Exception:  # noqa: BLE001 - closing a dead connection may itself fail
@@ -264,7 +265,7 @@ def drain_spool(backend: Any = None, limit: int | None = None) -> int:
     try:
         drained = pending.drain(handle, limit=limit)
     except DatabaseError as exc:
-        _discard_broken_connections()
+        discard_broken_connections()
         logger.info("recovery: spool not drained yet, database still unavailable (%s)", exc)
         return 0
     if drained:

@@ -179,14 +179,20 @@ def replay(letter: DeadLetter | int, *, actor: str = "system", queue: str | None
     return locked
 
 
+def _close_locked(letter: DeadLetter, status: str, action: str, *, actor: str,
+                  note: str) -> None:
+    """With the row locked: move a parked letter to ``status`` and audit it."""
+    letter.status = status
+    letter.save(update_fields=["status", "updated_at"])
+    DeadLetterEvent.objects.create(letter=letter, action=action, actor=actor, note=note)
+
+
 def _close(letter: DeadLetter | int, status: str, action: str, *, actor: str, note: str,
            verb: str) -> DeadLetter:
     with transaction.atomic():
         locked = _lock(letter)
         _require_parked(locked, verb)
-        locked.status = status
-        locked.save(update_fields=["status", "updated_at"])
-        DeadLetterEvent.objects.create(letter=locked, action=action, actor=actor, note=note)
+        _close_locked(locked, status, action, actor=actor, note=note)
     return locked
 
 
@@ -258,10 +264,7 @@ def bulk(operation: str, queryset: QuerySet, *, actor: str, batch_size: int = 50
                             prepared.append(letter)
                             continue
                         status, action = closing[operation]
-                        letter.status = status
-                        letter.save(update_fields=["status", "updated_at"])
-                        DeadLetterEvent.objects.create(letter=letter, action=action,
-                                                       actor=actor, note=note)
+                        _close_locked(letter, status, action, actor=actor, note=note)
                         result.done += 1
                 except ReplayError as exc:
                     result.failed += 1

@@ -331,12 +331,13 @@ class Housekeeping(bootsteps.StartStopStep):
         from django.db import Error as DatabaseError
 
         from .due import publish_due
+        from .parking import discard_broken_connections
 
         try:
             publish_due(c.app)
         except DatabaseError as exc:
             logger.info("recovery: due retries not published yet (database: %s)", exc)
-            _close_broken()
+            discard_broken_connections()
         except Exception:  # noqa: BLE001
             logger.exception("recovery: publishing due retries failed")
 
@@ -348,12 +349,3 @@ class Housekeeping(bootsteps.StartStopStep):
             drain_spool(backend=c.app.backend)
         except Exception:  # noqa: BLE001
             logger.exception("recovery: draining the spool failed")
-
-
-def _close_broken() -> None:
-    from django.db import close_old_connections
-
-    try:
-        close_old_connections()
-    except Exception:  # noqa: BLE001
-        pass
