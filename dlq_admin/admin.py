@@ -12,6 +12,7 @@ import json
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
+from django.db.models import Count
 from django.http import Http404, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
@@ -22,10 +23,11 @@ from django.utils.text import capfirst
 from django.utils.timesince import timesince
 from django.utils.translation import ngettext
 
-from recovery import redaction
+from recovery import conf, redaction
 from recovery import replay as service
 from recovery.models import DeadLetter, DeadLetterEvent
 
+from . import groups as failure_groups
 from .forms import ReplayForm
 
 #: operation -> (permission codename, past tense)
@@ -33,6 +35,7 @@ OPERATIONS = {
     "replay": ("replay_deadletter", "replayed"),
     "discard": ("discard_deadletter", "discarded"),
     "resolve": ("resolve_deadletter", "resolved"),
+    "compensate": ("compensate_deadletter", "compensated"),
 }
 
 
@@ -88,9 +91,10 @@ class DeadLetterAdmin(admin.ModelAdmin):
     list_filter = ("status", "kind", "task_name", "last_failed_at")
     search_fields = ("=task_id", "task_name", "exception_message")
     date_hierarchy = "last_failed_at"
-    actions = ("replay_selected", "discard_selected", "resolve_selected")
+    actions = ("replay_selected", "discard_selected", "resolve_selected", "compensate_selected")
     inlines = (DeadLetterEventInline,)
     change_form_template = "admin/recovery/deadletter/change_form.html"
+    change_list_template = "admin/recovery/deadletter/change_list.html"
     show_full_result_count = False
     list_per_page = 50
     fieldsets = (
@@ -101,6 +105,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
         ("Payload", {"fields": ("args_pretty", "kwargs_pretty", "headers_pretty", "raw_body_shown",
                                 "content_type")}),
         ("Attempt history", {"fields": ("history_table",)}),
+        ("Same failure", {"fields": ("same_fingerprint",)}),
     )
     readonly_fields = tuple(
         f for section in fieldsets for f in section[1]["fields"]
@@ -166,6 +171,28 @@ class DeadLetterAdmin(admin.ModelAdmin):
             mark_safe(rows),  # each row was built by format_html above
         )
 
+    @admin.display(description="other letters with this fingerprint")
+    def same_fingerprint(self, obj: DeadLetter) -> str:
+        counts, recent = failure_groups.siblings(obj)
+        if not counts:
+            return "None: this failure happened once."
+        changelist = reverse("admin:recovery_deadletter_changelist")
+        summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        rows = "".join(
+            format_html('<li><a href="{}">{}</a> {} — {}, last failed {}</li>',
+                        reverse("admin:recovery_deadletter_change", args=[other.pk]), other.pk,
+                        other.status, other.task_id, other.last_failed_at.strftime("%Y-%m-%d %H:%M"))
+            for other in recent
+        )
+        return format_html(
+            '{} other letter{} ({}). <a href="{}?fingerprint={}">List them all</a> · '
+            '<a href="{}">act on the group</a><ul>{}</ul>',
+            sum(counts.values()), "" if sum(counts.values()) == 1 else "s", summary,
+            changelist, obj.fingerprint,
+            reverse("admin:recovery_deadletter_group", args=[obj.fingerprint]),
+            mark_safe(rows),  # each row was built by format_html above
+        )
+
     # -- permissions ------------------------------------------------------------------
 
     def _has(self, request, operation: str) -> bool:
@@ -179,6 +206,9 @@ class DeadLetterAdmin(admin.ModelAdmin):
 
     def has_resolve_permission(self, request) -> bool:
         return self._has(request, "resolve")
+
+    def has_compensate_permission(self, request) -> bool:
+        return self._has(request, "compensate")
 
     # -- bulk actions (confirmation page first) ------------------------------------------
 
@@ -194,12 +224,18 @@ class DeadLetterAdmin(admin.ModelAdmin):
     def resolve_selected(self, request, queryset):
         return self._confirm_and_run(request, queryset, "resolve")
 
+    @admin.action(permissions=["compensate"], description="Compensate selected dead letters")
+    def compensate_selected(self, request, queryset):
+        return self._confirm_and_run(request, queryset, "compensate")
+
     def _confirm_and_run(self, request, queryset, operation: str):
         parked = queryset.filter(status=DeadLetter.Status.PARKED)
+        count = parked.count()
+        if self._too_many(request, count, operation, "--ids …"):
+            return None
         if request.POST.get("post") == "yes":
             self._run(request, parked, operation, note=request.POST.get("note", ""))
             return None
-        count = parked.count()
         context = {
             **self.admin_site.each_context(request),
             "title": f"{capfirst(operation)} dead letters?",
@@ -210,10 +246,47 @@ class DeadLetterAdmin(admin.ModelAdmin):
             "queryset": queryset,
             "action_name": f"{operation}_selected",
             "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            "explanation": self._explain(operation, parked),
             "opts": self.model._meta,
             "media": self.media,
         }
         return TemplateResponse(request, "admin/recovery/deadletter/confirm_action.html", context)
+
+    def _too_many(self, request, count: int, operation: str, selector: str) -> bool:
+        """Web requests handle up to ``RECOVERY["ADMIN_BULK_MAX"]`` letters; more belong to
+        ``manage.py dlq``, which streams, rate-limits and survives a closed browser tab."""
+        limit = conf.get("ADMIN_BULK_MAX")
+        if count <= limit:
+            return False
+        self.message_user(
+            request,
+            f"{count} letters are more than the admin handles in one request ({limit}). "
+            f"Run it from a shell instead, where it is streamed and resumable: "
+            f"python manage.py dlq {operation} {selector}"
+            f"{' --rate 200' if operation == 'replay' else ''}",  # only replay takes --rate
+            messages.ERROR,
+        )
+        return True
+
+    @staticmethod
+    def _explain(operation: str, letters) -> str:
+        if operation == "replay":
+            return ("Each letter is republished under its own task id with a fresh attempt "
+                    "budget; it is resolved when the replayed run succeeds and parked again "
+                    "if it fails for good.")
+        if operation == "compensate":
+            names = list(letters.order_by().values_list("task_name", flat=True).distinct()[:20])
+            undo = []
+            for name in names:
+                try:
+                    undo.append(f"{name} → {service.compensation_name(name) or 'no compensation declared'}")
+                except service.ReplayError as exc:
+                    undo.append(f"{name} → {exc}")
+            return ("Runs each letter's compensation with the letter's payload and marks the "
+                    "letter compensated: " + "; ".join(undo) + ".")
+        if operation == "discard":
+            return "The letters stay on record as discarded; nothing is run."
+        return "The letters are marked resolved (the work was done some other way); nothing is run."
 
     def _run(self, request, queryset, operation: str, note: str = "") -> None:
         result = service.bulk(operation, queryset, actor=request.user.get_username(), note=note)
@@ -233,14 +306,79 @@ class DeadLetterAdmin(admin.ModelAdmin):
     def get_urls(self):
         wrap = self.admin_site.admin_view
         return [
+            path("groups/", wrap(self.groups_view), name="recovery_deadletter_groups"),
+            path("groups/<str:fingerprint>/", wrap(self.group_view),
+                 name="recovery_deadletter_group"),
             path("<int:object_id>/replay/", wrap(self.replay_view),
                  name="recovery_deadletter_replay"),
             path("<int:object_id>/discard/", wrap(self.operation_view), {"operation": "discard"},
                  name="recovery_deadletter_discard"),
             path("<int:object_id>/resolve/", wrap(self.operation_view), {"operation": "resolve"},
                  name="recovery_deadletter_resolve"),
+            path("<int:object_id>/compensate/", wrap(self.operation_view),
+                 {"operation": "compensate"}, name="recovery_deadletter_compensate"),
             *super().get_urls(),
         ]
+
+    # -- failure groups ---------------------------------------------------------------------
+
+    def groups_view(self, request):
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        status = request.GET.get("status", DeadLetter.Status.PARKED)
+        if status not in DeadLetter.Status.values and status != "all":
+            status = DeadLetter.Status.PARKED
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Failure groups",
+            "groups": failure_groups.groups(None if status == "all" else status),
+            "status": status,
+            "statuses": [("all", "All statuses"), *DeadLetter.Status.choices],
+            "opts": self.model._meta,
+        }
+        return TemplateResponse(request, "admin/recovery/deadletter/groups.html", context)
+
+    def group_view(self, request, fingerprint):
+        """One group: what it is, and (POST) replay / discard / resolve / compensate it all."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        letters = failure_groups.group_letters(fingerprint)
+        parked = letters.filter(status=DeadLetter.Status.PARKED)
+        operation = request.POST.get("operation") or request.GET.get("operation")
+        if operation is not None:
+            if operation not in OPERATIONS:
+                raise Http404(f"unknown operation {operation!r}")
+            if not self._has(request, operation):
+                raise PermissionDenied
+        if request.method == "POST":
+            if operation is None or request.POST.get("post") != "yes":
+                raise Http404("a group operation is posted from its confirmation page")
+            count = parked.count()
+            if not self._too_many(request, count, operation, f"--fingerprint {fingerprint}"):
+                self._run(request, parked, operation, note=request.POST.get("note", ""))
+            return HttpResponseRedirect(
+                reverse("admin:recovery_deadletter_group", args=[fingerprint]))
+        total = letters.count()
+        if total == 0:
+            raise Http404("no dead letters have this fingerprint")
+        count = parked.count()
+        sample = letters.order_by("-last_failed_at").first()
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Failure group {fingerprint[:12]}",
+            "fingerprint": fingerprint,
+            "sample": sample,
+            "total": total,
+            "count": count,
+            "by_status": sorted(letters.order_by().values_list("status").annotate(n=Count("pk"))),
+            "letters": parked.order_by("pk")[:200],
+            "operation": operation,
+            "explanation": self._explain(operation, parked) if operation else "",
+            "operations": [op for op in OPERATIONS if self._has(request, op)
+                           and (op != "compensate" or self._compensation(sample) is not None)],
+            "opts": self.model._meta,
+        }
+        return TemplateResponse(request, "admin/recovery/deadletter/group.html", context)
 
     def _letter_or_404(self, request, object_id) -> DeadLetter:
         if not self.has_view_permission(request):
@@ -268,7 +406,8 @@ class DeadLetterAdmin(admin.ModelAdmin):
                 form.add_error(None, str(exc))
             else:
                 self.message_user(request, f"Dead letter {letter.pk} was replayed"
-                                           f"{' with the edited payload' if edit else ''}.")
+                                           f"{' with the edited payload' if edit else ''}.",
+                                  messages.SUCCESS)
                 return HttpResponseRedirect(
                     reverse("admin:recovery_deadletter_change", args=[letter.pk]))
         context = {
@@ -282,7 +421,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
         return TemplateResponse(request, "admin/recovery/deadletter/replay_form.html", context)
 
     def operation_view(self, request, object_id, operation):
-        if operation not in ("discard", "resolve"):
+        if operation not in ("discard", "resolve", "compensate"):
             raise Http404(f"unknown operation {operation!r}")
         letter = self._letter_or_404(request, object_id)
         if not self._has(request, operation):
@@ -294,7 +433,8 @@ class DeadLetterAdmin(admin.ModelAdmin):
             except service.ReplayError as exc:
                 self.message_user(request, str(exc), messages.ERROR)
             else:
-                self.message_user(request, f"Dead letter {letter.pk} was {OPERATIONS[operation][1]}.")
+                self.message_user(request, f"Dead letter {letter.pk} was {OPERATIONS[operation][1]}.",
+                                  messages.SUCCESS)
             return HttpResponseRedirect(reverse("admin:recovery_deadletter_change", args=[letter.pk]))
         context = {
             **self.admin_site.each_context(request),
@@ -303,6 +443,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
             "letters": [letter],
             "count": 1,
             "single": True,
+            "explanation": self._explain(operation, DeadLetter.objects.filter(pk=letter.pk)),
             "opts": self.model._meta,
         }
         return TemplateResponse(request, "admin/recovery/deadletter/confirm_action.html", context)
@@ -318,8 +459,17 @@ class DeadLetterAdmin(admin.ModelAdmin):
                            and redaction.has_secrets(letter.task_name, letter.args, letter.kwargs)),
             "can_discard": parked and self.has_discard_permission(request),
             "can_resolve": parked and self.has_resolve_permission(request),
+            "can_compensate": parked and self.has_compensate_permission(request)
+                              and self._compensation(letter) is not None,
         }
         return super().change_view(request, object_id, form_url, extra_context)
+
+    @staticmethod
+    def _compensation(letter: DeadLetter) -> str | None:
+        try:
+            return service.compensation_name(letter.task_name)
+        except service.ReplayError:
+            return None
 
     def has_add_permission(self, request) -> bool:
         return False

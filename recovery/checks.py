@@ -49,6 +49,26 @@ def check_recovery_settings(app_configs=None, **kwargs):
         if value is not None and (not isinstance(value, (int, float)) or value <= 0):
             problems.append(Error(f"RECOVERY['{key}'] must be a positive number of seconds.",
                                   id="recovery.E006"))
+    for key in ("ADMIN_BULK_MAX", "DELIVERY_COUNT_RETENTION_DAYS"):
+        value = user.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+            problems.append(Error(f"RECOVERY['{key}'] must be a positive number.",
+                                  id="recovery.E005"))
+    retention = user.get("RETENTION_DAYS")
+    if retention is not None:
+        closed = ("resolved", "discarded", "compensated")
+        if not isinstance(retention, dict) or any(
+                status not in closed or not (days is None or (isinstance(days, (int, float))
+                                                              and days > 0))
+                for status, days in retention.items()):
+            problems.append(Error(
+                f"RECOVERY['RETENTION_DAYS'] is invalid: {retention!r}.",
+                hint="A dict of closed statuses (resolved, discarded, compensated) to a positive "
+                     "number of days, or None to keep them until a purge names an age. Parked "
+                     "letters have no retention: purging them needs --include-parked "
+                     "--older-than.",
+                id="recovery.E011",
+            ))
     visibility = conf.get("VISIBILITY_TIMEOUT_SECONDS")
     broker_delay = conf.get("BROKER_DELAY_MAX_SECONDS")
     # A value that is not a number was reported as E006 above; comparing it would crash.

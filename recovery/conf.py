@@ -48,6 +48,15 @@ DEFAULTS: Mapping[str, Any] = {
     # in the admin, exports and `dlq show`; the stored payload keeps the real values.
     "SECRET_KEYS": ("password", "passwd", "secret", "token", "authorization", "api_key",
                     "apikey", "access_key", "private_key", "credential", "cookie", "session"),
+    # Most letters one admin request acts on (a bulk action or a failure group); more are
+    # refused with the equivalent `manage.py dlq` command, which streams and is resumable.
+    "ADMIN_BULK_MAX": 10000,
+    # Days a closed letter (and the secrets in its payload) is kept after it was closed,
+    # per status, before `manage.py dlq purge` deletes it with its audit trail; None keeps
+    # it until a purge names an age. Parked letters are never purged unless asked.
+    "RETENTION_DAYS": {"resolved": 30, "discarded": 30, "compensated": 90},
+    # Delivery counts untouched this long belong to tasks long finished; purge forgets them.
+    "DELIVERY_COUNT_RETENTION_DAYS": 7,
     # Bounds on what is stored per letter.
     "MESSAGE_MAX_CHARS": 2000,
     "TRACEBACK_MAX_CHARS": 20000,

@@ -10,13 +10,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["HISTORY", "POLICY", "STARTED_AT", "REPLAY", "read", "policy_header"]
+__all__ = ["HISTORY", "POLICY", "STARTED_AT", "REPLAY", "COMPENSATES", "read", "policy_header"]
 
 HISTORY = "recovery_history"
 POLICY = "recovery_policy"
 STARTED_AT = "recovery_started_at"
 REPLAY = "recovery_replay"
+#: on a compensation published from a dead letter: the task id it compensates
+COMPENSATES = "recovery_compensates"
 
+#: per-run headers a replay sets afresh; COMPENSATES is not among them, so a parked
+#: compensation that is replayed still says what it compensates
 OURS = (HISTORY, POLICY, STARTED_AT, REPLAY)
 
 

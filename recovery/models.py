@@ -4,7 +4,9 @@ per-task delivery counts.
 Dead-letter status transitions (anything else is a bug):
 
     parked     -> replaying | resolved | discarded | compensated
-    replaying  -> resolved (the replayed run succeeded) | parked (it failed for good)
+    replaying  -> resolved (the replayed run succeeded) | parked (it failed for good, or
+                  its publish failed)
+    compensated -> parked (the compensation could not be published)
     resolved, discarded, compensated -> parked (only when the same task id fails again)
 
 A task id has at most one letter: parking is an upsert on ``task_id`` and a
@@ -160,6 +162,8 @@ class DeadLetterEvent(models.Model):
         EDITED = "edited", "Payload edited"
         DISCARDED = "discarded", "Discarded"
         RESOLVED = "resolved", "Resolved by hand"
+        COMPENSATED = "compensated", "Compensation started"
+        COMPENSATE_FAILED = "compensate_failed", "Compensation could not be published"
 
     letter = models.ForeignKey(DeadLetter, on_delete=models.CASCADE, related_name="events")
     action = models.CharField(max_length=32, choices=Action.choices)

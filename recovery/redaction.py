@@ -39,6 +39,13 @@ def mask(value: Any) -> Any:
 
 
 def _positional_names(task_name: str, count: int, app: Any) -> list[str | None]:
+    if app is not None and task_name not in app.tasks and not getattr(app, "_recovery_loaded", False):
+        # Outside a worker (admin, manage.py) task modules are imported lazily: load them
+        # once, the way a worker does, so positional secrets are masked by name there too.
+        from .wiring import import_task_modules
+
+        import_task_modules(app)
+        app._recovery_loaded = True
     task = app.tasks.get(task_name) if app is not None else None
     if task is None:
         return [None] * count

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,9 +28,11 @@ from typing import Any
 from celery import current_app
 from django.db import transaction
 from django.db.models import F, QuerySet
+from django.utils import timezone
 
 from . import headers as hdr
 from .models import DeadLetter, DeadLetterEvent
+from .wiring import import_task_modules
 
 __all__ = [
     "ReplayError",
@@ -41,10 +44,13 @@ __all__ = [
     "bulk",
     "BulkResult",
     "mark_replay_succeeded",
+    "compensate",
+    "compensation_name",
 ]
 
 _DROPPED_OPTIONS = ("eta", "countdown", "expires", "task_id", "retries", "headers")
 ACTIONABLE = (DeadLetter.Status.PARKED,)
+_NOT_PUBLISHED = ("traceback", "history", "raw_body", "exception_message")
 
 
 class ReplayError(Exception):
@@ -95,7 +101,7 @@ def _registered_task(task_name: str, app: Any) -> Any:
     if task_name not in app.tasks:
         # Outside a worker (admin, manage.py) task modules are imported lazily: load them
         # the way a worker does before declaring a task unknown.
-        app.loader.import_default_modules()
+        import_task_modules(app)
     try:
         return app.tasks[task_name]
     except KeyError:
@@ -138,12 +144,20 @@ def _prepare_replay(letter: DeadLetter, *, actor: str, app: Any, args: Any = Non
 
 
 def _publish_replay(letter: DeadLetter, *, actor: str, app: Any, queue: str | None,
-                    note: str = "") -> None:
-    """After commit: publish; on failure put the letter back to parked, audited."""
+                    note: str = "", producer: Any = None,
+                    events: list[DeadLetterEvent] | None = None) -> None:
+    """After commit: publish; on failure put the letter back to parked, audited.
+
+    ``producer``: publish on this kombu producer instead of acquiring one from the pool.
+    ``events``: append the ``replayed`` event here for the caller to write (``bulk``
+    writes one batch's events in one INSERT) instead of inserting it now.
+    """
     signature, custom = _signature_for(letter, app, queue)
+    publish_options = {} if producer is None else {"producer": producer}
     try:
         signature.apply_async(task_id=letter.task_id,
-                              headers={**custom, hdr.REPLAY: letter.replay_count})
+                              headers={**custom, hdr.REPLAY: letter.replay_count},
+                              **publish_options)
     except Exception as exc:
         DeadLetter.objects.filter(pk=letter.pk, status=DeadLetter.Status.REPLAYING).update(
             status=DeadLetter.Status.PARKED, replay_count=F("replay_count") - 1,
@@ -153,11 +167,15 @@ def _publish_replay(letter: DeadLetter, *, actor: str, app: Any, queue: str | No
             note=note, outcome=f"could not publish: {exc}"[:255],
         )
         raise ReplayError(f"could not publish the replay of letter {letter.pk}: {exc}") from exc
-    DeadLetterEvent.objects.create(
+    event = DeadLetterEvent(  # ``at`` is now: the time of the publish, even if written later
         letter_id=letter.pk, action=DeadLetterEvent.Action.REPLAYED, actor=actor, note=note,
         outcome=f"replay {letter.replay_count} published to "
                 f"{queue or letter.queue or 'its original queue'}"[:255],
     )
+    if events is None:
+        event.save(force_insert=True)
+    else:
+        events.append(event)
 
 
 def replay(letter: DeadLetter | int, *, actor: str = "system", queue: str | None = None,
@@ -231,11 +249,18 @@ def bulk(operation: str, queryset: QuerySet, *, actor: str, batch_size: int = 50
     between commit and publish leaves up to one batch ``replaying``: keep
     ``batch_size`` small with a low ``rate``).
 
+    A replay batch costs a handful of statements, not a few per letter: the locked
+    letters are marked ``replaying`` in one UPDATE, published on one producer, and
+    their ``replayed`` events (each stamped with its publish time) are written in one
+    INSERT after the batch, or before each wait when ``rate`` throttles; an interrupted
+    run still writes the events of what it published (a SIGKILL loses those of at most
+    the current batch).
+
     Args:
         rate: at most this many letters per second (SQS redrive's velocity), or None.
         progress: called after each batch with the running totals.
     """
-    if operation not in ("replay", "discard", "resolve"):
+    if operation not in ("replay", "discard", "resolve", "compensate"):
         raise ValueError(f"unknown operation {operation!r}")
     closing = {
         "discard": (DeadLetter.Status.DISCARDED, DeadLetterEvent.Action.DISCARDED),
@@ -245,6 +270,10 @@ def bulk(operation: str, queryset: QuerySet, *, actor: str, batch_size: int = 50
     result = BulkResult()
     started = time.monotonic()
     last_pk = 0
+    known_tasks: dict[str, ReplayError | None] = {}
+    if operation == "replay":
+        # A replay reads only what it publishes; the diagnostics stay in the table.
+        queryset = queryset.defer(*_NOT_PUBLISHED)
     while True:
         prepared: list[DeadLetter] = []
         with transaction.atomic():
@@ -256,54 +285,207 @@ def bulk(operation: str, queryset: QuerySet, *, actor: str, batch_size: int = 50
             if not batch:
                 break
             last_pk = batch[-1].pk
-            for letter in batch:
-                try:
-                    with transaction.atomic():
-                        if operation == "replay":
-                            _prepare_replay(letter, actor=actor, app=app, note=note)
-                            prepared.append(letter)
-                            continue
-                        status, action = closing[operation]
-                        _close_locked(letter, status, action, actor=actor, note=note)
-                        result.done += 1
-                except ReplayError as exc:
-                    result.failed += 1
-                    result.errors.append(f"letter {letter.pk}: {exc}")
+            if operation == "replay":
+                prepared = _prepare_replays(batch, result, app=app, known_tasks=known_tasks)
+            else:
+                for letter in batch:
+                    try:
+                        with transaction.atomic():
+                            if operation == "compensate":
+                                _prepare_compensation(letter, app=app)
+                                prepared.append(letter)
+                                continue
+                            status, action = closing[operation]
+                            _close_locked(letter, status, action, actor=actor, note=note)
+                            result.done += 1
+                    except ReplayError as exc:
+                        result.failed += 1
+                        result.errors.append(f"letter {letter.pk}: {exc}")
         # Committed: now publish, outside any lock, at the requested velocity.
-        pending = list(prepared)
+        pending = deque(prepared)
+        events: list[DeadLetterEvent] = []
         try:
             while pending:
-                letter = pending[0]
-                if rate:
-                    ahead = (result.done + result.failed) / rate - (time.monotonic() - started)
-                    if ahead > 0:
-                        time.sleep(ahead)
-                try:
-                    _publish_replay(letter, actor=actor, app=app, queue=queue, note=note)
-                    result.done += 1
-                except ReplayError as exc:
-                    result.failed += 1
-                    result.errors.append(f"letter {letter.pk}: {exc}")
-                pending.pop(0)
+                # One producer (one broker connection) for the batch; a fresh one after a
+                # failed publish, in case that connection is what failed.
+                with app.producer_or_acquire() as producer:
+                    while pending:
+                        letter = pending[0]
+                        if rate:
+                            ahead = (result.done + result.failed) / rate - (time.monotonic() - started)
+                            if ahead > 0:
+                                _write_events(events)  # the wait pays for keeping the trail current
+                                time.sleep(ahead)
+                        try:
+                            if operation == "compensate":
+                                _publish_compensation(letter, actor=actor, app=app, note=note,
+                                                      producer=producer)
+                            else:
+                                _publish_replay(letter, actor=actor, app=app, queue=queue,
+                                                note=note, producer=producer, events=events)
+                        except ReplayError as exc:
+                            result.failed += 1
+                            result.errors.append(f"letter {letter.pk}: {exc}")
+                            pending.popleft()
+                            break
+                        result.done += 1
+                        pending.popleft()
         finally:
             # Interrupted (Ctrl-C, an error): letters marked replaying but never published
-            # go back to parked, so running the same command again picks them up.
-            if pending:
-                _unprepare(pending)
+            # go back to parked, so running the same command again picks them up; those
+            # that were published keep their audit events.
+            try:
+                if pending:
+                    _unprepare(list(pending), operation)
+            finally:
+                _write_events(events)
         if progress is not None:
             progress(result)
     return result
 
 
-def _unprepare(letters: list[DeadLetter]) -> None:
-    for letter in letters:
-        DeadLetter.objects.filter(pk=letter.pk, status=DeadLetter.Status.REPLAYING).update(
-            status=DeadLetter.Status.PARKED, replay_count=F("replay_count") - 1,
+def _prepare_replays(batch: list[DeadLetter], result: BulkResult, *, app: Any,
+                     known_tasks: dict[str, ReplayError | None]) -> list[DeadLetter]:
+    """Inside the batch's transaction, rows locked: what ``_prepare_replay`` does to one
+    letter (without an edit), for the whole batch in one UPDATE. Returns the letters to
+    publish; the others are counted as failed."""
+    prepared = []
+    for letter in batch:
+        try:
+            _require_parked(letter, "replayed")
+            if letter.task_name not in known_tasks:
+                try:
+                    _registered_task(letter.task_name, app)
+                    known_tasks[letter.task_name] = None
+                except ReplayError as exc:
+                    known_tasks[letter.task_name] = exc
+            if known_tasks[letter.task_name] is not None:
+                raise known_tasks[letter.task_name]
+        except ReplayError as exc:
+            result.failed += 1
+            result.errors.append(f"letter {letter.pk}: {exc}")
+            continue
+        prepared.append(letter)
+    if prepared:
+        now = timezone.now()
+        DeadLetter.objects.filter(pk__in=[letter.pk for letter in prepared]).update(
+            status=DeadLetter.Status.REPLAYING, replay_count=F("replay_count") + 1, updated_at=now,
         )
+        for letter in prepared:
+            letter.status = DeadLetter.Status.REPLAYING
+            letter.replay_count += 1
+            letter.updated_at = now
+    return prepared
+
+
+def _write_events(events: list[DeadLetterEvent]) -> None:
+    if events:
+        DeadLetterEvent.objects.bulk_create(events)
+        events.clear()
+
+
+def _unprepare(letters: list[DeadLetter], operation: str = "replay") -> None:
+    if operation == "compensate":
+        DeadLetter.objects.filter(
+            pk__in=[letter.pk for letter in letters], status=DeadLetter.Status.COMPENSATED,
+        ).update(status=DeadLetter.Status.PARKED)
+        return
+    DeadLetter.objects.filter(
+        pk__in=[letter.pk for letter in letters], status=DeadLetter.Status.REPLAYING,
+    ).update(status=DeadLetter.Status.PARKED, replay_count=F("replay_count") - 1)
 
 
 def mark_replay_succeeded(task_id: str) -> int:
     """Called by RecoveryTask when a replayed run succeeds."""
     return DeadLetter.objects.filter(
         task_id=task_id, status=DeadLetter.Status.REPLAYING,
-    ).update(status=DeadLetter.Status.RESOLVED)
+    ).update(status=DeadLetter.Status.RESOLVED, updated_at=timezone.now())
+
+
+# -- compensation ---------------------------------------------------------------------------
+
+
+def compensation_name(task_name: str, app: Any = None) -> str | None:
+    """The name of the task that undoes ``task_name`` (its ``compensate=`` option), or None."""
+    task = _registered_task(task_name, app or current_app)
+    declared = getattr(task, "compensate", None)
+    if declared is None or declared == "":
+        return None
+    return declared if isinstance(declared, str) else getattr(declared, "name", None)
+
+
+def compensation_task_id(letter: DeadLetter) -> str:
+    """Stable per letter, so a compensation redelivered or re-run has the same id
+    (a compensation task can use ``self.request.id`` as its idempotency key)."""
+    return f"{letter.task_id}.compensation"
+
+
+def _prepare_compensation(letter: DeadLetter, *, app: Any) -> str:
+    """Inside the caller's transaction, with the row locked: check, mark compensated."""
+    _require_parked(letter, "compensated")
+    name = compensation_name(letter.task_name, app)
+    if name is None:
+        raise ReplayError(
+            f"task {letter.task_name!r} declares no compensation; declare one with "
+            f"compensate='<task name>' on the task, or discard or resolve the letter"
+        )
+    try:
+        validate_payload(name, letter.args, letter.kwargs, app)
+    except PayloadError as exc:
+        raise ReplayError(f"the compensation {name} cannot take this letter's payload: {exc}") \
+            from None
+    except ReplayError:
+        raise ReplayError(
+            f"the compensation {name!r} of {letter.task_name!r} is not registered in this app"
+        ) from None
+    letter.status = DeadLetter.Status.COMPENSATED
+    letter.save(update_fields=["status", "updated_at"])
+    return name
+
+
+def _publish_compensation(letter: DeadLetter, *, actor: str, app: Any, note: str = "",
+                          producer: Any = None) -> None:
+    """After commit: publish the compensation; on failure put the letter back to parked."""
+    name = compensation_name(letter.task_name, app)
+    task_id = compensation_task_id(letter)
+    publish_options = {} if producer is None else {"producer": producer}
+    try:
+        app.signature(name, args=letter.args, kwargs=letter.kwargs).apply_async(
+            task_id=task_id, headers={hdr.COMPENSATES: letter.task_id}, **publish_options,
+        )
+    except Exception as exc:
+        DeadLetter.objects.filter(pk=letter.pk, status=DeadLetter.Status.COMPENSATED).update(
+            status=DeadLetter.Status.PARKED)
+        DeadLetterEvent.objects.create(
+            letter_id=letter.pk, action=DeadLetterEvent.Action.COMPENSATE_FAILED, actor=actor,
+            note=note, outcome=f"could not publish {name}: {exc}"[:255],
+        )
+        raise ReplayError(
+            f"could not publish the compensation of letter {letter.pk}: {exc}") from exc
+    DeadLetterEvent.objects.create(
+        letter_id=letter.pk, action=DeadLetterEvent.Action.COMPENSATED, actor=actor, note=note,
+        outcome=f"{name} published as {task_id}"[:255],
+    )
+
+
+def compensate(letter: DeadLetter | int, *, actor: str = "system", note: str = "",
+               app: Any = None) -> DeadLetter:
+    """Undo a parked letter's partial effects: run its task's compensation with the
+    letter's payload, and mark the letter ``compensated``.
+
+    The compensation is an ordinary task (a RecoveryTask retries and parks it like any
+    other), published under the id ``<task id>.compensation`` with the header
+    ``recovery_compensates`` naming the letter's task id.
+
+    Raises:
+        ReplayError: the letter is not parked, its task declares no compensation, the
+            compensation is not registered or does not take the payload, or the publish
+            failed (the letter is then parked again).
+    """
+    app = app or current_app
+    with transaction.atomic():
+        locked = _lock(letter)
+        _prepare_compensation(locked, app=app)
+    _publish_compensation(locked, actor=actor, app=app, note=note)
+    locked.refresh_from_db()
+    return locked

@@ -119,10 +119,14 @@ class RecoveryTask(Task):
         retry_policy: this task's RetryPolicy (or a dict for ``RetryPolicy.from_dict``);
             None means ``RECOVERY["DEFAULT_POLICY"]``.
         classifier_rules: extra rules for this task, asked before the project's.
+        compensate: the task (or its name) that undoes this one's partial effects, e.g.
+            ``refund_payment`` for ``charge_payment``. An operator's "compensate" on a
+            parked letter runs it with the letter's payload (``recovery.replay.compensate``).
     """
 
     retry_policy: RetryPolicy | None = None
     classifier_rules: Sequence[Rule] = ()
+    compensate: Any = None
     acks_late = True
     reject_on_worker_lost = True
     max_retries = None  # the policy's max_attempts governs; see __init_subclass__

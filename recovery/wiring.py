@@ -10,11 +10,12 @@ Celery app, so the project says once, where it builds its app::
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from celery import Celery, signals
 
-__all__ = ["setup", "CONSUMER"]
+__all__ = ["setup", "CONSUMER", "import_task_modules"]
 
 CONSUMER = "recovery.worker:RecoveryConsumer"
 _REUSE_FOREVER = 2**31
@@ -62,3 +63,17 @@ def _reuse_connection(sender: Any = None, **kwargs: Any) -> None:
     if getattr(request, "is_eager", False):
         return
     close_old_connections()
+
+
+_IMPORTING = threading.RLock()
+
+
+def import_task_modules(app: Celery) -> None:
+    """Import the project's task modules the way a worker does (outside a worker, in the
+    admin or ``manage.py``, they are imported lazily).
+
+    Serialised: while one thread is in Celery's autodiscovery, a second one returns at
+    once (``celery.loaders.base._RACE_PROTECTION``) and would find the tasks missing.
+    """
+    with _IMPORTING:
+        app.loader.import_default_modules()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Start PostgreSQL and Redis on localhost if they are not answering (the test suite needs both).
-# Uses the machine's own service commands; does nothing when both are already up.
+# Start PostgreSQL and Redis on localhost if they are not answering (the test suite needs both),
+# and install Debian's chromium for the browser tests (tests/browser) if /usr/bin/chromium is
+# missing. Uses the machine's own service commands; does nothing when all are already there.
 set -u
 
 pg_up() { python3 - <<'PY'
@@ -23,6 +24,13 @@ if ! redis_up; then
     --dir /var/lib/redis --logfile /var/log/redis/ci.log || true
   for _ in $(seq 1 30); do redis_up && break; sleep 1; done
 fi
+if [ ! -x /usr/bin/chromium ]; then
+  echo "Chromium is missing; installing Debian's chromium package for the browser tests"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null || true
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || true
+fi
 pg_up || { echo "PostgreSQL is not reachable on 127.0.0.1:5432" >&2; exit 1; }
 redis_up || { echo "Redis is not reachable on 127.0.0.1:6379" >&2; exit 1; }
-echo "services: PostgreSQL and Redis are up"
+[ -x /usr/bin/chromium ] || { echo "Chromium is not installed at /usr/bin/chromium (apt-get install chromium)" >&2; exit 1; }
+echo "services: PostgreSQL and Redis are up, Chromium is installed"

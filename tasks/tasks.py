@@ -31,8 +31,23 @@ def fetch_exchange_rate(self, currency: str, fail_times: int = 2) -> dict:
 
 
 @shared_task(base=RecoveryTask, bind=True, retry_policy=DEMO_POLICY)
+def cancel_order(self, order_id: int, amount_cents: int) -> dict:
+    """Undo an order whose payment failed for good: release its stock, tell the customer.
+
+    The compensation of ``charge_payment``; an operator runs it from the dead-letter
+    admin ("Compensate…") or ``manage.py dlq compensate``. Its task id is stable per
+    letter, so it doubles as the idempotency key a real cancellation would record.
+    """
+    return {"order_id": order_id, "cancelled": True, "idempotency_key": self.request.id}
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=DEMO_POLICY,
+             compensate="tasks.tasks.cancel_order")
 def charge_payment(self, order_id: int, amount_cents: int) -> dict:
-    """A payment provider that declines a card: permanent, parked after one attempt."""
+    """A payment provider that declines a card: permanent, parked after one attempt.
+
+    Declares ``cancel_order`` as its compensation.
+    """
     if amount_cents > 100_000:
         raise DependencyError(f"card declined for order {order_id}: amount over limit",
                               permanent=True)

@@ -65,3 +65,33 @@ def test_park_then_edit_the_payload_then_replay_then_resolved(start_worker, stor
     assert letter.args == [5, good_key]
     edit = letter.events.get(action="edited")
     assert edit.before["args"] == [5, key] and edit.after["args"] == [5, good_key]
+
+
+def test_park_then_compensate_from_the_admin_runs_the_compensation_once(
+        start_worker, store, key, client):
+    # Given a booking that reserved a seat and then failed for good
+    user = get_user_model().objects.create_user("day-shift", password="pw", is_staff=True)
+    user.user_permissions.add(*Permission.objects.filter(
+        codename__in=("view_deadletter", "compensate_deadletter")))
+    client.force_login(user)
+    start_worker()
+    result = t.book_seat.delay(key, "12A")
+    letter = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first(), 30,
+                      message="parked letter")
+    assert store.smembers(f"t:reserved:{key}") == {b"12A"}
+    # When an operator compensates it from the admin (confirmation page, then yes)
+    url = reverse("admin:recovery_deadletter_compensate", args=[letter.pk])
+    assert "release_seat" in client.get(url).content.decode()
+    page = client.post(url, {"note": "customer refunded"}, follow=True)
+    assert "was compensated" in page.content.decode()
+    # Then the compensation ran on the worker once, with the letter's payload and its
+    # stable idempotency key, and the seat is free again
+    wait_for(lambda: store.llen(f"t:compensations:{key}") == 1, 30, message="compensation run")
+    assert store.lrange(f"t:compensations:{key}", 0, -1) == [
+        f"{result.id}.compensation|{result.id}".encode()]
+    assert store.smembers(f"t:reserved:{key}") == set()
+    letter.refresh_from_db()
+    assert letter.status == DeadLetter.Status.COMPENSATED
+    assert list(letter.events.values_list("action", "actor", "note")) == [
+        ("compensated", "day-shift", "customer refunded")]
+    assert not DeadLetter.objects.filter(task_id=f"{result.id}.compensation").exists()

@@ -153,3 +153,22 @@ def remember(self, x: int, key: str) -> int:
 def plain_fail(self, key: str) -> None:
     record_run(key)
     raise DependencyError("plain celery task failure")
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK,
+             compensate="tests.integration.worker_tasks.release_seat")
+def book_seat(self, key: str, seat: str) -> None:
+    """Reserves a seat, then fails for good: the reservation must be undone."""
+    store().sadd(f"t:reserved:{key}", seat)
+    record_run(key)
+    raise DependencyError(f"airline rejected booking of seat {seat}", permanent=True)
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
+def release_seat(self, key: str, seat: str) -> str:
+    """book_seat's compensation: records who asked (its idempotency key) and undoes it."""
+    client = store()
+    client.rpush(f"t:compensations:{key}",
+                 f"{self.request.id}|{getattr(self.request, 'recovery_compensates', None)}")
+    client.srem(f"t:reserved:{key}", seat)
+    return seat

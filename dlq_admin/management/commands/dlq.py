@@ -3,10 +3,13 @@
     manage.py dlq list [filters]             manage.py dlq show ID
     manage.py dlq replay [filters] [--queue Q] [--rate N] [--batch-size N] [--note TEXT]
                          [--dry-run] [--yes]
-    manage.py dlq discard|resolve [filters] [--batch-size N] [--note TEXT] [--dry-run] [--yes]
+    manage.py dlq discard|resolve|compensate [filters] [--batch-size N] [--note TEXT]
+                         [--dry-run] [--yes]
+    manage.py dlq purge [filters] [--older-than 30d] [--include-parked] [--dry-run] [--yes]
+    manage.py dlq export [filters] [--format jsonl|csv] [--output FILE] [--reveal]
     manage.py dlq stats                      manage.py dlq drain
 
-Filters: --ids 1,2,3 --task NAME --kind KIND --status STATUS --fingerprint SHA1
+Filters: --ids 1,2,3 --task-id ID --task NAME --kind KIND --status STATUS --fingerprint SHA1
 --since/--until (ISO date or time, or 30m/6h/2d ago) --limit N. Every operation goes
 through recovery.replay, so it is locked, audited (actor cli:<user>) and the same as in
 the admin. Exit status 1 when some letters could not be handled.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import re
 from datetime import datetime, timedelta
 
@@ -24,7 +28,6 @@ from django.db.models import Count
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
-from recovery import redaction
 from recovery import replay as service
 from recovery.models import DeadLetter
 from recovery.parking import drain_spool
@@ -56,6 +59,7 @@ class Command(BaseCommand):
         def filtered(name, help_text):
             p = sub.add_parser(name, help=help_text)
             p.add_argument("--ids", help="comma-separated letter ids")
+            p.add_argument("--task-id", help="Celery task id (e.g. <id>.compensation)")
             p.add_argument("--task", help="task name")
             p.add_argument("--kind", choices=DeadLetter.Kind.values)
             p.add_argument("--status", choices=DeadLetter.Status.values)
@@ -69,7 +73,7 @@ class Command(BaseCommand):
         show = sub.add_parser("show", help="everything about one letter (secrets masked)")
         show.add_argument("id", type=int)
         show.add_argument("--reveal", action="store_true", help="show secrets unmasked")
-        for verb in ("replay", "discard", "resolve"):
+        for verb in ("replay", "discard", "resolve", "compensate"):
             p = filtered(verb, f"{verb} parked letters")
             p.add_argument("--dry-run", action="store_true", help="say what would happen")
             p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -78,6 +82,21 @@ class Command(BaseCommand):
             if verb == "replay":
                 p.add_argument("--queue", help="publish to this queue instead of the original")
                 p.add_argument("--rate", type=float, help="at most N letters per second")
+        purge = filtered("purge", "delete closed letters past their retention (never parked "
+                                  "ones unless --include-parked)")
+        purge.add_argument("--older-than", help="closed (last updated) longer ago than this, "
+                           "e.g. 30d; default: RECOVERY['RETENTION_DAYS'] per status")
+        purge.add_argument("--include-parked", action="store_true",
+                           help="also delete parked letters (failures nobody handled)")
+        purge.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+        purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+        purge.add_argument("--batch-size", type=int, default=1000)
+        export = filtered("export", "write letters as JSON lines or CSV (secrets masked)")
+        export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+        export.add_argument("--output", "-o", help="file to write (default: standard output)")
+        export.add_argument("--reveal", action="store_true", help="write secrets unmasked")
+        export.add_argument("--no-events", action="store_true",
+                            help="leave out the audit trail (jsonl only)")
         sub.add_parser("stats", help="counts by status, kind and task")
         sub.add_parser("drain", help="move spooled letters into the database now")
 
@@ -91,7 +110,8 @@ class Command(BaseCommand):
             except ValueError:
                 raise CommandError("--ids takes comma-separated numbers, e.g. --ids 4,8,15") from None
             qs = qs.filter(pk__in=ids)
-        for option, lookup in (("task", "task_name"), ("kind", "kind"), ("status", "status"),
+        for option, lookup in (("task", "task_name"), ("task_id", "task_id"),
+                               ("kind", "kind"), ("status", "status"),
                                ("fingerprint", "fingerprint")):
             if options.get(option):
                 qs = qs.filter(**{lookup: options[option]})
@@ -100,6 +120,14 @@ class Command(BaseCommand):
         if options.get("until"):
             qs = qs.filter(last_failed_at__lt=_moment(options["until"]))
         return qs
+
+    @staticmethod
+    def _ask(question: str) -> str:
+        try:
+            return input(question)
+        except EOFError:
+            raise CommandError("no terminal to confirm on; add --yes (after a --dry-run) to "
+                               "run without asking; nothing changed") from None
 
     @staticmethod
     def _actor() -> str:
@@ -128,33 +156,13 @@ class Command(BaseCommand):
             )
 
     def do_show(self, options):
+        from recovery.export import letter_record
+
         try:
             letter = DeadLetter.objects.get(pk=options["id"])
         except DeadLetter.DoesNotExist:
             raise CommandError(f"no dead letter with id {options['id']}") from None
-        data = {
-            field.name: getattr(letter, field.name) for field in DeadLetter._meta.fields
-        }
-        if not options.get("reveal"):
-            data["args"], data["kwargs"] = redaction.masked_payload(
-                letter.task_name, letter.args, letter.kwargs)
-            data["headers"] = redaction.mask(letter.headers)
-            try:
-                data["raw_body"] = json.dumps(redaction.mask(json.loads(letter.raw_body)))
-            except ValueError:
-                pass
-        def shown(payload):
-            if options.get("reveal") or not isinstance(payload, dict):
-                return payload
-            args, kwargs = redaction.masked_payload(letter.task_name, payload.get("args") or [],
-                                                    payload.get("kwargs") or {})
-            return {"args": args, "kwargs": kwargs}
-
-        data["events"] = [
-            {"at": e.at, "action": e.action, "actor": e.actor, "note": e.note,
-             "outcome": e.outcome, "before": shown(e.before), "after": shown(e.after)}
-            for e in letter.events.all()
-        ]
+        data = letter_record(letter, reveal=options.get("reveal", False))
         self.stdout.write(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
     def _bulk(self, verb, options):
@@ -174,7 +182,7 @@ class Command(BaseCommand):
                 self.stdout.write(f"  ... and {count - 20} more")
             return
         if not options["yes"]:
-            answer = input(f"{verb.capitalize()} {count} parked letter{'s' if count != 1 else ''}? [y/N] ")
+            answer = self._ask(f"{verb.capitalize()} {count} parked letter{'s' if count != 1 else ''}? [y/N] ")
             if answer.strip().lower() not in ("y", "yes"):
                 raise CommandError("aborted; nothing changed")
 
@@ -187,7 +195,8 @@ class Command(BaseCommand):
             rate=options.get("rate"), queue=options.get("queue"), note=options["note"],
             progress=progress,
         )
-        past = {"replay": "replayed", "discard": "discarded", "resolve": "resolved"}[verb]
+        past = {"replay": "replayed", "discard": "discarded", "resolve": "resolved",
+                "compensate": "compensated"}[verb]
         self.stdout.write(f"{past.capitalize()} {result.done} letter{'s' if result.done != 1 else ''}"
                           f"; {result.failed} failed.")
         for error in result.errors[:50]:
@@ -203,6 +212,69 @@ class Command(BaseCommand):
 
     def do_resolve(self, options):
         self._bulk("resolve", options)
+
+    def do_compensate(self, options):
+        self._bulk("compensate", options)
+
+    def do_purge(self, options):
+        from recovery import retention
+
+        try:
+            plan = retention.plan(
+                self._queryset(options), status=options.get("status"),
+                older_than=_moment(options["older_than"]) if options.get("older_than") else None,
+                include_parked=options["include_parked"],
+            )
+        except retention.RetentionError as exc:
+            raise CommandError(str(exc)) from None
+        if options.get("limit"):
+            ids = list(plan.queryset.order_by("pk").values_list("pk", flat=True)[: options["limit"]])
+            plan = plan.narrowed(DeadLetter.objects.filter(pk__in=ids))
+        count = plan.queryset.count()
+        self.stdout.write(plan.describe())
+        if count == 0:
+            self.stdout.write("No letters match; nothing to purge.")
+            if not options["dry_run"]:
+                # Still forget stale delivery counts: a routine purge usually finds no letter.
+                retention.purge(plan, batch_size=options["batch_size"], actor=self._actor())
+            return
+        if options["dry_run"]:
+            self.stdout.write(f"Would delete {count} letter{'s' if count != 1 else ''} "
+                              f"and their audit events.")
+            return
+        if not options["yes"]:
+            answer = self._ask(f"Delete {count} letter{'s' if count != 1 else ''} and their audit "
+                           f"events for good? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                raise CommandError("aborted; nothing deleted")
+
+        def progress(deleted):
+            self.stderr.write(f"  {deleted}/{count} deleted")
+
+        deleted = retention.purge(plan, batch_size=options["batch_size"], progress=progress,
+                                  actor=self._actor())
+        self.stdout.write(f"Purged {deleted} letter{'s' if deleted != 1 else ''}.")
+
+    def do_export(self, options):
+        from recovery import export
+
+        qs = self._queryset(options).order_by("pk")
+        if options.get("limit"):
+            qs = qs[: options["limit"]]
+        writer = export.write_csv if options["format"] == "csv" else export.write_jsonl
+        kwargs = {} if options["format"] == "csv" else {"events": not options["no_events"]}
+        if options.get("output"):
+            # Revealed secrets are readable by their owner only.
+            mode = 0o600 if options["reveal"] else 0o644
+            descriptor = os.open(options["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            if options["reveal"]:
+                os.fchmod(descriptor, 0o600)
+            with open(descriptor, "w", encoding="utf-8", newline="") as out:
+                written = writer(qs, out, reveal=options["reveal"], **kwargs)
+        else:
+            written = writer(qs, self.stdout, reveal=options["reveal"], **kwargs)
+        self.stderr.write(f"Exported {written} letter{'s' if written != 1 else ''}"
+                          f"{' (secrets revealed)' if options['reveal'] else ' (secrets masked)'}.")
 
     def do_stats(self, options):
         for label, field in (("status", "status"), ("kind", "kind"), ("task", "task_name")):
