@@ -44,10 +44,12 @@ def check_recovery_settings(app_configs=None, **kwargs):
         if value is not None and (not isinstance(value, int) or value < 1):
             problems.append(Error(f"RECOVERY['{key}'] must be an integer >= 1.", id="recovery.E005"))
     for key in ("SPOOL_DRAIN_INTERVAL_SECONDS", "BROKER_DELAY_MAX_SECONDS",
-                "DUE_POLL_INTERVAL_SECONDS", "VISIBILITY_TIMEOUT_SECONDS"):
+                "DUE_POLL_INTERVAL_SECONDS", "VISIBILITY_TIMEOUT_SECONDS",
+                "OUTBOX_RELAY_INTERVAL_SECONDS", "OUTBOX_MAX_BACKOFF_SECONDS",
+                "OUTBOX_KEEP_SENT_HOURS"):
         value = user.get(key)
         if value is not None and (not isinstance(value, (int, float)) or value <= 0):
-            problems.append(Error(f"RECOVERY['{key}'] must be a positive number of seconds.",
+            problems.append(Error(f"RECOVERY['{key}'] must be a positive number.",
                                   id="recovery.E006"))
     for key in ("ADMIN_BULK_MAX", "DELIVERY_COUNT_RETENTION_DAYS"):
         value = user.get(key)

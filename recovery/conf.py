@@ -57,6 +57,12 @@ DEFAULTS: Mapping[str, Any] = {
     "RETENTION_DAYS": {"resolved": 30, "discarded": 30, "compensated": 90},
     # Delivery counts untouched this long belong to tasks long finished; purge forgets them.
     "DELIVERY_COUNT_RETENTION_DAYS": 7,
+    # How often each worker's outbox relay publishes committed intents the fast path missed.
+    "OUTBOX_RELAY_INTERVAL_SECONDS": 1.0,
+    # Longest wait between publish attempts of one outbox row while the broker is down.
+    "OUTBOX_MAX_BACKOFF_SECONDS": 30.0,
+    # Sent outbox rows are kept this long (for inspection), then the relay deletes them.
+    "OUTBOX_KEEP_SENT_HOURS": 24.0,
     # Bounds on what is stored per letter.
     "MESSAGE_MAX_CHARS": 2000,
     "TRACEBACK_MAX_CHARS": 20000,

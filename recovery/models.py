@@ -18,7 +18,7 @@ from __future__ import annotations
 from django.db import models
 from django.utils import timezone
 
-__all__ = ["DeadLetter", "DueRetry", "DeliveryCount"]
+__all__ = ["DeadLetter", "DueRetry", "DeliveryCount", "DeadLetterEvent", "OutboxMessage"]
 
 
 class DeadLetter(models.Model):
@@ -102,6 +102,9 @@ class DeadLetter(models.Model):
             models.Index(fields=["status", "-last_failed_at"], name="recovery_dl_status_last"),
             models.Index(fields=["kind", "-last_failed_at"], name="recovery_dl_kind_last"),
             models.Index(fields=["task_name", "-last_failed_at"], name="recovery_dl_task_last"),
+            # The admin's default order (Meta.ordering plus its -pk tie-break), date ranges
+            # and date_hierarchy's first/next date: without it, a full sort at 1M rows.
+            models.Index(fields=["-last_failed_at", "-id"], name="recovery_dl_last_failed"),
         ]
 
     def __str__(self) -> str:
@@ -181,3 +184,35 @@ class DeadLetterEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} by {self.actor} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class OutboxMessage(models.Model):
+    """A task to publish once the transaction that wrote this row commits
+    (``recovery.outbox``). Sent rows are kept ``OUTBOX_KEEP_SENT_HOURS`` for inspection."""
+
+    task_id = models.CharField(max_length=255, unique=True)
+    task_name = models.CharField(max_length=255)
+    signature = models.JSONField(help_text="The Celery signature to publish, as a dict.")
+    not_before = models.DateTimeField(
+        null=True, blank=True, help_text="Run no earlier than this (countdown/eta at enqueue).")
+    created_at = models.DateTimeField(default=timezone.now)
+    next_attempt_at = models.DateTimeField(
+        default=timezone.now, help_text="When the relay may try to publish it (again).")
+    sent_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0, help_text="Publish attempts so far.")
+    last_error = models.CharField(max_length=255, blank=True, default="")
+
+    class Meta:
+        verbose_name = "outbox message"
+        verbose_name_plural = "outbox messages"
+        ordering = ("-created_at",)
+        indexes = [
+            models.Index(fields=["next_attempt_at"], name="recovery_outbox_pending",
+                         condition=models.Q(sent_at__isnull=True)),
+            models.Index(fields=["sent_at"], name="recovery_outbox_sent",
+                         condition=models.Q(sent_at__isnull=False)),
+        ]
+
+    def __str__(self) -> str:
+        state = f"sent {self.sent_at:%Y-%m-%d %H:%M:%S}" if self.sent_at else "pending"
+        return f"{self.task_name}[{self.task_id}] {state}"

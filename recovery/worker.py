@@ -288,7 +288,7 @@ class RecoveryRequest(Request):
 
 
 class Housekeeping(bootsteps.StartStopStep):
-    """Timers in each worker: visibility extension, due retries, spool draining."""
+    """Timers in each worker: visibility extension, due retries, spool draining, outbox relay."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
@@ -305,6 +305,8 @@ class Housekeeping(bootsteps.StartStopStep):
                                     self._publish_due, (c,), priority=10),
             c.timer.call_repeatedly(float(conf.get("SPOOL_DRAIN_INTERVAL_SECONDS")),
                                     self._drain_spool, (c,), priority=10),
+            c.timer.call_repeatedly(float(conf.get("OUTBOX_RELAY_INTERVAL_SECONDS")),
+                                    self._relay_outbox, (c,), priority=10),
         ]
 
     def stop(self, c):
@@ -340,6 +342,21 @@ class Housekeeping(bootsteps.StartStopStep):
             discard_broken_connections()
         except Exception:  # noqa: BLE001
             logger.exception("recovery: publishing due retries failed")
+
+    @staticmethod
+    def _relay_outbox(c) -> None:
+        from django.db import Error as DatabaseError
+
+        from .outbox import relay
+        from .parking import discard_broken_connections
+
+        try:
+            relay(c.app)
+        except DatabaseError as exc:
+            logger.info("recovery: outbox not relayed yet (database: %s)", exc)
+            discard_broken_connections()
+        except Exception:  # noqa: BLE001
+            logger.exception("recovery: outbox relay failed")
 
     @staticmethod
     def _drain_spool(c) -> None:

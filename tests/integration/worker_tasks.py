@@ -172,3 +172,9 @@ def release_seat(self, key: str, seat: str) -> str:
                  f"{self.request.id}|{getattr(self.request, 'recovery_compensates', None)}")
     client.srem(f"t:reserved:{key}", seat)
     return seat
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
+def tally(self, key: str, order_id: int) -> int:
+    """Counts its runs: the outbox tests check a committed task runs once, a rolled-back one never."""
+    return record_run(key)

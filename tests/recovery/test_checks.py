@@ -184,3 +184,36 @@ def test_no_accept_content_setting_is_fine(settings):
     if hasattr(settings, "CELERY_ACCEPT_CONTENT"):
         del settings.CELERY_ACCEPT_CONTENT
     assert check_celery_serialization() == []
+
+
+@pytest.mark.parametrize("retention", [
+    {"parked": 30},                    # parked letters have no retention
+    {"resolvd": 30},                   # a misspelt status would silently never be purged
+    {"resolved": 0},
+    {"resolved": "30"},
+    [("resolved", 30)],
+])
+def test_a_bad_retention_is_reported(recovery, retention):
+    recovery(RETENTION_DAYS=retention)
+    assert "recovery.E011" in ids(check_recovery_settings())
+
+
+def test_a_partial_retention_is_valid_and_keeps_the_other_defaults(recovery):
+    from recovery.retention import retention_days
+
+    recovery(RETENTION_DAYS={"resolved": 7, "compensated": None})
+    assert check_recovery_settings() == []
+    assert retention_days() == {"resolved": 7, "discarded": 30, "compensated": None}
+
+
+@pytest.mark.parametrize("key", ["ADMIN_BULK_MAX", "DELIVERY_COUNT_RETENTION_DAYS"])
+def test_operator_limits_must_be_positive(recovery, key):
+    recovery(**{key: 0})
+    assert "recovery.E005" in ids(check_recovery_settings())
+
+
+@pytest.mark.parametrize("key", ["OUTBOX_RELAY_INTERVAL_SECONDS", "OUTBOX_MAX_BACKOFF_SECONDS",
+                                 "OUTBOX_KEEP_SENT_HOURS"])
+def test_outbox_timings_must_be_positive(recovery, key):
+    recovery(**{key: -1})
+    assert "recovery.E006" in ids(check_recovery_settings())
