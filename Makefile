@@ -13,9 +13,11 @@ test: $(STAMP)  ## start PostgreSQL/Redis if they are down, then run the whole s
 	./scripts/ensure-services.sh
 	$(PY) -m pytest
 
-bench: $(STAMP)  ## throughput of RecoveryTask against plain Celery (needs Redis and PostgreSQL)
+bench: $(STAMP)  ## throughput, bulk replay and admin change-list benchmarks (need Redis and PostgreSQL)
 	./scripts/ensure-services.sh
 	$(PY) bench/throughput.py
+	$(PY) bench/bulk_replay.py
+	$(PY) bench/changelist.py
 
 install: $(STAMP)
 

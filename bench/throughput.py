@@ -45,14 +45,9 @@ TARGETS = {"success": 0.97, "retry": 1.0, "park": 1.0}
 
 
 def ensure_database() -> None:
-    import psycopg
+    from bench.common import ensure_database as create_if_missing
 
-    name = DB_URL.rsplit("/", 1)[1]
-    admin = DB_URL.rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
-        if not exists:
-            conn.execute(f'CREATE DATABASE "{name}"')
+    create_if_missing(DB_URL)
 
 
 def _stop_and_cpu(worker: subprocess.Popen) -> float:

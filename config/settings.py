@@ -110,6 +110,12 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # --- celery-recovery (docs/settings.md) ------------------------------------------------
 RECOVERY = {
     "SPOOL_DIR": str(VAR_DIR / "recovery-spool"),
+    # The partner API of tasks/partners.py: open after half of at least 4 calls in a minute
+    # failed; one trial call a minute later (docs/fallbacks.md).
+    "CIRCUITS": {
+        "partner-api": {"failure_rate_threshold": 0.5, "minimum_calls": 4, "window_seconds": 60,
+                        "open_seconds": 60, "half_open_max_calls": 1},
+    },
 }
 for _key, _cast in (("VISIBILITY_TIMEOUT_SECONDS", float), ("BROKER_DELAY_MAX_SECONDS", float),
                     ("MAX_DELIVERIES", int), ("SPOOL_DRAIN_INTERVAL_SECONDS", float)):

@@ -26,9 +26,12 @@ from django.utils.translation import ngettext
 from recovery import conf, redaction
 from recovery import replay as service
 from recovery.models import DeadLetter, DeadLetterEvent
+from recovery.sagas import saga_of_letter
 
 from . import groups as failure_groups
+from .changelist import ChangeListAtScale, TaskNameFilter
 from .forms import ReplayForm
+from . import resilience_admin  # noqa: F401 - registers the circuits/degraded/fallback admin
 
 #: operation -> (permission codename, past tense)
 OPERATIONS = {
@@ -85,10 +88,10 @@ def _pretty(value) -> str:
 
 
 @admin.register(DeadLetter)
-class DeadLetterAdmin(admin.ModelAdmin):
+class DeadLetterAdmin(ChangeListAtScale, admin.ModelAdmin):  # indexed change list: see .changelist
     list_display = ("task_name", "status", "kind", "exception_type", "attempts", "replay_count",
                     "last_failed_at", "age")
-    list_filter = ("status", "kind", "task_name", "last_failed_at")
+    list_filter = ("status", "kind", TaskNameFilter, "last_failed_at")
     search_fields = ("=task_id", "task_name", "exception_message")
     date_hierarchy = "last_failed_at"
     actions = ("replay_selected", "discard_selected", "resolve_selected", "compensate_selected")
@@ -282,8 +285,12 @@ class DeadLetterAdmin(admin.ModelAdmin):
                     undo.append(f"{name} → {service.compensation_name(name) or 'no compensation declared'}")
                 except service.ReplayError as exc:
                     undo.append(f"{name} → {exc}")
+            saga_note = (" A saga step's letter compensates its saga run instead (its completed "
+                         "steps undone in reverse order)."
+                         if letters.filter(headers__headers__has_key="recovery_saga").exists()
+                         else "")
             return ("Runs each letter's compensation with the letter's payload and marks the "
-                    "letter compensated: " + "; ".join(undo) + ".")
+                    "letter compensated: " + "; ".join(undo) + "." + saga_note)
         if operation == "discard":
             return "The letters stay on record as discarded; nothing is run."
         return "The letters are marked resolved (the work was done some other way); nothing is run."
@@ -466,6 +473,8 @@ class DeadLetterAdmin(admin.ModelAdmin):
 
     @staticmethod
     def _compensation(letter: DeadLetter) -> str | None:
+        if saga_of_letter(letter) is not None:
+            return "the saga run's compensations"
         try:
             return service.compensation_name(letter.task_name)
         except service.ReplayError:

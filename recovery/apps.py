@@ -8,3 +8,4 @@ class RecoveryConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks  # noqa: F401 - registers the system checks
+        from . import sagas  # noqa: F401 - records when saga steps start (task_prerun)

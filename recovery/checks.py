@@ -46,7 +46,8 @@ def check_recovery_settings(app_configs=None, **kwargs):
     for key in ("SPOOL_DRAIN_INTERVAL_SECONDS", "BROKER_DELAY_MAX_SECONDS",
                 "DUE_POLL_INTERVAL_SECONDS", "VISIBILITY_TIMEOUT_SECONDS",
                 "OUTBOX_RELAY_INTERVAL_SECONDS", "OUTBOX_MAX_BACKOFF_SECONDS",
-                "OUTBOX_KEEP_SENT_HOURS"):
+                "OUTBOX_KEEP_SENT_HOURS", "DEGRADED_DEFER_SECONDS",
+                "SAGA_RECONCILE_INTERVAL_SECONDS"):
         value = user.get(key)
         if value is not None and (not isinstance(value, (int, float)) or value <= 0):
             problems.append(Error(f"RECOVERY['{key}'] must be a positive number.",
@@ -71,6 +72,7 @@ def check_recovery_settings(app_configs=None, **kwargs):
                      "--older-than.",
                 id="recovery.E011",
             ))
+    problems.extend(_check_shared_state(user))
     visibility = conf.get("VISIBILITY_TIMEOUT_SECONDS")
     broker_delay = conf.get("BROKER_DELAY_MAX_SECONDS")
     # A value that is not a number was reported as E006 above; comparing it would crash.
@@ -81,6 +83,49 @@ def check_recovery_settings(app_configs=None, **kwargs):
             "retries would wait as broker ETA messages past the visibility timeout.",
             hint="Keep BROKER_DELAY_MAX_SECONDS well below VISIBILITY_TIMEOUT_SECONDS.",
             id="recovery.W001",
+        ))
+    return problems
+
+
+def _check_shared_state(user: dict) -> list:
+    from .circuit import CircuitPolicy
+
+    problems = []
+    circuits = user.get("CIRCUITS")
+    if circuits is not None:
+        if not isinstance(circuits, dict):
+            problems.append(Error(
+                f"RECOVERY['CIRCUITS'] must be a dict of dependency name to circuit policy, "
+                f"not {type(circuits).__name__}.",
+                hint='e.g. {"payments-api": {"minimum_calls": 10, "open_seconds": 30}} '
+                     "(docs/fallbacks.md).",
+                id="recovery.E012",
+            ))
+        else:
+            for name, values in circuits.items():
+                try:
+                    if not isinstance(values, CircuitPolicy):
+                        if not isinstance(values, dict):
+                            raise ValueError(f"expected a dict of CircuitPolicy fields, not "
+                                             f"{type(values).__name__}")
+                        CircuitPolicy.from_dict(values)
+                except (TypeError, ValueError) as exc:
+                    problems.append(Error(
+                        f"RECOVERY['CIRCUITS'][{name!r}] is not a valid circuit policy: {exc}",
+                        hint="Fields: failure_rate_threshold (0-1], minimum_calls, "
+                             "window_seconds, open_seconds, half_open_max_calls "
+                             "(docs/fallbacks.md).",
+                        id="recovery.E012",
+                    ))
+    url = user.get("SHARED_STATE_URL")
+    if url is not None and not (url == "database" or (
+            isinstance(url, str) and url.startswith(("redis://", "rediss://", "unix://")))):
+        problems.append(Error(
+            f"RECOVERY['SHARED_STATE_URL'] is {url!r}: it must be a redis:// URL, "
+            f"\"database\", or None.",
+            hint="None uses the broker's Redis when the broker is Redis, else the database "
+                 "(docs/settings.md).",
+            id="recovery.E013",
         ))
     return problems
 

@@ -63,6 +63,19 @@ DEFAULTS: Mapping[str, Any] = {
     "OUTBOX_MAX_BACKOFF_SECONDS": 30.0,
     # Sent outbox rows are kept this long (for inspection), then the relay deletes them.
     "OUTBOX_KEEP_SENT_HOURS": 24.0,
+    # How often each worker looks for saga steps parked while the database was down (their
+    # run was not told) and records them (recovery.sagas.reconcile); steps dispatched more
+    # than twice this long ago are looked at.
+    "SAGA_RECONCILE_INTERVAL_SECONDS": 30.0,
+    # Where circuit breakers and degraded-mode switches live, shared by every worker: a
+    # redis:// URL, "database", or None for the broker's URL when it is Redis, else the
+    # database.
+    "SHARED_STATE_URL": None,
+    # Circuit breakers by dependency name: CircuitPolicy fields (recovery.circuit), and
+    # "default" for dependencies not listed.
+    "CIRCUITS": {},
+    # How long a task waits before trying again when it meets a degraded mode it defers on.
+    "DEGRADED_DEFER_SECONDS": 30.0,
     # Bounds on what is stored per letter.
     "MESSAGE_MAX_CHARS": 2000,
     "TRACEBACK_MAX_CHARS": 20000,

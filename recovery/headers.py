@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["HISTORY", "POLICY", "STARTED_AT", "REPLAY", "COMPENSATES", "read", "policy_header"]
+__all__ = ["HISTORY", "POLICY", "STARTED_AT", "REPLAY", "COMPENSATES", "SAGA", "CARRIED", "read", "policy_header"]
 
 HISTORY = "recovery_history"
 POLICY = "recovery_policy"
@@ -18,6 +18,14 @@ STARTED_AT = "recovery_started_at"
 REPLAY = "recovery_replay"
 #: on a compensation published from a dead letter: the task id it compensates
 COMPENSATES = "recovery_compensates"
+
+#: on a saga step or compensation: {"run": <SagaRun id>, "step": <index>, "role": "step" |
+#: "compensation"} (recovery.sagas)
+SAGA = "recovery_saga"
+
+#: headers a retry carries to the next attempt besides the history (Celery drops custom
+#: headers on retry)
+CARRIED = (POLICY, REPLAY, COMPENSATES, SAGA)
 
 #: per-run headers a replay sets afresh; COMPENSATES is not among them, so a parked
 #: compensation that is replayed still says what it compensates

@@ -292,6 +292,9 @@ def bulk(operation: str, queryset: QuerySet, *, actor: str, batch_size: int = 50
                     try:
                         with transaction.atomic():
                             if operation == "compensate":
+                                if _compensate_saga(letter, actor=actor, note=note):
+                                    result.done += 1
+                                    continue
                                 _prepare_compensation(letter, app=app)
                                 prepared.append(letter)
                                 continue
@@ -468,6 +471,22 @@ def _publish_compensation(letter: DeadLetter, *, actor: str, app: Any, note: str
     )
 
 
+def _compensate_saga(letter: DeadLetter, *, actor: str, note: str) -> bool:
+    """With the row locked: a saga step's letter compensates its saga run instead
+    (``recovery.sagas.compensate_letter``), the letter closed as compensated. False if
+    the letter is not a saga's."""
+    from . import sagas
+
+    if sagas.saga_of_letter(letter) is None:
+        return False
+    _require_parked(letter, "compensated")
+    try:
+        sagas.compensate_letter(letter, actor=actor, note=note)
+    except sagas.SagaError as exc:
+        raise ReplayError(str(exc)) from None
+    return True
+
+
 def compensate(letter: DeadLetter | int, *, actor: str = "system", note: str = "",
                app: Any = None) -> DeadLetter:
     """Undo a parked letter's partial effects: run its task's compensation with the
@@ -477,6 +496,9 @@ def compensate(letter: DeadLetter | int, *, actor: str = "system", note: str = "
     other), published under the id ``<task id>.compensation`` with the header
     ``recovery_compensates`` naming the letter's task id.
 
+    The letter of a saga step (or compensation) compensates its saga run instead: the
+    run's completed steps are undone in reverse order (``recovery.sagas``).
+
     Raises:
         ReplayError: the letter is not parked, its task declares no compensation, the
             compensation is not registered or does not take the payload, or the publish
@@ -485,6 +507,8 @@ def compensate(letter: DeadLetter | int, *, actor: str = "system", note: str = "
     app = app or current_app
     with transaction.atomic():
         locked = _lock(letter)
+        if _compensate_saga(locked, actor=actor, note=note):
+            return locked
         _prepare_compensation(locked, app=app)
     _publish_compensation(locked, actor=actor, app=app, note=note)
     locked.refresh_from_db()

@@ -28,8 +28,10 @@ The lifecycle of a failing task:
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import random
 import sys
 import time
 import traceback as traceback_module
@@ -40,6 +42,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 from django.utils import timezone
+from django.utils.module_loading import import_string
 
 from . import conf, headers as hdr
 from .classification import Failure, Rule, classify
@@ -59,6 +62,24 @@ def exception_path(exc: BaseException | type) -> str:
 
 def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
+
+
+class _FallbackOutcome:
+    """The value a fallback returned (which may be None), standing as the task's result."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _accepts(target: Any, name: str) -> bool:
+    func = getattr(target, "run", target)
+    try:
+        parameters = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 class _RetryRequested(Exception):
@@ -122,11 +143,26 @@ class RecoveryTask(Task):
         compensate: the task (or its name) that undoes this one's partial effects, e.g.
             ``refund_payment`` for ``charge_payment``. An operator's "compensate" on a
             parked letter runs it with the letter's payload (``recovery.replay.compensate``).
+        fallback: a task, callable or dotted path run inline, with the same arguments (and
+            ``failure=`` if it accepts it), when the policy gives up; its result stands as
+            the task's result and the degradation is recorded (``FallbackUse``). If it
+            fails too, the task is parked with both errors.
+        dependency: the name of the circuit breaker (``recovery.circuit``) this task's calls
+            count towards; while it is open the task is not run against the dependency.
+        when_circuit_open: ``"defer"`` (run again when the circuit may close; no attempt is
+            spent) or ``"fallback"``.
+        degraded_mode / when_degraded: a degraded-mode switch (``recovery.degraded``) and
+            what the task does while it is on: ``"defer"``, ``"fallback"`` or ``"run"``.
     """
 
     retry_policy: RetryPolicy | None = None
     classifier_rules: Sequence[Rule] = ()
     compensate: Any = None
+    fallback: Any = None
+    dependency: str | None = None
+    when_circuit_open: str = "defer"
+    degraded_mode: str | None = None
+    when_degraded: str = "defer"
     acks_late = True
     reject_on_worker_lost = True
     max_retries = None  # the policy's max_attempts governs; see __init_subclass__
@@ -142,6 +178,14 @@ class RecoveryTask(Task):
                 f"{cls.__name__}.retry_policy must be a recovery.RetryPolicy or a dict of its "
                 f"fields, not {type(policy).__name__}"
             )
+        for option, allowed in (("when_circuit_open", ("defer", "fallback")),
+                                ("when_degraded", ("defer", "fallback", "run"))):
+            value = cls.__dict__.get(option)
+            if value is not None and value not in allowed:
+                raise ValueError(f"{cls.__name__}.{option} must be one of {allowed}, not {value!r}")
+            if value == "fallback" and cls.fallback is None:
+                raise ValueError(f"{cls.__name__}.{option}='fallback' needs fallback=<task or "
+                                 f"callable>")
         if cls.__dict__.get("max_retries") is not None:
             logger.warning(
                 "%s sets max_retries=%r, which RecoveryTask ignores: set "
@@ -172,28 +216,162 @@ class RecoveryTask(Task):
         if request.called_directly:
             return super().__call__(*args, **kwargs)
         started = time.time()
+        if self.degraded_mode and self.when_degraded != "run":
+            from . import degraded
+
+            if degraded.is_on(self.degraded_mode):
+                return self._on_degraded(args, kwargs)
+        breaker = None
+        if self.dependency:
+            from .circuit import Circuit, CircuitOpenError
+
+            breaker = Circuit(self.dependency)
+            decision = breaker.allow()
+            if not decision.allowed:
+                return self._on_circuit_open(
+                    CircuitOpenError(self.dependency, decision.retry_in_seconds),
+                    decision.retry_in_seconds, args, kwargs)
         try:
-            return self.run(*args, **kwargs)
+            result = self.run(*args, **kwargs)
         except (Retry, Ignore, Reject):
             raise
         except _RetryRequested as requested:
             exc = requested.exc or TransientError("retry requested by the task")
-            self._recover(exc, requested.call_args if requested.call_args is not None else args,
-                          requested.call_kwargs if requested.call_kwargs is not None else kwargs,
-                          min_delay=requested.min_delay, options=requested.options,
-                          started=started)
+            if breaker is not None:
+                breaker.record_exception(exc, classify=self.classify)
+            fallback = self._recover(
+                exc, requested.call_args if requested.call_args is not None else args,
+                requested.call_kwargs if requested.call_kwargs is not None else kwargs,
+                min_delay=requested.min_delay, options=requested.options, started=started)
+            if fallback is not None:
+                return fallback.value
             raise exc from None
         except Exception as exc:
-            self._recover(exc, args, kwargs, started=started)
+            if breaker is not None:
+                breaker.record_exception(exc, classify=self.classify)
+            fallback = self._recover(exc, args, kwargs, started=started)
+            if fallback is not None:
+                return fallback.value
             # A bare raise keeps the task's own traceback: no recovery frames for Celery to
             # format, log and store.
             raise
+        if breaker is not None:
+            breaker.record_success()
+        return result
+
+    # -- circuit breaker, degraded mode, fallback -------------------------------------------
+
+    def _on_circuit_open(self, exc: BaseException, retry_in: float, args: Any, kwargs: Any) -> Any:
+        if self.when_circuit_open == "fallback":
+            outcome = self._run_fallback(exc, args, kwargs, reason="circuit_open")
+            if outcome is not None:
+                return outcome.value
+        # Spread the herd: every deferred task must not come back in the same second.
+        delay = max(0.5, retry_in) * random.uniform(1.0, 1.2)
+        logger.info("%s[%s] deferred %.1fs: %s", self.name, self.request.id, delay, exc)
+        return self._defer(exc, delay, args, kwargs)
+
+    def _on_degraded(self, args: Any, kwargs: Any) -> Any:
+        from .errors import DependencyError
+
+        exc = DependencyError(f"degraded mode {self.degraded_mode!r} is on")
+        if self.when_degraded == "fallback":
+            outcome = self._run_fallback(exc, args, kwargs, reason="degraded")
+            if outcome is not None:
+                return outcome.value
+        delay = float(conf.get("DEGRADED_DEFER_SECONDS")) * random.uniform(1.0, 1.2)
+        logger.info("%s[%s] deferred %.1fs: %s", self.name, self.request.id, delay, exc)
+        return self._defer(exc, delay, args, kwargs)
+
+    def _defer(self, exc: BaseException, delay: float, args: Any, kwargs: Any) -> Any:
+        """Run again after ``delay`` with the same attempt history: no attempt is spent."""
+        request = self.request
+        if request.is_eager:
+            # apply() runs a deferred call again at once, inline, and would loop until the
+            # circuit closes: an eager run spends an attempt instead, bounded by the policy.
+            outcome = self._recover(exc, args, kwargs)
+            if outcome is not None:
+                return outcome.value
+            raise exc
+        headers = {}
+        for name in (hdr.HISTORY, hdr.STARTED_AT, *hdr.CARRIED):
+            value = hdr.read(request, name)
+            if value is not None:
+                headers[name] = value
+        if delay > float(conf.get("BROKER_DELAY_MAX_SECONDS")) and not request.is_eager:
+            signature = self.signature_from_request(
+                request, args, kwargs, retries=request.retries + 1, headers=headers)
+            if self._hold_in_due_table(signature, delay):
+                raise Retry(exc=exc, when=delay, sig=signature)
+        try:
+            Task.retry(self, args=args, kwargs=kwargs, exc=exc, countdown=delay,
+                       max_retries=None, headers=headers)
+        except Reject as rejected:
+            # Could not publish the deferred run: leave the message to be redelivered.
+            raise Reject(rejected.reason, requeue=True) from exc
+
+    def _fallback_callable(self) -> tuple[str, Any]:
+        declared = self.fallback
+        if inspect.ismethod(declared) and declared.__self__ is self:
+            # A plain function given as fallback= is a class attribute: unbind it.
+            declared = declared.__func__
+        if isinstance(declared, str):
+            if declared in self.app.tasks:
+                declared = self.app.tasks[declared]
+            else:
+                declared = import_string(declared)
+        name = getattr(declared, "name", None)
+        if not name:
+            qualname = getattr(declared, "__qualname__", None)
+            module = getattr(declared, "__module__", None)
+            name = f"{module}.{qualname}" if module and qualname else repr(declared)
+        return name, declared
+
+    def _run_fallback(self, exc: BaseException, args: Any, kwargs: Any, *,
+                      reason: str) -> _FallbackOutcome | None:
+        """Run the fallback inline; None when there is none or it failed (logged; the
+        error is kept on ``self.request`` for the letter)."""
+        if self.fallback is None:
+            return None
+        from .models import FallbackUse
+
+        name, target = self._fallback_callable()
+        call_kwargs = dict(kwargs)
+        if _accepts(target, "failure"):
+            call_kwargs["failure"] = {"exception_type": exception_path(exc),
+                                      "exception_message": str(exc), "reason": reason}
+        try:
+            value = target(*args, **call_kwargs)
+        except Exception as fallback_exc:  # noqa: BLE001 - parked with both errors
+            logger.error("%s[%s]: fallback %s failed too: %r", self.name, self.request.id, name,
+                         fallback_exc)
+            self.request._recovery_fallback_error = (name, fallback_exc)
+            return None
+        try:
+            FallbackUse.objects.create(
+                task_id=self.request.id or "", task_name=self.name, fallback=name, reason=reason,
+                dependency=(self.degraded_mode if reason == "degraded" else self.dependency)
+                or "",
+                exception_type=exception_path(exc),
+                exception_message=str(exc)[: int(conf.get("MESSAGE_MAX_CHARS"))],
+            )
+        except Exception as db_exc:  # noqa: BLE001 - the result stands; the record is best effort
+            logger.warning("%s[%s]: fallback used, but not recorded (%s)", self.name,
+                           self.request.id, db_exc)
+        logger.warning("%s[%s] degraded to fallback %s (%s): %s", self.name, self.request.id,
+                       name, reason, exc)
+        return _FallbackOutcome(value)
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
         if hdr.read(self.request, hdr.REPLAY):
             from .replay import mark_replay_succeeded
 
             mark_replay_succeeded(task_id)
+        saga = hdr.read(self.request, hdr.SAGA)
+        if saga:
+            from .sagas import on_task_succeeded
+
+            on_task_succeeded(saga, retval, task_id)
         super().on_success(retval, task_id, args, kwargs)
 
     def retry(self, args=None, kwargs=None, exc=None, throw=True, eta=None, countdown=None,
@@ -240,8 +418,9 @@ class RecoveryTask(Task):
     def _recover(self, exc: BaseException, args: Any, kwargs: Any, *,
                  min_delay: float | None = None, options: dict | None = None,
                  started: float | None = None) -> None:
-        """Run steps 1-4 of the lifecycle: raises Retry, or returns once ``exc`` is parked
-        (the caller then re-raises it so Celery records the failure)."""
+        """Run steps 1-4 of the lifecycle: raises Retry; or returns the fallback's outcome
+        when the policy gave up and a fallback stood in; or returns None once ``exc`` is
+        parked (the caller then re-raises it so Celery records the failure)."""
         request = self.request
         failure = self.classify(exc)
         history = list(hdr.read(request, hdr.HISTORY, []) or [])
@@ -267,13 +446,17 @@ class RecoveryTask(Task):
         })
         if verdict.retrying:
             self._schedule_retry(exc, verdict, history, started_at, args, kwargs, options or {})
+        outcome = self._run_fallback(exc, args, kwargs, reason="gave_up")
+        if outcome is not None:
+            return outcome
         self._park(exc, failure, verdict, history, args, kwargs)
+        return None
 
     def _schedule_retry(self, exc, verdict, history, started_at, args, kwargs, options) -> None:
         request = self.request
         delay = verdict.delay_seconds or 0.0
         carried = {hdr.HISTORY: history, hdr.STARTED_AT: started_at}
-        for name in (hdr.POLICY, hdr.REPLAY):
+        for name in hdr.CARRIED:
             value = hdr.read(request, name)
             if value is not None:
                 carried[name] = value
@@ -316,6 +499,15 @@ class RecoveryTask(Task):
         store_errors = not self.ignore_result or self.store_errors_even_if_ignored
         real_backend = Task.backend.fget(self)
         tb = "".join(traceback_module.format_exception(type(exc), exc, exc.__traceback__))
+        message = str(exc)
+        fallback_error = getattr(request, "_recovery_fallback_error", None)
+        if fallback_error is not None:
+            name, fallback_exc = fallback_error
+            message = (f"{message}\n\nThe fallback {name} failed too: "
+                       f"{exception_path(fallback_exc)}: {fallback_exc}")
+            tb += f"\nThe fallback {name} failed too:\n" + "".join(
+                traceback_module.format_exception(type(fallback_exc), fallback_exc,
+                                                  fallback_exc.__traceback__))
         result = None
         if store_errors and not request.is_eager:
             result = {"result": real_backend.prepare_exception(exc), "traceback": tb}
@@ -328,7 +520,7 @@ class RecoveryTask(Task):
             reason=verdict.reason if failure.reason in verdict.reason else
             f"{verdict.reason} ({failure.reason})",
             exception_type=exception_path(exc),
-            exception_message=str(exc),
+            exception_message=message,
             traceback=tb,
             args=_json_safe(list(args)),
             kwargs=_json_safe(dict(kwargs)),
@@ -350,6 +542,11 @@ class RecoveryTask(Task):
         request._recovery_result_stored = outcome.result_stored
         logger.warning("%s[%s] parked as a dead letter (%s): %s", self.name, request.id,
                        failure.kind.value, verdict.reason)
+        saga = hdr.read(request, hdr.SAGA)
+        if saga:
+            from .sagas import on_task_parked
+
+            on_task_parked(saga, request.id, exc)
 
     @staticmethod
     def _replay_options(request) -> dict:

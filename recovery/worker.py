@@ -288,7 +288,8 @@ class RecoveryRequest(Request):
 
 
 class Housekeeping(bootsteps.StartStopStep):
-    """Timers in each worker: visibility extension, due retries, spool draining, outbox relay."""
+    """Timers in each worker: visibility extension, due retries, spool draining, outbox relay,
+    saga reconciliation."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
@@ -307,6 +308,8 @@ class Housekeeping(bootsteps.StartStopStep):
                                     self._drain_spool, (c,), priority=10),
             c.timer.call_repeatedly(float(conf.get("OUTBOX_RELAY_INTERVAL_SECONDS")),
                                     self._relay_outbox, (c,), priority=10),
+            c.timer.call_repeatedly(float(conf.get("SAGA_RECONCILE_INTERVAL_SECONDS")),
+                                    self._reconcile_sagas, (c,), priority=10),
         ]
 
     def stop(self, c):
@@ -357,6 +360,22 @@ class Housekeeping(bootsteps.StartStopStep):
             discard_broken_connections()
         except Exception:  # noqa: BLE001
             logger.exception("recovery: outbox relay failed")
+
+    @staticmethod
+    def _reconcile_sagas(c) -> None:
+        from django.db import Error as DatabaseError
+
+        from .parking import discard_broken_connections
+        from .sagas import reconcile
+
+        try:
+            reconcile(older_than_seconds=2 * float(conf.get("SAGA_RECONCILE_INTERVAL_SECONDS")),
+                      check_results=False, app=c.app)
+        except DatabaseError as exc:
+            logger.info("recovery: saga runs not reconciled yet (database: %s)", exc)
+            discard_broken_connections()
+        except Exception:  # noqa: BLE001
+            logger.exception("recovery: reconciling saga runs failed")
 
     @staticmethod
     def _drain_spool(c) -> None:

@@ -85,3 +85,9 @@ EXAMPLES = [
     (send_newsletter_batch, (3,), {}),
     (build_monthly_report, ("2026-10",), {}),
 ]
+
+
+# The order saga's tasks: autodiscovery imports tasks.tasks only.
+from . import orders  # noqa: E402,F401
+# The circuit-breaker, fallback and degraded-mode examples.
+from . import partners  # noqa: E402,F401

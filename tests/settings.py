@@ -27,6 +27,13 @@ RECOVERY = {
     "MAX_DELIVERIES": int(os.environ.get("RECOVERY_MAX_DELIVERIES", 3)),
     "SPOOL_DRAIN_INTERVAL_SECONDS": 1.0,
     "DUE_POLL_INTERVAL_SECONDS": 0.5,
+    # Small numbers so the circuit-breaker tests run in seconds
+    # (tests/integration/test_circuit_and_fallback.py).
+    "CIRCUITS": {
+        "partner-api": {"failure_rate_threshold": 0.5, "minimum_calls": 4, "window_seconds": 30,
+                        "open_seconds": 3, "half_open_max_calls": 1},
+    },
+    "DEGRADED_DEFER_SECONDS": 1.0,
 }
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -1,7 +1,9 @@
-"""Real Celery worker processes and a cuttable TCP proxy for the integration tests."""
+"""Real Celery worker processes, a cuttable TCP proxy, and a local HTTP stand-in for an
+external service, for the integration tests."""
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,3 +161,62 @@ class TcpProxy:
 
     def close(self) -> None:
         self.cut()
+
+
+class StandIn:
+    """A local HTTP stand-in for an external API whose failure mode the test sets.
+
+    ``GET /<service>/<anything>`` answers as ``modes[service]`` says: ``"healthy"`` (200 with
+    a JSON quote) or an HTTP status such as ``"503"``. Every request is counted per service,
+    with the ``X-Worker`` header the caller sent, before it is answered.
+    """
+
+    def __init__(self, **modes: str) -> None:
+        self.modes: dict[str, str] = {"quote": "healthy", "backup": "healthy", **modes}
+        self._lock = threading.Lock()
+        self._requests: list[tuple[str, str, str]] = []
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                service = self.path.strip("/").split("/", 1)[0]
+                with stand_in._lock:
+                    stand_in._requests.append((service, self.path,
+                                               self.headers.get("X-Worker", "")))
+                    mode = stand_in.modes.get(service, "404")
+                if mode == "healthy":
+                    body = json.dumps({"path": self.path, "price": 101.5,
+                                       "source": service}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                else:
+                    body = f"{service} is {mode}".encode()
+                    self.send_response(int(mode))
+                    self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format, *args) -> None:  # noqa: A002
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def set(self, service: str, mode: str) -> None:
+        with self._lock:
+            self.modes[service] = mode
+
+    def count(self, service: str = "quote") -> int:
+        with self._lock:
+            return sum(1 for s, _, _ in self._requests if s == service)
+
+    def callers(self, service: str = "quote") -> set[str]:
+        with self._lock:
+            return {worker for s, _, worker in self._requests if s == service}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -29,4 +29,13 @@ def test_demo_runs_the_examples_on_the_embedded_default(tmp_path):
     assert "succeeded after retries" in lines["fetch_exchange_rate 'EUR',"]
     assert "parked (dead letter)" in lines["build_monthly_report '2026-10'"]
     assert " 4 " in lines["build_monthly_report '2026-10'"]
+    # The circuit breaker, fallback and degraded-mode examples (tasks/partners.py), with the
+    # circuit and the switches in the SQLite database
+    quotes = [line for line in out.splitlines() if line.startswith("fetch_partner_quote")]
+    assert "partner quote" in quotes[0]
+    assert "backup quote: partner failed 3 attempts (503)" in quotes[1]
+    assert "backup quote: circuit open, partner not called" in quotes[2]
+    reports = [line for line in out.splitlines() if line.startswith("sales_report")]
+    assert "live figures, cached" in reports[0] and "(read-only mode)" in reports[1]
+    assert "Circuit partner-api: open" in out
     assert (tmp_path / "demo.sqlite3").exists()

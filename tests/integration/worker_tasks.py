@@ -178,3 +178,72 @@ def release_seat(self, key: str, seat: str) -> str:
 def tally(self, key: str, order_id: int) -> int:
     """Counts its runs: the outbox tests check a committed task runs once, a rolled-back one never."""
     return record_run(key)
+
+
+# -- circuit breaker, fallback, degraded mode (test_circuit_and_fallback.py) ----------------
+# They call a local HTTP stand-in (harness.StandIn) with requests, as a task would call a
+# partner's API; the circuit "partner-api" is configured in tests/settings.py.
+
+PARTNER = RetryPolicy(max_attempts=8, initial_delay_seconds=0.2, multiplier=2,
+                      max_delay_seconds=0.5)
+GIVE_UP_FAST = RetryPolicy(max_attempts=2, initial_delay_seconds=0.1, max_delay_seconds=0.1)
+
+
+def _get_json(url: str, worker: str = "") -> dict:
+    import requests
+
+    response = requests.get(url, timeout=3, headers={"X-Worker": worker or ""})
+    response.raise_for_status()
+    return response.json()
+
+
+def backup_quote(base_url: str, key: str, symbol: str, failure: dict | None = None) -> dict:
+    """The fallback: the partner's backup service, called with the same arguments and told
+    why it stands in."""
+    data = _get_json(f"{base_url}/backup/{symbol}")
+    return {"symbol": symbol, "price": data["price"], "source": "backup",
+            "reason": (failure or {}).get("reason")}
+
+
+def _quote(task, base_url: str, key: str, symbol: str) -> dict:
+    record_run(key)
+    data = _get_json(f"{base_url}/quote/{symbol}", task.request.hostname)
+    return {"symbol": symbol, "price": data["price"], "source": "partner",
+            "attempts": len(task.attempt_history) + 1, "deliveries": task.request.retries + 1,
+            "worker": task.request.hostname}
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=PARTNER, dependency="partner-api")
+def partner_quote(self, base_url: str, key: str, symbol: str) -> dict:
+    """Behind the shared circuit; deferred while it is open."""
+    return _quote(self, base_url, key, symbol)
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=PARTNER, dependency="partner-api",
+             when_circuit_open="fallback", fallback=backup_quote)
+def partner_quote_or_backup(self, base_url: str, key: str, symbol: str) -> dict:
+    """Behind the shared circuit; routed to the backup service while it is open."""
+    return _quote(self, base_url, key, symbol)
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=GIVE_UP_FAST, fallback=backup_quote)
+def quote_with_backup(self, base_url: str, key: str, symbol: str) -> dict:
+    """Falls back to the backup service when its policy gives up."""
+    return _quote(self, base_url, key, symbol)
+
+
+def cached_report(base_url: str, key: str, month: str, failure: dict | None = None) -> dict:
+    return {"month": month, "source": "cache", "reason": (failure or {}).get("reason")}
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=PARTNER, degraded_mode="read-only")
+def report_or_defer(self, base_url: str, key: str, month: str) -> dict:
+    """Waits while read-only mode is on."""
+    return _quote(self, base_url, key, f"report-{month}")
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=PARTNER, degraded_mode="read-only",
+             when_degraded="fallback", fallback=cached_report)
+def report_or_cache(self, base_url: str, key: str, month: str) -> dict:
+    """Serves the cached report while read-only mode is on."""
+    return _quote(self, base_url, key, f"report-{month}")

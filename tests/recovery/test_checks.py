@@ -217,3 +217,44 @@ def test_operator_limits_must_be_positive(recovery, key):
 def test_outbox_timings_must_be_positive(recovery, key):
     recovery(**{key: -1})
     assert "recovery.E006" in ids(check_recovery_settings())
+
+
+# -- circuits and shared state --------------------------------------------------------------------
+
+
+def test_valid_circuits_and_shared_state_pass(recovery):
+    from recovery.circuit import CircuitPolicy
+
+    recovery(CIRCUITS={"payments-api": {"minimum_calls": 10, "open_seconds": 30},
+                       "maps": CircuitPolicy(), "default": {}},
+             SHARED_STATE_URL="redis://127.0.0.1:6379/3", DEGRADED_DEFER_SECONDS=10)
+    assert check_recovery_settings() == []
+    recovery(SHARED_STATE_URL="database")
+    assert check_recovery_settings() == []
+
+
+@pytest.mark.parametrize(("circuits", "fragment"), [
+    ({"payments-api": {"open_secs": 30}}, "unknown circuit policy fields ['open_secs']"),
+    ({"payments-api": {"failure_rate_threshold": 50}}, "failure_rate_threshold must be in (0, 1]"),
+    ({"payments-api": {"minimum_calls": 0}}, "at least 1"),
+    ({"payments-api": 30}, "expected a dict of CircuitPolicy fields, not int"),
+    ([("payments-api", {})], "must be a dict of dependency name to circuit policy"),
+])
+def test_a_circuit_that_cannot_build_a_policy_is_an_error(recovery, circuits, fragment):
+    recovery(CIRCUITS=circuits)
+    problems = check_recovery_settings()
+    assert ids(problems) == ["recovery.E012"]
+    assert fragment in problems[0].msg
+    assert "recovery.E012" in ids(recovery_messages())
+
+
+@pytest.mark.parametrize("url", ["db", "postgres://x/y", 6379])
+def test_a_shared_state_url_that_is_neither_redis_nor_database_is_an_error(recovery, url):
+    recovery(SHARED_STATE_URL=url)
+    assert ids(check_recovery_settings()) == ["recovery.E013"]
+
+
+@pytest.mark.parametrize("value", [0, -1, "30"])
+def test_degraded_defer_seconds_must_be_positive(recovery, value):
+    recovery(DEGRADED_DEFER_SECONDS=value)
+    assert ids(check_recovery_settings()) == ["recovery.E006"]

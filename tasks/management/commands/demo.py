@@ -51,6 +51,8 @@ class Command(BaseCommand):
                     for task, args, kwargs in EXAMPLES]
             self._wait(sent, options["timeout"], worker)
             self._print_table(sent)
+            self._run_resilience(options["timeout"])
+            self._run_sagas(options["timeout"])
             if options["no_serve"]:
                 return
             self.stdout.write(self.style.SUCCESS(
@@ -103,6 +105,37 @@ class Command(BaseCommand):
                 return
             time.sleep(0.5)
         raise CommandError(f"workflows did not finish in {timeout:g}s; see {worker.log_path}")
+
+    def _run_resilience(self, timeout: float) -> None:
+        """Circuit breaker, fallback and degraded mode (tasks/partners.py), step by step."""
+        from recovery.circuit import Circuit
+        from tasks import partners
+
+        def run(task, *args):
+            return task.apply_async(args).get(timeout=timeout)
+
+        rows = [("task", "arguments", "outcome")] + partners.run_demo(run)
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        self.stdout.write("\nCircuit breaker, fallback and degraded mode (tasks/partners.py):\n")
+        for index, row in enumerate(rows):
+            self.stdout.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+            if index == 0:
+                self.stdout.write("  ".join("-" * width for width in widths))
+        state = Circuit("partner-api").state()["state"].replace("_", "-")
+        self.stdout.write(f"\nCircuit partner-api: {state} (python manage.py circuits; "
+                          "reset it with: python manage.py circuits reset partner-api)")
+
+    def _run_sagas(self, timeout: float) -> None:
+        """The order saga (tasks/orders.py): one order ships, one is compensated."""
+        from tasks import orders
+
+        rows = [("run", "order", "status", "steps")] + orders.run_demo(timeout)
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        self.stdout.write("\nOrder saga (tasks/orders.py; python manage.py saga show <run>):\n")
+        for index, row in enumerate(rows):
+            self.stdout.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+            if index == 0:
+                self.stdout.write("  ".join("-" * width for width in widths))
 
     def _print_table(self, sent) -> None:
         rows = [("task", "arguments", "attempts", "outcome", "classification")]

@@ -1,0 +1,267 @@
+"""The saga-run admin: each run with its steps, timings and errors; resume from the failed
+step and compensate, each behind its own permission and a confirmation page.
+
+Read-only otherwise: runs change only through recovery.sagas (the same service as
+``manage.py saga``), which locks the run and writes a ``SagaEvent``.
+"""
+
+from __future__ import annotations
+
+import json
+
+from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.text import capfirst
+from django.utils.timesince import timesince
+from django.utils.translation import ngettext
+
+from recovery import sagas
+from recovery.models import SagaEvent, SagaRun, SagaStep
+
+#: operation -> (permission codename, past tense, which statuses it acts on, explanation)
+OPERATIONS = {
+    "resume": (
+        "resume_sagarun", "resumed", (SagaRun.Status.HELD, SagaRun.Status.FAILED),
+        "The failed step is dispatched again under a new task id, with a fresh attempt "
+        "budget and the run's current context; the steps before it are not run again. Its "
+        "old dead letter is closed as resolved. Fix the cause first.",
+    ),
+    "compensate": (
+        "compensate_sagarun", "compensated",
+        (SagaRun.Status.HELD, SagaRun.Status.NEEDS_HUMAN, SagaRun.Status.SUCCEEDED),
+        "The completed steps are undone in reverse order, each by its compensation. On a "
+        "run that needs a human, the compensation that failed is dispatched again first "
+        "(fix its cause before). This cannot be taken back.",
+    ),
+}
+
+
+class _ReadOnlyInline(admin.TabularInline):
+    extra = 0
+    can_delete = False
+
+    def has_view_permission(self, request, obj=None) -> bool:
+        return request.user.has_perm("recovery.view_sagarun")
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class SagaStepInline(_ReadOnlyInline):
+    model = SagaStep
+    fields = ("index", "role", "task_name", "status", "task_id", "dispatches", "attempts",
+              "dispatched", "started", "finished", "took", "error", "result_shown")
+    readonly_fields = fields
+    ordering = ("index", "-role")
+
+    @staticmethod
+    def _moment(value) -> str:
+        if not value:
+            return "—"
+        return format_html('<span style="white-space:nowrap">{}</span>',
+                           timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S"))
+
+    @admin.display(description="dispatched")
+    def dispatched(self, row: SagaStep) -> str:
+        return self._moment(row.dispatched_at)
+
+    @admin.display(description="started")
+    def started(self, row: SagaStep) -> str:
+        return self._moment(row.started_at)
+
+    @admin.display(description="finished")
+    def finished(self, row: SagaStep) -> str:
+        return self._moment(row.finished_at)
+
+    @admin.display(description="took")
+    def took(self, row: SagaStep) -> str:
+        if not row.started_at:
+            return "—"
+        end = row.finished_at or timezone.now()
+        return f"{(end - row.started_at).total_seconds():.2f}s"
+
+    @admin.display(description="result")
+    def result_shown(self, row: SagaStep) -> str:
+        if row.result is None:
+            return "—"
+        return json.dumps(row.result, default=str, ensure_ascii=False)[:300]
+
+
+class SagaEventInline(_ReadOnlyInline):
+    model = SagaEvent
+    fields = ("at", "action", "actor", "note", "outcome")
+    readonly_fields = fields
+
+
+class WaitingFilter(admin.SimpleListFilter):
+    """The runs an operator must act on."""
+
+    title = "needs an operator"
+    parameter_name = "waiting"
+
+    def lookups(self, request, model_admin):
+        return (("needs_human", "Needs a human (a compensation failed)"),
+                ("any", "Held or needs a human"))
+
+    def queryset(self, request, queryset):
+        if self.value() == "needs_human":
+            return queryset.filter(status=SagaRun.Status.NEEDS_HUMAN)
+        if self.value() == "any":
+            return queryset.filter(status__in=(SagaRun.Status.HELD, SagaRun.Status.NEEDS_HUMAN))
+        return queryset
+
+
+@admin.register(SagaRun)
+class SagaRunAdmin(admin.ModelAdmin):
+    list_display = ("id", "name", "status", "step_shown", "version", "age", "updated_at")
+    list_filter = ("status", WaitingFilter, "name")
+    search_fields = ("=id", "=idempotency_key", "name")
+    actions = ("resume_selected", "compensate_selected")
+    inlines = (SagaStepInline, SagaEventInline)
+    change_form_template = "admin/recovery/sagarun/change_form.html"
+    list_per_page = 50
+    fields = ("name", "version", "status", "step_shown", "error", "idempotency_key",
+              "created_at", "updated_at", "finished_at", "context_pretty", "definition_pretty")
+    readonly_fields = fields
+
+    @admin.display(description="age")
+    def age(self, run: SagaRun) -> str:
+        return timesince(run.created_at)
+
+    @admin.display(description="current step")
+    def step_shown(self, run: SagaRun) -> str:
+        if run.current_step is None:
+            return "—"
+        steps = (run.definition or {}).get("steps") or []
+        task = steps[run.current_step]["task"] if run.current_step < len(steps) else "?"
+        return f"{run.current_step}: {task.rsplit('.', 1)[-1]}"
+
+    @admin.display(description="context")
+    def context_pretty(self, run: SagaRun) -> str:
+        return format_html("<pre>{}</pre>", json.dumps(run.context, indent=2, sort_keys=True,
+                                                       default=str, ensure_ascii=False))
+
+    @admin.display(description="definition (as started)")
+    def definition_pretty(self, run: SagaRun) -> str:
+        return format_html("<pre>{}</pre>", json.dumps(run.definition, indent=2, default=str))
+
+    # -- permissions ----------------------------------------------------------------------
+
+    def _has(self, request, operation: str) -> bool:
+        return request.user.has_perm(f"recovery.{OPERATIONS[operation][0]}")
+
+    def has_resume_permission(self, request) -> bool:
+        return self._has(request, "resume")
+
+    def has_compensate_permission(self, request) -> bool:
+        return self._has(request, "compensate")
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    # -- operations -----------------------------------------------------------------------
+
+    def get_urls(self):
+        wrap = self.admin_site.admin_view
+        return [
+            path("<int:object_id>/resume/", wrap(self.operation_view), {"operation": "resume"},
+                 name="recovery_sagarun_resume"),
+            path("<int:object_id>/compensate/", wrap(self.operation_view),
+                 {"operation": "compensate"}, name="recovery_sagarun_compensate"),
+            *super().get_urls(),
+        ]
+
+    def _apply(self, request, runs, operation: str, note: str) -> None:
+        """Run the operation on each run; one message for all."""
+        done, errors = 0, []
+        for run in runs:
+            try:
+                getattr(sagas, operation)(run, actor=request.user.get_username(), note=note)
+            except sagas.SagaError as exc:
+                errors.append(str(exc))
+            else:
+                done += 1
+        past = OPERATIONS[operation][1]
+        message = ngettext("%(count)d saga run was %(past)s.", "%(count)d saga runs were %(past)s.",
+                           done) % {"count": done, "past": past}
+        if errors:
+            message += " " + ngettext("%(count)d could not be: %(error)s",
+                                      "%(count)d could not be; first error: %(error)s",
+                                      len(errors)) % {"count": len(errors), "error": errors[0]}
+        self.message_user(request, message, messages.WARNING if errors else messages.SUCCESS)
+
+    def _confirm(self, request, operation: str, runs, **extra):
+        actionable = [run for run in runs if run.status in OPERATIONS[operation][2]]
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"{capfirst(operation)} saga run{'s' if len(runs) != 1 else ''}?",
+            "operation": operation,
+            "runs": actionable,
+            "skipped": len(runs) - len(actionable),
+            "statuses": ", ".join(OPERATIONS[operation][2]),
+            "explanation": OPERATIONS[operation][3],
+            "opts": self.model._meta,
+            **extra,
+        }
+        return TemplateResponse(request, "admin/recovery/sagarun/confirm.html", context)
+
+    def operation_view(self, request, object_id, operation):
+        if operation not in OPERATIONS:
+            raise Http404(f"unknown operation {operation!r}")
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        if not self._has(request, operation):
+            raise PermissionDenied
+        run = get_object_or_404(SagaRun, pk=object_id)
+        if request.method == "POST":
+            self._apply(request, [run], operation, request.POST.get("note", ""))
+            return HttpResponseRedirect(reverse("admin:recovery_sagarun_change", args=[run.pk]))
+        return self._confirm(request, operation, [run], single=True)
+
+    def _bulk(self, request, queryset, operation: str):
+        runs = list(queryset.order_by("pk")[:500])
+        if request.POST.get("post") == "yes":
+            self._apply(request, [r for r in runs if r.status in OPERATIONS[operation][2]],
+                        operation, request.POST.get("note", ""))
+            return None
+        return self._confirm(request, operation, runs, queryset=queryset,
+                             action_name=f"{operation}_selected",
+                             action_checkbox_name=helpers.ACTION_CHECKBOX_NAME)
+
+    @admin.action(permissions=["resume"], description="Resume selected runs from the failed step")
+    def resume_selected(self, request, queryset):
+        return self._bulk(request, queryset, "resume")
+
+    @admin.action(permissions=["compensate"], description="Compensate selected runs")
+    def compensate_selected(self, request, queryset):
+        return self._bulk(request, queryset, "compensate")
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        run = SagaRun.objects.filter(pk=object_id).first()
+        status = run.status if run is not None else None
+        extra_context = {
+            **(extra_context or {}),
+            "can_resume": status in OPERATIONS["resume"][2] and self.has_resume_permission(request),
+            "can_compensate": (status in OPERATIONS["compensate"][2]
+                               and self.has_compensate_permission(request)),
+        }
+        return super().change_view(request, object_id, form_url, extra_context)
