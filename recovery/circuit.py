@@ -141,8 +141,11 @@ def window_counts(record: Mapping[str, Any], now: float, policy: CircuitPolicy) 
     return sum(v[0] for v in kept), sum(v[1] for v in kept)
 
 
-def _record(record: dict, now: float, ok: bool, policy: CircuitPolicy) -> str:
+def _record(record: dict, now: float, ok: bool, policy: CircuitPolicy,
+            trial: bool | None = None) -> str:
     state = record.get("state", CLOSED)
+    if state == HALF_OPEN and trial is False:
+        return state  # a call let through before it opened: only trials decide now
     if state == HALF_OPEN:
         if not ok:
             _open(record, now, policy)
@@ -192,20 +195,26 @@ class Circuit:
             record = self.store.get(self.key)
             if record.get("state", CLOSED) == CLOSED:
                 return Decision(True, CLOSED)  # the common case: one read, no write
-            return self.store.update(self.key, lambda r: _allow(r, now, self.policy))
+            decision = self.store.update(self.key, lambda r: _allow(r, now, self.policy))
+            if record.get("state") == OPEN and decision.state == HALF_OPEN:
+                logger.info("recovery: circuit %s is now half-open", self.name)
+            return decision
         except Exception as exc:  # noqa: BLE001 - fail open
             logger.warning("recovery: circuit %s: shared state unreachable (%s); letting the "
                            "call through", self.name, exc)
             return Decision(True, CLOSED)
 
-    def record(self, ok: bool) -> None:
+    def record(self, ok: bool, trial: bool | None = None) -> None:
+        """Count one call's outcome. ``trial``: whether ``allow()`` let it through as a
+        half-open trial (``Decision.trial``); a known non-trial outcome does not decide a
+        half-open circuit. None (unknown) counts as a trial."""
         now = self._clock()
         try:
             before = {}
 
             def change(record: dict) -> str:
                 before["state"] = record.get("state", CLOSED)
-                return _record(record, now, ok, self.policy)
+                return _record(record, now, ok, self.policy, trial)
 
             after = self.store.update(self.key, change)
         except Exception as exc:  # noqa: BLE001
@@ -215,13 +224,14 @@ class Circuit:
             log = logger.warning if after == OPEN else logger.info
             log("recovery: circuit %s is now %s", self.name, after.replace("_", "-"))
 
-    def record_success(self) -> None:
-        self.record(True)
+    def record_success(self, trial: bool | None = None) -> None:
+        self.record(True, trial)
 
-    def record_failure(self) -> None:
-        self.record(False)
+    def record_failure(self, trial: bool | None = None) -> None:
+        self.record(False, trial)
 
-    def record_exception(self, exc: BaseException, classify=None) -> None:
+    def record_exception(self, exc: BaseException, classify=None,
+                         trial: bool | None = None) -> None:
         """Count ``exc`` as a failure of the dependency only if it says the dependency is
         unwell (transient dependency or timeout failure); otherwise as an answer. Another
         circuit's refusal (CircuitOpenError) made no call, and counts as nothing."""
@@ -230,7 +240,7 @@ class Circuit:
         if isinstance(exc, CircuitOpenError):
             return
         failure = (classify or default_classify)(exc)
-        self.record(not (failure.kind in _COUNTED and not failure.permanent))
+        self.record(not (failure.kind in _COUNTED and not failure.permanent), trial)
 
     def state(self) -> dict:
         """The shared record, for operators: state, open_until, calls in the window..."""
@@ -278,6 +288,6 @@ def guard(name: str) -> Iterator[Circuit]:
     try:
         yield breaker
     except Exception as exc:
-        breaker.record_exception(exc)
+        breaker.record_exception(exc, trial=decision.trial)
         raise
-    breaker.record_success()
+    breaker.record_success(trial=decision.trial)

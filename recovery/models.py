@@ -221,7 +221,7 @@ class OutboxMessage(models.Model):
 
 class SharedState(models.Model):
     """Small shared records (circuit breakers, degraded-mode switches) when they are kept in
-    the database rather than Redis: the embedded default, or ``CIRCUIT_STORE="database"``."""
+    the database rather than Redis: the embedded default, or ``SHARED_STATE_URL="database"``."""
 
     key = models.CharField(max_length=255, primary_key=True)
     value = models.JSONField(default=dict)
@@ -334,7 +334,8 @@ class SagaRun(models.Model):
 
 class SagaStep(models.Model):
     """A step of a run, or the compensation of one (``role``): one row each, with the task
-    id it runs under, its timings and its error. Created when first dispatched."""
+    id it runs under, its timings and its error. Step rows are created with the run
+    (pending); compensation rows when first dispatched."""
 
     class Role(models.TextChoices):
         STEP = "step", "Step"

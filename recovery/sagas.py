@@ -276,13 +276,19 @@ def _json_object(value: Any, what: str) -> dict:
 
 def step_key(request: Any) -> str | None:
     """The idempotency key of the saga step (or compensation) a task is running:
-    ``"<run id>:<step index>"``, the same on every retry, redelivery and resume. A step
+    ``"<run id>:<step index>"`` for a step, ``"<run id>:<step index>:compensation"`` for
+    its compensation (distinct, so an API with account-wide keys never mistakes a refund
+    for the charge it undoes); the same on every retry, redelivery and resume. A step
     records its effect under it, so running again never repeats the effect.
 
     Pass ``self.request`` (or the bound task itself). None outside a saga.
     """
     ref = _Ref.parse(hdr.read(getattr(request, "request", request), hdr.SAGA))
-    return None if ref is None else f"{ref.run}:{ref.step}"
+    return None if ref is None else _key(ref.run, ref.step, ref.role)
+
+
+def _key(run_id: int, index: int, role: str) -> str:
+    return f"{run_id}:{index}" if role == Role.STEP else f"{run_id}:{index}:{role}"
 
 
 # -- the message header -----------------------------------------------------------------
@@ -337,7 +343,7 @@ def _dispatch(run: SagaRun, index: int, role: str) -> str:
         status=State.RUNNING, task_name=task_name, task_id=task_id, dispatches=dispatch,
         dispatched_at=timezone.now(), started_at=None, finished_at=None, error="", result=None,
     )
-    kwargs = {IDEMPOTENCY_KWARG: f"{run.pk}:{index}"} if role == Role.COMPENSATION else {}
+    kwargs = {IDEMPOTENCY_KWARG: _key(run.pk, index, role)} if role == Role.COMPENSATION else {}
     outbox.enqueue(task_name, [run.context], kwargs, task_id=task_id,
                    headers=_Ref(run.pk, index, role).header())
     run.current_step = index
@@ -477,6 +483,32 @@ def _parked(ref: _Ref, task_id: str, error: str) -> str | None:
 
 
 # -- the hooks RecoveryTask calls ---------------------------------------------------------
+
+
+def is_current(saga: Any, task_id: str, *, replay: bool = False) -> bool:
+    """Should a saga task's message run? Not when it is stale: its step was dispatched
+    again under another id, or it is no longer running because the run moved on (e.g. the
+    step was parked and the run is compensating, and the message came back after a lost
+    ack). A replay of a failed step of a held or failed run (from its dead letter) runs.
+
+    Unreadable database: True. Steps are idempotent; a stale run is better than a lost one.
+    """
+    ref = _Ref.parse(saga)
+    if ref is None:
+        return True
+    try:
+        row = (SagaStep.objects.filter(run_id=ref.run, index=ref.step, role=ref.role)
+               .values("task_id", "status", "run__status").first())
+    except DatabaseError as exc:
+        logger.warning("saga run %s: cannot check whether %s is current (%s); running it",
+                       ref.run, task_id, exc)
+        return True
+    if row is None or row["task_id"] != task_id:
+        return False
+    if row["status"] == State.RUNNING:
+        return True
+    return replay and row["status"] == State.FAILED and row["run__status"] in _REOPENABLE[ref.role]
+
 
 
 def on_task_succeeded(saga: Any, retval: Any, task_id: str) -> None:
@@ -679,8 +711,13 @@ def compensate(run: SagaRun | int, *, actor: str = "system", note: str = "") -> 
 
 def saga_of_letter(letter: DeadLetter) -> dict | None:
     """The ``recovery_saga`` header a dead letter's task carried, or None."""
-    custom = (letter.headers or {}).get("headers") or {}
+    options = letter.headers or {}
+    custom = options.get("headers") or {}
     header = custom.get(hdr.SAGA) if isinstance(custom, Mapping) else None
+    if header is None:
+        # Parked by the worker's main process (delivery cap, hard time limit): the raw
+        # request keeps custom headers at the top level.
+        header = options.get(hdr.SAGA)
     return header if _Ref.parse(header) is not None else None
 
 

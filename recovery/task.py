@@ -216,17 +216,27 @@ class RecoveryTask(Task):
         if request.called_directly:
             return super().__call__(*args, **kwargs)
         started = time.time()
+        saga = hdr.read(request, hdr.SAGA)
+        if saga:
+            from .sagas import is_current
+
+            if not is_current(saga, request.id, replay=bool(hdr.read(request, hdr.REPLAY))):
+                logger.warning("%s[%s]: stale saga message (its step has moved on); dropped "
+                               "without running", self.name, request.id)
+                raise Ignore()
         if self.degraded_mode and self.when_degraded != "run":
             from . import degraded
 
             if degraded.is_on(self.degraded_mode):
                 return self._on_degraded(args, kwargs)
         breaker = None
+        trial = False
         if self.dependency:
             from .circuit import Circuit, CircuitOpenError
 
             breaker = Circuit(self.dependency)
             decision = breaker.allow()
+            trial = decision.trial
             if not decision.allowed:
                 return self._on_circuit_open(
                     CircuitOpenError(self.dependency, decision.retry_in_seconds),
@@ -238,7 +248,7 @@ class RecoveryTask(Task):
         except _RetryRequested as requested:
             exc = requested.exc or TransientError("retry requested by the task")
             if breaker is not None:
-                breaker.record_exception(exc, classify=self.classify)
+                breaker.record_exception(exc, classify=self.classify, trial=trial)
             fallback = self._recover(
                 exc, requested.call_args if requested.call_args is not None else args,
                 requested.call_kwargs if requested.call_kwargs is not None else kwargs,
@@ -248,7 +258,7 @@ class RecoveryTask(Task):
             raise exc from None
         except Exception as exc:
             if breaker is not None:
-                breaker.record_exception(exc, classify=self.classify)
+                breaker.record_exception(exc, classify=self.classify, trial=trial)
             fallback = self._recover(exc, args, kwargs, started=started)
             if fallback is not None:
                 return fallback.value
@@ -256,7 +266,7 @@ class RecoveryTask(Task):
             # format, log and store.
             raise
         if breaker is not None:
-            breaker.record_success()
+            breaker.record_success(trial=trial)
         return result
 
     # -- circuit breaker, degraded mode, fallback -------------------------------------------
@@ -335,12 +345,15 @@ class RecoveryTask(Task):
             return None
         from .models import FallbackUse
 
-        name, target = self._fallback_callable()
-        call_kwargs = dict(kwargs)
-        if _accepts(target, "failure"):
-            call_kwargs["failure"] = {"exception_type": exception_path(exc),
-                                      "exception_message": str(exc), "reason": reason}
+        name = repr(self.fallback)
         try:
+            # Inside the try: a fallback path that does not resolve is a fallback that
+            # failed (the task is parked with both errors), never a lost task.
+            name, target = self._fallback_callable()
+            call_kwargs = dict(kwargs)
+            if _accepts(target, "failure"):
+                call_kwargs["failure"] = {"exception_type": exception_path(exc),
+                                          "exception_message": str(exc), "reason": reason}
             value = target(*args, **call_kwargs)
         except Exception as fallback_exc:  # noqa: BLE001 - parked with both errors
             logger.error("%s[%s]: fallback %s failed too: %r", self.name, self.request.id, name,

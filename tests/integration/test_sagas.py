@@ -59,7 +59,7 @@ def test_a_saga_failing_at_step_3_compensates_steps_2_and_1_in_order_once(start_
     k = run.pk
     # Each step and compensation took effect once; compensations in reverse order.
     assert effects() == [("inventory", "reserve", f"{k}:0"), ("payments", "charge", f"{k}:1"),
-                         ("payments", "refund", f"{k}:1"), ("inventory", "release", f"{k}:0")]
+                         ("payments", "refund", f"{k}:1:compensation"), ("inventory", "release", f"{k}:0:compensation")]
     assert calls("payments", "refund") == ["applied"]
     assert calls("inventory", "release") == ["applied"]
     rows = {(row.index, row.role): row for row in run.steps.all()}
@@ -87,7 +87,7 @@ def test_worker_child_killed_in_step_2_and_in_a_compensation_repeats_no_effect(s
     assert calls("payments", "charge") == ["applied", "already"]
     assert calls("payments", "refund") == ["applied", "already"]
     assert effects() == [("inventory", "reserve", f"{k}:0"), ("payments", "charge", f"{k}:1"),
-                         ("payments", "refund", f"{k}:1"), ("inventory", "release", f"{k}:0")]
+                         ("payments", "refund", f"{k}:1:compensation"), ("inventory", "release", f"{k}:0:compensation")]
     assert calls("inventory", "reserve") == ["applied"]  # the saga never ran a step twice
     assert SagaStep.objects.get(run=run, index=1, role="step").attempts == 2
     assert SagaStep.objects.get(run=run, index=1, role="compensation").attempts == 2
@@ -105,10 +105,10 @@ def test_a_step_message_delivered_again_after_the_run_moved_on_advances_nothing(
     # Step 0's message again, as a redelivery after an ack lost with its worker would be.
     app.send_task("tasks.orders.reserve_inventory", args=[ORDER], task_id=f"saga-{k}-0-step",
                   headers={"recovery_saga": {"run": k, "step": 0, "role": "step"}})
-    # Celery logs "succeeded" after on_success, i.e. after the saga saw the completion.
-    done = f"tasks.orders.reserve_inventory[saga-{k}-0-step] succeeded"
-    wait_for(lambda: worker.log().count(done) == 2, 10, message="the duplicate to finish")
-    assert calls("inventory", "reserve") == ["applied", "already"]
+    # It is recognised as stale (its step has moved on) and dropped without running.
+    stale = f"tasks.orders.reserve_inventory[saga-{k}-0-step]: stale saga message"
+    wait_for(lambda: stale in worker.log(), 10, message="the duplicate to be dropped")
+    assert calls("inventory", "reserve") == ["applied"]  # the step did not run again
     assert OutboxMessage.objects.count() == intents  # nothing dispatched again
     assert calls("payments", "charge") == ["applied"]
     run.refresh_from_db()
@@ -128,13 +128,13 @@ def test_a_compensation_failing_for_good_is_parked_and_the_run_needs_a_human(sta
     assert run.events.get().action == "escalated"
     wait_for(lambda: "NEEDS A HUMAN" in worker.log(), 5, message="the CRITICAL log line")
     # Nothing after the failed compensation ran: the reservation is still held.
-    assert ("inventory", "release", f"{k}:0") not in effects()
+    assert ("inventory", "release", f"{k}:0:compensation") not in effects()
     # The refund API is fixed; the operator compensates the run again.
     standins.clear_faults("payments", "refund")
     sagas.compensate(run, actor="ops", note="refund API fixed")
     run = settled(run, "compensated")
     assert calls("payments", "refund") == ["refused", "applied"]
-    assert ("inventory", "release", f"{k}:0") in effects()
+    assert ("inventory", "release", f"{k}:0:compensation") in effects()
     assert DeadLetter.objects.get(pk=letter.pk).status == "resolved"
 
 

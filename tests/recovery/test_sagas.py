@@ -208,6 +208,36 @@ def test_step_key_reads_the_saga_header():
     request = type("R", (), {"recovery_saga": {"run": 7, "step": 2, "role": "step"}})()
     assert sagas.step_key(request) == "7:2"
     assert sagas.step_key(type("R", (), {})()) is None
+    compensation = type("R", (), {"recovery_saga": {"run": 7, "step": 2,
+                                                    "role": "compensation"}})()
+    # never the step's own key: an API with account-wide keys would confuse the two
+    assert sagas.step_key(compensation) == "7:2:compensation"
+
+
+def test_a_stale_step_message_is_not_current_once_the_run_moved_on():
+    # Given a run whose shipment step was parked and which is now compensating
+    run = order_saga().start(order_id=42)
+    succeed(run, 0, {"reservation_id": "r1"})
+    succeed(run, 1, {"payment_id": "p1"})
+    running = step(run, 2).task_id
+    assert sagas.is_current(header(run, 2), running)
+    park(run, 2)
+    # Then the shipment's message, coming back after a lost ack, must not run again
+    assert not sagas.is_current(header(run, 2), running)
+    assert not sagas.is_current(header(run, 2), running, replay=True)  # compensating: no
+    # and a message under an id the step no longer has never runs
+    assert not sagas.is_current(header(run, 1, "compensation"), "saga-0-1-compensation")
+    assert sagas.is_current(header(run, 1, "compensation"), step(run, 1, "compensation").task_id)
+
+
+def test_a_replay_of_the_failed_step_of_a_held_run_is_current():
+    run = order_saga("held", on_failure="hold").start(order_id=7)
+    succeed(run, 0)
+    failed = step(run, 1).task_id
+    park(run, 1)
+    assert refresh(run).status == "held"
+    assert not sagas.is_current(header(run, 1), failed)            # a stray redelivery
+    assert sagas.is_current(header(run, 1), failed, replay=True)   # the operator's replay
 
 
 # -- failure ---------------------------------------------------------------------------------
@@ -226,12 +256,12 @@ def test_a_step_failing_for_good_compensates_completed_steps_in_reverse_order():
     assert letter.status == "compensated" and letter.events.get().actor == "system"
     context = {"order_id": 42, "reservation_id": "r1", "payment_id": "p1"}
     assert published()[-1] == (f"saga-{run.pk}-1-compensation", REFUND, [context],
-                               {"idempotency_key": f"{run.pk}:1"}, header(run, 1, "compensation"))
+                               {"idempotency_key": f"{run.pk}:1:compensation"}, header(run, 1, "compensation"))
     succeed(run, 1, {"refunded": True}, role="compensation")
     assert step(run, 1).status == "compensated"
     # a compensation's result stays on its row: only steps feed the context
     assert published()[-1][:4] == (f"saga-{run.pk}-0-compensation", RELEASE, [context],
-                                   {"idempotency_key": f"{run.pk}:0"})
+                                   {"idempotency_key": f"{run.pk}:0:compensation"})
     assert step(run, 1, "compensation").result == {"refunded": True}
     # the compensation's message is redelivered: nothing happens twice
     succeed(run, 1, {"refunded": True}, role="compensation")
@@ -338,7 +368,7 @@ def test_a_failed_compensation_needs_a_human_and_is_escalated(caplog,
     run = refresh(run)
     assert run.status == "compensating"
     assert published()[-1][:4] == (f"saga-{run.pk}-1-compensation.2", REFUND, [{"order_id": 42}],
-                                   {"idempotency_key": f"{run.pk}:1"})
+                                   {"idempotency_key": f"{run.pk}:1:compensation"})
     assert DeadLetter.objects.get(task_id=f"saga-{run.pk}-1-compensation").status == "resolved"
     succeed(run, 1, {}, role="compensation")
     succeed(run, 0, {}, role="compensation")
