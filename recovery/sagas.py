@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -58,7 +59,7 @@ from django.db.models import F
 from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
-from . import conf, headers as hdr, outbox
+from . import conf, headers as hdr, metrics, outbox
 from .models import DeadLetter, DeadLetterEvent, SagaEvent, SagaRun, SagaStep
 
 __all__ = [
@@ -393,6 +394,9 @@ def _error_text(exc: BaseException) -> str:
 
 #: run statuses in which a *failed* row's task id may still report success: its dead letter
 #: was replayed from the DLQ (recovery.replay) and the replay succeeded
+#: pause before requeueing a step whose completion the database could not record
+_REQUEUE_PAUSE_SECONDS = 2.0
+
 _REOPENABLE = {Role.STEP: (Run.HELD, Run.FAILED), Role.COMPENSATION: (Run.NEEDS_HUMAN,)}
 
 
@@ -430,6 +434,7 @@ def _succeeded(ref: _Ref, task_id: str, retval: Any) -> None:
         return
     SagaStep.objects.filter(run=run, index=ref.step, role=Role.STEP).update(
         status=State.COMPENSATED)
+    metrics.on_commit(metrics.compensation_outcome, "succeeded")
     if run.status == Run.NEEDS_HUMAN:  # its replayed letter succeeded
         run.status, run.finished_at = Run.COMPENSATING, None
     if run.status == Run.COMPENSATING:
@@ -454,6 +459,7 @@ def _parked(ref: _Ref, task_id: str, error: str) -> str | None:
         run.error = (f"compensation {row.task_name} of step {ref.step} failed for good and was "
                      f"parked as dead letter {task_id}: {error}")
         run.save()
+        metrics.on_commit(metrics.compensation_outcome, "failed")
         return run.error
     optional = spec.get("optional")
     SagaStep.objects.filter(pk=row.pk).update(
@@ -530,8 +536,11 @@ def on_task_succeeded(saga: Any, retval: Any, task_id: str) -> None:
         from .parking import discard_broken_connections
 
         discard_broken_connections()
-        logger.error("saga run %s: could not record the completion of %s (%s); requeueing it",
-                     ref.run, task_id, exc)
+        logger.error("saga run %s: could not record the completion of %s (%s); requeueing it "
+                     "in %.0fs", ref.run, task_id, exc, _REQUEUE_PAUSE_SECONDS)
+        # Requeued messages come straight back: pause so an outage does not turn the step
+        # (idempotent, but maybe an external call) into a tight loop.
+        time.sleep(_REQUEUE_PAUSE_SECONDS)
         raise Reject(exc, requeue=True) from exc
 
 
@@ -591,6 +600,7 @@ def escalate(run: SagaRun, reason: str) -> None:
     logger.critical("saga %s run %s NEEDS A HUMAN: %s. Data may be inconsistent: fix the "
                     "cause, then `manage.py saga compensate %s` (runbook: "
                     "docs/runbooks/saga-compensation-failed.md)", run.name, run.pk, reason, run.pk)
+    metrics.saga_escalated(run.name)
     try:
         SagaEvent.objects.create(run_id=run.pk, action=SagaEvent.Action.ESCALATED,
                                  actor="system", outcome=reason[:255])

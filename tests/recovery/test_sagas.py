@@ -447,10 +447,14 @@ def test_a_completion_the_database_cannot_record_requeues_the_message(monkeypatc
     def down(*args, **kwargs):
         raise OperationalError("server closed the connection unexpectedly")
 
+    paused: list[float] = []
     monkeypatch.setattr(sagas, "_succeeded", down)
+    monkeypatch.setattr(sagas.time, "sleep", paused.append)
     with pytest.raises(Reject) as rejected:
         succeed(run, 0, {})
     assert rejected.value.requeue is True
+    # not straight back into the queue: an outage must not become a tight loop of the step
+    assert paused == [sagas._REQUEUE_PAUSE_SECONDS] and paused[0] >= 1
 
 
 def test_reconcile_records_a_parked_step_the_hook_missed():
