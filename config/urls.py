@@ -1,6 +1,9 @@
 from django.contrib import admin
 from django.urls import path
 
+from recovery.views import metrics
+
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("metrics", metrics, name="metrics"),
 ]

@@ -127,6 +127,14 @@ def _check_shared_state(user: dict) -> list:
                  "(docs/settings.md).",
             id="recovery.E013",
         ))
+    port = user.get("METRICS_PORT")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int)
+                             or not 0 < port < 65536):
+        problems.append(Error(
+            f"RECOVERY['METRICS_PORT'] is {port!r}: it must be a TCP port (1-65535) or None.",
+            hint="Give each worker on a host its own port, e.g. 9808 (docs/metrics.md).",
+            id="recovery.E014",
+        ))
     return problems
 
 

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
-from . import conf, shared_state
+from . import conf, metrics, shared_state
 from .errors import DependencyError
 from .kinds import FailureKind
 
@@ -198,6 +198,7 @@ class Circuit:
             decision = self.store.update(self.key, lambda r: _allow(r, now, self.policy))
             if record.get("state") == OPEN and decision.state == HALF_OPEN:
                 logger.info("recovery: circuit %s is now half-open", self.name)
+                metrics.circuit_changed(self.name, HALF_OPEN)
             return decision
         except Exception as exc:  # noqa: BLE001 - fail open
             logger.warning("recovery: circuit %s: shared state unreachable (%s); letting the "
@@ -223,6 +224,7 @@ class Circuit:
         if after != before.get("state"):
             log = logger.warning if after == OPEN else logger.info
             log("recovery: circuit %s is now %s", self.name, after.replace("_", "-"))
+            metrics.circuit_changed(self.name, after)
 
     def record_success(self, trial: bool | None = None) -> None:
         self.record(True, trial)
@@ -252,6 +254,7 @@ class Circuit:
         """Close it by hand (an operator knows the dependency is back)."""
         self.store.update(self.key, lambda r: (r.clear(), r.update(state=CLOSED,
                                                                       changed_at=self._clock())))
+        metrics.circuit_changed(self.name, CLOSED)
 
     def trip(self, seconds: float | None = None) -> None:
         """Open it by hand (an operator takes the dependency out of use)."""
@@ -263,6 +266,7 @@ class Circuit:
                 record["open_until"] = now + seconds
 
         self.store.update(self.key, change)
+        metrics.circuit_changed(self.name, OPEN)
 
 
 def policy_for(name: str) -> CircuitPolicy:

@@ -76,6 +76,11 @@ DEFAULTS: Mapping[str, Any] = {
     "CIRCUITS": {},
     # How long a task waits before trying again when it meets a degraded mode it defers on.
     "DEGRADED_DEFER_SECONDS": 30.0,
+    # Port on which each worker serves its Prometheus metrics (/metrics; its pool children's
+    # counts summed, see docs/metrics.md); None serves none. One port per worker on a host.
+    "METRICS_PORT": None,
+    # Address the worker's metrics endpoint listens on.
+    "METRICS_ADDRESS": "0.0.0.0",
     # Bounds on what is stored per letter.
     "MESSAGE_MAX_CHARS": 2000,
     "TRACEBACK_MAX_CHARS": 20000,

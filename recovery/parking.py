@@ -21,7 +21,7 @@ from django.db import IntegrityError, close_old_connections, transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from . import conf
+from . import conf, metrics
 from .fingerprint import fingerprint
 from .models import DeadLetter
 from .spool import BadRecord, Spool
@@ -126,6 +126,7 @@ def park(record: ParkRecord, *, backend: Any = None, request: Any = None) -> Par
     for attempt in (1, 2):
         try:
             letter_id = _write(record, backend, request)
+            metrics.dead_letter_parked(record.task_name, record.kind, record.replay)
             return ParkOutcome(letter_id, spooled=False, result_stored=record.result is not None)
         except DatabaseError as exc:
             # A stale connection (database restarted) fails once; a fresh one may work.
@@ -137,6 +138,7 @@ def park(record: ParkRecord, *, backend: Any = None, request: Any = None) -> Par
                 )
     path = spool().put(record.to_dict())
     logger.warning("recovery: spooled dead letter %s[%s] to %s", record.task_name, record.task_id, path)
+    metrics.dead_letter_parked(record.task_name, record.kind, record.replay)
     return ParkOutcome(None, spooled=True, result_stored=record.result is not None)
 
 

@@ -30,7 +30,7 @@ from django.db import transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
-from . import headers as hdr
+from . import headers as hdr, metrics
 from .models import DeadLetter, DeadLetterEvent
 from .wiring import import_task_modules
 
@@ -166,7 +166,9 @@ def _publish_replay(letter: DeadLetter, *, actor: str, app: Any, queue: str | No
             letter_id=letter.pk, action=DeadLetterEvent.Action.REPLAY_FAILED, actor=actor,
             note=note, outcome=f"could not publish: {exc}"[:255],
         )
+        metrics.replay_outcome("failed")
         raise ReplayError(f"could not publish the replay of letter {letter.pk}: {exc}") from exc
+    metrics.replay_outcome("published")
     event = DeadLetterEvent(  # ``at`` is now: the time of the publish, even if written later
         letter_id=letter.pk, action=DeadLetterEvent.Action.REPLAYED, actor=actor, note=note,
         outcome=f"replay {letter.replay_count} published to "
@@ -400,9 +402,11 @@ def _unprepare(letters: list[DeadLetter], operation: str = "replay") -> None:
 
 def mark_replay_succeeded(task_id: str) -> int:
     """Called by RecoveryTask when a replayed run succeeds."""
-    return DeadLetter.objects.filter(
+    resolved = DeadLetter.objects.filter(
         task_id=task_id, status=DeadLetter.Status.REPLAYING,
     ).update(status=DeadLetter.Status.RESOLVED, updated_at=timezone.now())
+    metrics.on_commit(metrics.replay_outcome, "resolved", resolved)
+    return resolved
 
 
 # -- compensation ---------------------------------------------------------------------------
@@ -463,8 +467,10 @@ def _publish_compensation(letter: DeadLetter, *, actor: str, app: Any, note: str
             letter_id=letter.pk, action=DeadLetterEvent.Action.COMPENSATE_FAILED, actor=actor,
             note=note, outcome=f"could not publish {name}: {exc}"[:255],
         )
+        metrics.compensation_outcome("publish_failed")
         raise ReplayError(
             f"could not publish the compensation of letter {letter.pk}: {exc}") from exc
+    metrics.compensation_outcome("published")
     DeadLetterEvent.objects.create(
         letter_id=letter.pk, action=DeadLetterEvent.Action.COMPENSATED, actor=actor, note=note,
         outcome=f"{name} published as {task_id}"[:255],

@@ -44,7 +44,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from . import conf, headers as hdr
+from . import conf, headers as hdr, metrics
 from .classification import Failure, Rule, classify
 from .errors import TransientError
 from .policy import Attempt, RetryPolicy, Verdict
@@ -359,7 +359,9 @@ class RecoveryTask(Task):
             logger.error("%s[%s]: fallback %s failed too: %r", self.name, self.request.id, name,
                          fallback_exc)
             self.request._recovery_fallback_error = (name, fallback_exc)
+            metrics.fallback_failed(self.name, reason)
             return None
+        metrics.fallback_used(self.name, reason)
         try:
             FallbackUse.objects.create(
                 task_id=self.request.id or "", task_name=self.name, fallback=name, reason=reason,
@@ -436,6 +438,7 @@ class RecoveryTask(Task):
         parked (the caller then re-raises it so Celery records the failure)."""
         request = self.request
         failure = self.classify(exc)
+        metrics.task_failed(self.name, failure.kind.value, not failure.permanent)
         history = list(hdr.read(request, hdr.HISTORY, []) or [])
         # Elapsed time counts from the start of the first attempt of this run.
         started_at = float(hdr.read(request, hdr.STARTED_AT, 0) or 0) or started or time.time()
@@ -458,7 +461,12 @@ class RecoveryTask(Task):
             "delay_seconds": round(verdict.delay_seconds, 3) if verdict.retrying else None,
         })
         if verdict.retrying:
-            self._schedule_retry(exc, verdict, history, started_at, args, kwargs, options or {})
+            try:
+                self._schedule_retry(exc, verdict, history, started_at, args, kwargs,
+                                     options or {})
+            except Retry:
+                metrics.retry_scheduled(self.name, failure.kind.value)
+                raise
         outcome = self._run_fallback(exc, args, kwargs, reason="gave_up")
         if outcome is not None:
             return outcome

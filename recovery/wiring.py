@@ -10,6 +10,7 @@ Celery app, so the project says once, where it builds its app::
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -49,7 +50,41 @@ def setup(app: Celery) -> Celery:
 
     app.on_after_configure.connect(_transport_options, weak=False)
     signals.task_prerun.connect(_reuse_connection, weak=False, dispatch_uid="recovery-db-reuse")
+    signals.worker_init.connect(_metrics_worker_init, weak=False,
+                                dispatch_uid="recovery-metrics-init")
+    signals.worker_process_shutdown.connect(_metrics_child_exit, weak=False,
+                                            dispatch_uid="recovery-metrics-child-exit")
+    signals.worker_shutdown.connect(_metrics_worker_shutdown, weak=False,
+                                    dispatch_uid="recovery-metrics-shutdown")
     return app
+
+
+def _metrics_worker_init(sender: Any = None, **kwargs: Any) -> None:
+    """In the worker's main process, before the pool forks: one multiprocess metrics
+    directory for the worker and its children, and the endpoint if METRICS_PORT is set."""
+    import logging
+
+    from . import conf, metrics
+
+    try:
+        metrics.ensure_multiprocess_dir()
+        port = conf.get("METRICS_PORT")
+        if port:
+            metrics.start_worker_server(int(port), conf.get("METRICS_ADDRESS") or "0.0.0.0")
+    except Exception:  # noqa: BLE001 - metrics never stop a worker from starting
+        logging.getLogger(__name__).exception("recovery: could not set up worker metrics")
+
+
+def _metrics_child_exit(sender: Any = None, pid: int | None = None, **kwargs: Any) -> None:
+    from . import metrics
+
+    metrics.mark_process_dead(pid or os.getpid())
+
+
+def _metrics_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
+    from . import metrics
+
+    metrics.stop_worker_server()
 
 
 def _reuse_connection(sender: Any = None, **kwargs: Any) -> None:

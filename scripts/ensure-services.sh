@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start PostgreSQL and Redis on localhost if they are not answering (the test suite needs both),
-# and install Debian's chromium for the browser tests (tests/browser) if /usr/bin/chromium is
-# missing. Uses the machine's own service commands; does nothing when all are already there.
+# install Debian's chromium for the browser tests (tests/browser) if /usr/bin/chromium is
+# missing, and Debian's prometheus package for promtool (tests/integration/test_metrics.py)
+# if /usr/bin/promtool is missing. Uses the machine's own service commands; does nothing when all are already there.
 set -u
 
 pg_up() { python3 - <<'PY'
@@ -30,7 +31,15 @@ if [ ! -x /usr/bin/chromium ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null || true
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || true
 fi
+if [ ! -x /usr/bin/promtool ]; then
+  echo "promtool is missing; installing Debian's prometheus package for the metrics tests"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null || true
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    prometheus >/dev/null || true
+fi
 pg_up || { echo "PostgreSQL is not reachable on 127.0.0.1:5432" >&2; exit 1; }
 redis_up || { echo "Redis is not reachable on 127.0.0.1:6379" >&2; exit 1; }
 [ -x /usr/bin/chromium ] || { echo "Chromium is not installed at /usr/bin/chromium (apt-get install chromium)" >&2; exit 1; }
-echo "services: PostgreSQL and Redis are up, Chromium is installed"
+[ -x /usr/bin/promtool ] || { echo "promtool is not installed at /usr/bin/promtool (apt-get install prometheus)" >&2; exit 1; }
+echo "services: PostgreSQL and Redis are up, Chromium and promtool are installed"

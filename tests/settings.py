@@ -34,6 +34,10 @@ RECOVERY = {
                         "open_seconds": 3, "half_open_max_calls": 1},
     },
     "DEGRADED_DEFER_SECONDS": 1.0,
+    # Workers of tests/integration/test_metrics.py serve their metrics here.
+    "METRICS_PORT": int(os.environ["RECOVERY_METRICS_PORT"])
+    if os.environ.get("RECOVERY_METRICS_PORT") else None,
+    "METRICS_ADDRESS": "127.0.0.1",
 }
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

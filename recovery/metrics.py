@@ -1,0 +1,443 @@
+"""Prometheus metrics, ``recovery_*`` names, low-cardinality labels (never a task id).
+
+Two kinds:
+
+* Events, counted where they happen (task failures, retries, parked letters, replays,
+  compensations, fallbacks, circuit changes). Every recording function here swallows its
+  own errors: a broken exporter never stops a task from retrying or being parked.
+* Backlogs, read when scraped (:class:`DatabaseCollector`, :class:`SpoolCollector`): dead
+  letters by status, the age of the oldest parked letter, the outbox, the due-table and the
+  spool. Only the Django view (:mod:`recovery.views`) reads the database.
+
+Celery's prefork pool runs tasks in child processes, so the counters use prometheus_client's
+multiprocess mode: each process writes its values to memory-mapped files in
+``PROMETHEUS_MULTIPROC_DIR`` and a scrape sums them. The files of a dead child stay, so no
+count is lost when a child is recycled or killed. A worker started without the variable
+makes a private directory for itself and its children (:func:`ensure_multiprocess_dir`,
+called by ``recovery.setup(app)`` at ``worker_init``); see docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+__all__ = [
+    "task_failed", "retry_scheduled", "dead_letter_parked", "replay_outcome",
+    "compensation_outcome", "fallback_used", "fallback_failed", "circuit_changed",
+    "saga_escalated", "exposition", "ensure_multiprocess_dir", "multiprocess_dir",
+    "mark_process_dead", "start_worker_server", "stop_worker_server", "DatabaseCollector",
+    "SpoolCollector", "CIRCUIT_STATE_VALUES",
+]
+
+logger = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: recovery_circuit_state values
+CIRCUIT_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+_LABEL_MAX_CHARS = 120
+
+# name (without _total), type, help, labels, gauge multiprocess mode
+_SPECS: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
+    "failures": ("recovery_task_failures", "counter",
+                 "Task runs that raised, by classification.", ("task", "kind", "transient"), ""),
+    "retries": ("recovery_retries", "counter",
+                "Retries scheduled by the retry policy.", ("task", "kind"), ""),
+    "parked": ("recovery_dead_letters_parked", "counter",
+               "Dead letters parked (written to the table or the spool).", ("task", "kind"), ""),
+    "replays": ("recovery_replays", "counter",
+                "Dead-letter replays by outcome: published, failed (not published), resolved "
+                "(the replayed run succeeded), parked_again.", ("outcome",), ""),
+    "compensations": ("recovery_compensations", "counter",
+                      "Compensations by outcome: published, publish_failed (dead-letter "
+                      "compensate), succeeded, failed (saga compensation steps).",
+                      ("outcome",), ""),
+    "fallbacks": ("recovery_fallbacks", "counter",
+                  "Fallbacks whose result stood as the task's result.", ("task", "reason"), ""),
+    "fallback_failures": ("recovery_fallback_failures", "counter",
+                          "Fallbacks that failed too (the task was then parked).",
+                          ("task", "reason"), ""),
+    "circuit_state": ("recovery_circuit_state", "gauge",
+                      "Circuit breaker state per dependency, as last changed by this "
+                      "deployment: 0 closed, 1 half-open, 2 open.", ("dependency",),
+                      "mostrecent"),
+    "circuit_transitions": ("recovery_circuit_transitions", "counter",
+                            "Circuit breaker state changes, by the state entered.",
+                            ("dependency", "state"), ""),
+    "escalations": ("recovery_saga_escalations", "counter",
+                    "Saga runs escalated to a human (a compensation failed for good).",
+                    ("saga",), ""),
+}
+
+_lock = threading.Lock()
+_metrics: dict[str, Any] = {}
+_local_registry: Any = None
+_warned: set[str] = set()
+
+
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory in use, or None (single-process mode)."""
+    return os.environ.get(MULTIPROC_ENV) or os.environ.get(MULTIPROC_ENV.lower()) or None
+
+
+def _safe(func: Callable) -> Callable:
+    """Never let a metric break the caller; warn once per function and process."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            func(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - metrics are a side effect that must never fail
+            if func.__name__ not in _warned:
+                _warned.add(func.__name__)
+                logger.warning("recovery: metric %s failed (further failures are logged at "
+                               "debug level)", func.__name__, exc_info=True)
+            else:
+                logger.debug("recovery: metric %s failed", func.__name__, exc_info=True)
+        return None
+
+    return wrapper
+
+
+def _label(value: Any) -> str:
+    text = str(value if value is not None else "")
+    return text[:_LABEL_MAX_CHARS]
+
+
+def _metric(key: str) -> Any:
+    metric = _metrics.get(key)
+    if metric is not None:
+        return metric
+    with _lock:
+        metric = _metrics.get(key)
+        if metric is None:
+            from prometheus_client import CollectorRegistry, Counter, Gauge
+
+            global _local_registry
+            name, kind, help_text, labels, mode = _SPECS[key]
+            # In multiprocess mode values live in files and are collected from there: the
+            # metric objects must not be registered anywhere that is also exposed.
+            registry = None
+            if multiprocess_dir() is None:
+                if _local_registry is None:
+                    _local_registry = CollectorRegistry(auto_describe=True)
+                registry = _local_registry
+            if kind == "counter":
+                metric = Counter(name, help_text, labels, registry=registry)
+            else:
+                metric = Gauge(name, help_text, labels, registry=registry,
+                               multiprocess_mode=mode or "all")
+            _metrics[key] = metric
+    return metric
+
+
+def _reset() -> None:
+    """Forget the metric objects (they are created again, in the current mode, on next use)."""
+    global _local_registry
+    with _lock:
+        _metrics.clear()
+        _local_registry = None
+        values = sys.modules.get("prometheus_client.values")
+        if values is not None:
+            # prometheus_client picks its value class (in memory or in files) when imported;
+            # pick again now that the directory may have changed.
+            values.ValueClass = values.get_value_class()
+
+
+# -- events -----------------------------------------------------------------------------------
+
+
+@_safe
+def task_failed(task: str, kind: str, transient: bool) -> None:
+    """A task run raised; ``kind`` and ``transient`` are its classification."""
+    _metric("failures").labels(_label(task), _label(kind), "true" if transient else "false").inc()
+
+
+@_safe
+def retry_scheduled(task: str, kind: str) -> None:
+    _metric("retries").labels(_label(task), _label(kind)).inc()
+
+
+@_safe
+def dead_letter_parked(task: str, kind: str, replay: int = 0) -> None:
+    """A letter was parked; a replayed task parked again also counts as a replay outcome."""
+    _metric("parked").labels(_label(task), _label(kind)).inc()
+    if replay:
+        _metric("replays").labels("parked_again").inc()
+
+
+@_safe
+def replay_outcome(outcome: str, count: int = 1) -> None:
+    if count > 0:
+        _metric("replays").labels(_label(outcome)).inc(count)
+
+
+@_safe
+def compensation_outcome(outcome: str) -> None:
+    _metric("compensations").labels(_label(outcome)).inc()
+
+
+@_safe
+def fallback_used(task: str, reason: str) -> None:
+    _metric("fallbacks").labels(_label(task), _label(reason)).inc()
+
+
+@_safe
+def fallback_failed(task: str, reason: str) -> None:
+    _metric("fallback_failures").labels(_label(task), _label(reason)).inc()
+
+
+@_safe
+def circuit_changed(dependency: str, state: str) -> None:
+    """A circuit entered ``state`` (closed, half_open, open)."""
+    _metric("circuit_state").labels(_label(dependency)).set(CIRCUIT_STATE_VALUES[state])
+    _metric("circuit_transitions").labels(_label(dependency), _label(state)).inc()
+
+
+@_safe
+def saga_escalated(saga: str) -> None:
+    _metric("escalations").labels(_label(saga)).inc()
+
+
+def on_commit(func: Callable, *args: Any) -> None:
+    """Record ``func(*args)`` once the current transaction commits (at once outside one), so
+    a rolled-back outcome is not counted. Never raises."""
+    try:
+        from django.db import transaction
+
+        transaction.on_commit(lambda: func(*args))
+    except Exception:  # noqa: BLE001
+        logger.debug("recovery: could not defer metric %s", getattr(func, "__name__", func),
+                     exc_info=True)
+
+
+# -- backlogs, read at scrape time ------------------------------------------------------------
+
+
+class SpoolCollector:
+    """``recovery_spool_backlog``: dead letters waiting in this host's spool directory."""
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from . import conf
+        from .spool import Spool
+
+        up = GaugeMetricFamily("recovery_collector_up",
+                               "1 when the backlog source could be read at this scrape.",
+                               labels=["source"])
+        try:
+            count = len(Spool(conf.spool_dir()))
+        except Exception:  # noqa: BLE001
+            logger.warning("recovery: could not count the spool", exc_info=True)
+            up.add_metric(["spool"], 0)
+        else:
+            up.add_metric(["spool"], 1)
+            yield GaugeMetricFamily("recovery_spool_backlog",
+                                    "Dead letters in the local spool, waiting for the database.",
+                                    value=count)
+        yield up
+
+
+class DatabaseCollector:
+    """Backlogs kept in the database: dead letters by status, the oldest parked letter's
+    age, the outbox and the due-table. A database error leaves them out of the scrape and
+    sets ``recovery_collector_up{source="database"}`` to 0."""
+
+    def __init__(self, using: str | None = None) -> None:
+        self.using = using
+
+    def collect(self) -> Iterator[Any]:
+        from django.db import DEFAULT_DB_ALIAS
+        from django.db.models import Count, Min
+        from django.utils import timezone
+        from prometheus_client.core import GaugeMetricFamily
+
+        from .models import DeadLetter, DueRetry
+        from .outbox import pending_count
+
+        using = self.using or DEFAULT_DB_ALIAS
+        up = GaugeMetricFamily("recovery_collector_up",
+                               "1 when the backlog source could be read at this scrape.",
+                               labels=["source"])
+        try:
+            letters = DeadLetter.objects.using(using)
+            by_status = dict.fromkeys(DeadLetter.Status.values, 0)
+            for row in letters.values("status").annotate(n=Count("id")).order_by():
+                by_status[row["status"]] = row["n"]
+            oldest = letters.filter(status=DeadLetter.Status.PARKED).aggregate(
+                oldest=Min("last_failed_at"))["oldest"]
+            outbox = pending_count(using)
+            due = DueRetry.objects.using(using).count()
+        except Exception:  # noqa: BLE001 - a scrape must answer while the database is down
+            logger.warning("recovery: metrics could not read the database", exc_info=True)
+            up.add_metric(["database"], 0)
+            yield up
+            return
+        family = GaugeMetricFamily("recovery_dead_letters", "Dead letters by status.",
+                                   labels=["status"])
+        for status, count in sorted(by_status.items()):
+            family.add_metric([status], count)
+        yield family
+        age = max(0.0, (timezone.now() - oldest).total_seconds()) if oldest else 0.0
+        yield GaugeMetricFamily("recovery_dead_letters_oldest_parked_age_seconds",
+                                "Seconds since the oldest parked letter was parked (0 if none).",
+                                value=age)
+        yield GaugeMetricFamily("recovery_outbox_backlog",
+                                "Committed outbox intents not yet published.", value=outbox)
+        yield GaugeMetricFamily("recovery_due_retries_backlog",
+                                "Long-delay retries waiting in the due-table.", value=due)
+        up.add_metric(["database"], 1)
+        yield up
+
+
+class _Merged:
+    """Several collectors as one, so families of the same name (collector_up) merge."""
+
+    def __init__(self, *collectors: Any) -> None:
+        self.collectors = collectors
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        up = None
+        for collector in self.collectors:
+            for family in collector.collect():
+                if family.name == "recovery_collector_up":
+                    if up is None:
+                        up = GaugeMetricFamily(family.name, family.documentation,
+                                               labels=["source"])
+                    up.samples.extend(family.samples)
+                else:
+                    yield family
+        if up is not None:
+            yield up
+
+
+class _Events:
+    """The event metrics: from the multiprocess files, or from this process's registry."""
+
+    def collect(self) -> Iterator[Any]:
+        path = multiprocess_dir()
+        if path is not None:
+            from prometheus_client import CollectorRegistry, multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=path)
+            yield from registry.collect()
+        elif _local_registry is not None:
+            yield from _local_registry.collect()
+
+
+def registry(*, database: bool = False) -> Any:
+    """A registry to expose: the event metrics, the spool backlog and, with ``database``,
+    the database backlogs."""
+    from prometheus_client import CollectorRegistry
+
+    collectors: list[Any] = [SpoolCollector()]
+    if database:
+        collectors.insert(0, DatabaseCollector())
+    result = CollectorRegistry(auto_describe=False)
+    result.register(_Events())
+    result.register(_Merged(*collectors))
+    return result
+
+
+def exposition(*, database: bool = False) -> tuple[bytes, str]:
+    """(body, content type) of a scrape in the Prometheus text format."""
+    from prometheus_client import exposition as text_format
+
+    # The 0.0.4 text format: every recovery_* name is a classic one, and every Prometheus
+    # 2.x and 3.x server reads it.
+    content_type = getattr(text_format, "CONTENT_TYPE_PLAIN_0_0_4",
+                           text_format.CONTENT_TYPE_LATEST)
+    return text_format.generate_latest(registry(database=database)), content_type
+
+
+# -- prefork workers --------------------------------------------------------------------------
+
+_owned_dir: str | None = None
+_server: Any = None
+
+
+def ensure_multiprocess_dir() -> str:
+    """Make sure this process and the pool children it forks count into one directory.
+
+    Keeps ``PROMETHEUS_MULTIPROC_DIR`` when it is set (the deployer empties it before the
+    worker starts); otherwise creates a private one for this worker and sets the variable,
+    which the children inherit. Call it in the worker's main process before the pool starts
+    (``recovery.setup`` does, at ``worker_init``).
+    """
+    global _owned_dir
+    path = multiprocess_dir()
+    if path is None:
+        _remove_stale_private_dirs()
+        path = tempfile.mkdtemp(prefix=f"recovery-metrics-{os.getpid()}-")
+        os.environ[MULTIPROC_ENV] = path
+        _owned_dir = path
+    else:
+        os.makedirs(path, exist_ok=True)
+    _reset()
+    return path
+
+
+def _remove_stale_private_dirs() -> None:
+    """Remove private directories of workers that died without shutting down (SIGKILL)."""
+    import glob
+
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "recovery-metrics-*-*")):
+        try:
+            pid = int(os.path.basename(path).split("-")[2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, IndexError, OSError):
+            continue
+
+
+def mark_process_dead(pid: int) -> None:
+    """A pool child exited: drop its live gauges (its counters stay counted). Never raises."""
+    path = multiprocess_dir()
+    if path is None:
+        return
+    try:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, path)
+    except Exception:  # noqa: BLE001
+        logger.debug("recovery: could not mark metrics process %s dead", pid, exc_info=True)
+
+
+def start_worker_server(port: int, address: str = "0.0.0.0") -> Any:
+    """Serve this worker's metrics (all its pool children's, summed) on ``port``."""
+    global _server
+    from prometheus_client import start_http_server
+
+    if _server is not None:
+        return _server
+    server, _thread = start_http_server(int(port), addr=address, registry=registry())
+    _server = server
+    logger.info("recovery: metrics served on http://%s:%s/metrics", address, port)
+    return server
+
+
+def stop_worker_server() -> None:
+    """Stop the endpoint and remove the private multiprocess directory, if this worker made one."""
+    global _server, _owned_dir
+    server, _server = _server, None
+    if server is not None:
+        try:
+            server.shutdown()
+            server.server_close()
+        except Exception:  # noqa: BLE001
+            logger.debug("recovery: could not stop the metrics server", exc_info=True)
+    path, _owned_dir = _owned_dir, None
+    if path is not None and os.environ.get(MULTIPROC_ENV) == path:
+        shutil.rmtree(path, ignore_errors=True)
