@@ -303,19 +303,10 @@ class RecoveryTask(Task):
             if outcome is not None:
                 return outcome.value
             raise exc
-        headers = {}
-        for name in (hdr.HISTORY, hdr.STARTED_AT, *hdr.CARRIED):
-            value = hdr.read(request, name)
-            if value is not None:
-                headers[name] = value
-        if delay > float(conf.get("BROKER_DELAY_MAX_SECONDS")) and not request.is_eager:
-            signature = self.signature_from_request(
-                request, args, kwargs, retries=request.retries + 1, headers=headers)
-            if self._hold_in_due_table(signature, delay):
-                raise Retry(exc=exc, when=delay, sig=signature)
+        headers = self._carried_headers({name: hdr.read(request, name)
+                                         for name in (hdr.HISTORY, hdr.STARTED_AT)})
         try:
-            Task.retry(self, args=args, kwargs=kwargs, exc=exc, countdown=delay,
-                       max_retries=None, headers=headers)
+            self._send_again(exc, delay, args, kwargs, headers, {})
         except Reject as rejected:
             # Could not publish the deferred run: leave the message to be redelivered.
             raise Reject(rejected.reason, requeue=True) from exc
@@ -476,29 +467,41 @@ class RecoveryTask(Task):
     def _schedule_retry(self, exc, verdict, history, started_at, args, kwargs, options) -> None:
         request = self.request
         delay = verdict.delay_seconds or 0.0
-        carried = {hdr.HISTORY: history, hdr.STARTED_AT: started_at}
-        for name in hdr.CARRIED:
-            value = hdr.read(request, name)
-            if value is not None:
-                carried[name] = value
+        carried = self._carried_headers({hdr.HISTORY: history, hdr.STARTED_AT: started_at})
         headers = {**(options.pop("headers", None) or {}), **carried}
         logger.info("%s[%s] retry in %.2fs: %s (%s)", self.name, request.id, delay,
                     exception_path(exc), verdict.reason)
-        if delay > float(conf.get("BROKER_DELAY_MAX_SECONDS")) and not request.is_eager:
-            signature = self.signature_from_request(
-                request, args, kwargs, retries=request.retries + 1, headers=headers, **options,
-            )
-            if self._hold_in_due_table(signature, delay):
-                raise Retry(exc=exc, when=delay, sig=signature)
         try:
-            super().retry(args=args, kwargs=kwargs, exc=exc, countdown=delay, max_retries=None,
-                          headers=headers, **options)
+            self._send_again(exc, delay, args, kwargs, headers, options)
         except Reject as rejected:
             # Celery rejects (drops) the message when the retry cannot be published;
             # parking instead keeps the task.
             logger.error("%s[%s]: could not publish the retry (%s); parking instead",
                          self.name, request.id, rejected.reason)
             history[-1]["delay_seconds"] = None
+
+    def _carried_headers(self, headers: dict) -> dict:
+        """``headers`` (None values dropped) plus the headers every next run carries."""
+        carried = {name: value for name, value in headers.items() if value is not None}
+        for name in hdr.CARRIED:
+            value = hdr.read(self.request, name)
+            if value is not None:
+                carried[name] = value
+        return carried
+
+    def _send_again(self, exc, delay: float, args, kwargs, headers: dict, options: dict) -> None:
+        """Publish the next run after ``delay`` and raise Retry: long delays wait in the
+        due-table, short ones as a broker ETA message (Celery raises Reject if that
+        publish fails)."""
+        request = self.request
+        if delay > float(conf.get("BROKER_DELAY_MAX_SECONDS")) and not request.is_eager:
+            signature = self.signature_from_request(
+                request, args, kwargs, retries=request.retries + 1, headers=headers, **options,
+            )
+            if self._hold_in_due_table(signature, delay):
+                raise Retry(exc=exc, when=delay, sig=signature)
+        Task.retry(self, args=args, kwargs=kwargs, exc=exc, countdown=delay, max_retries=None,
+                   headers=headers, **options)
 
     def _hold_in_due_table(self, signature, delay: float) -> bool:
         from django.db import Error as DatabaseError
