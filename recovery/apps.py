@@ -9,3 +9,6 @@ class RecoveryConfig(AppConfig):
     def ready(self) -> None:
         from . import checks  # noqa: F401 - registers the system checks
         from . import sagas  # noqa: F401 - records when saga steps start (task_prerun)
+        from . import sentry
+
+        sentry.install()  # drops the Celery integration's second event of a parked task

@@ -47,7 +47,7 @@ def check_recovery_settings(app_configs=None, **kwargs):
                 "DUE_POLL_INTERVAL_SECONDS", "VISIBILITY_TIMEOUT_SECONDS",
                 "OUTBOX_RELAY_INTERVAL_SECONDS", "OUTBOX_MAX_BACKOFF_SECONDS",
                 "OUTBOX_KEEP_SENT_HOURS", "DEGRADED_DEFER_SECONDS",
-                "SAGA_RECONCILE_INTERVAL_SECONDS"):
+                "SAGA_RECONCILE_INTERVAL_SECONDS", "HEARTBEAT_INTERVAL_SECONDS"):
         value = user.get(key)
         if value is not None and (not isinstance(value, (int, float)) or value <= 0):
             problems.append(Error(f"RECOVERY['{key}'] must be a positive number.",
@@ -73,6 +73,32 @@ def check_recovery_settings(app_configs=None, **kwargs):
                 id="recovery.E011",
             ))
     problems.extend(_check_shared_state(user))
+    if "ESCALATION" in user:
+        from .escalation import EscalationRules
+
+        try:
+            EscalationRules.from_dict(user["ESCALATION"])
+        except (TypeError, ValueError) as bad:
+            problems.append(Error(
+                f"RECOVERY['ESCALATION'] is invalid: {bad}.",
+                hint="See docs/escalation.md for the keys and their defaults.",
+                id="recovery.E015",
+            ))
+    if "WATCHDOG" in user:
+        from .watchdog import WatchdogPolicy
+
+        try:
+            WatchdogPolicy.from_dict(user["WATCHDOG"])
+        except ValueError as exc:
+            problems.append(Error(
+                f"RECOVERY['WATCHDOG'] is invalid: {exc}",
+                hint="A dict of INTERVAL_SECONDS, TASK_DEADLINE_SECONDS, "
+                     "SAGA_STEP_TIMEOUT_SECONDS, REPLAYING_AFTER_SECONDS, OUTBOX_AFTER_SECONDS "
+                     "(positive seconds, or None to turn that check off) and "
+                     "SAGA_STEP_MAX_REDISPATCHES (an integer >= 0); keys left out keep their "
+                     "defaults (docs/watchdog.md).",
+                id="recovery.E016",
+            ))
     visibility = conf.get("VISIBILITY_TIMEOUT_SECONDS")
     broker_delay = conf.get("BROKER_DELAY_MAX_SECONDS")
     # A value that is not a number was reported as E006 above; comparing it would crash.

@@ -81,6 +81,61 @@ DEFAULTS: Mapping[str, Any] = {
     "METRICS_PORT": None,
     # Address the worker's metrics endpoint listens on.
     "METRICS_ADDRESS": "0.0.0.0",
+    # How often each worker's main process sets recovery_worker_heartbeat_timestamp_seconds;
+    # the shipped alert (deploy/prometheus/alerts.yml) fires after several missed beats.
+    "HEARTBEAT_INTERVAL_SECONDS": 15.0,
+    # When a human must be told, and how (recovery.escalation; docs/escalation.md). Keys
+    # left out keep these defaults.
+    "ESCALATION": {
+        # Tasks whose first permanent failure opens an incident (also: a RecoveryTask
+        # subclass with critical = True).
+        "CRITICAL_TASKS": (),
+        # A failure fingerprint with this many dead letters parked within THRESHOLD_MINUTES
+        # opens an incident; None turns the rule off.
+        "THRESHOLD_LETTERS": 10,
+        "THRESHOLD_MINUTES": 15,
+        # A compensation that fails for good (a saga's, or one started from a letter).
+        "ON_COMPENSATION_FAILURE": True,
+        # Where operators reach the admin, e.g. "https://ops.example.com": links in
+        # escalations are absolute only when this is set.
+        "ADMIN_BASE_URL": "",
+        # Report each parked letter (and each incident) to sentry-sdk's client, when the
+        # project has initialised one; one Sentry issue per failure fingerprint.
+        "SENTRY": True,
+        # A JSON POST per incident opened or resolved, signed with HMAC-SHA256 of
+        # WEBHOOK_SECRET; None sends none.
+        "WEBHOOK_URL": None,
+        "WEBHOOK_SECRET": None,
+        "WEBHOOK_TIMEOUT_SECONDS": 5.0,
+        # Mail settings.ADMINS (through Django's mail) when an incident opens.
+        "EMAIL": True,
+        # Deliveries of one notification are retried with backoff up to MAX_ATTEMPTS,
+        # waiting at most MAX_BACKOFF_SECONDS between two.
+        "MAX_ATTEMPTS": 12,
+        "MAX_BACKOFF_SECONDS": 600.0,
+        # How often each worker delivers pending notifications.
+        "DELIVERY_INTERVAL_SECONDS": 2.0,
+    },
+    # The watchdog (recovery.watchdog), a periodic task that finds work that is stuck
+    # rather than failed. Keys left out keep these defaults; a limit of None turns that
+    # check off.
+    "WATCHDOG": {
+        # How often Celery beat runs it (recovery.setup adds the schedule entry).
+        "INTERVAL_SECONDS": 60.0,
+        # A task started longer ago than this is stuck, unless the task sets
+        # deadline_seconds (RecoveryTask) or a time limit of its own.
+        "TASK_DEADLINE_SECONDS": 3600.0,
+        # A saga step running longer than this (Step(timeout_seconds=) overrides it) is
+        # dispatched again under its own task id, at most SAGA_STEP_MAX_REDISPATCHES times;
+        # then it is escalated.
+        "SAGA_STEP_TIMEOUT_SECONDS": 900.0,
+        "SAGA_STEP_MAX_REDISPATCHES": 3,
+        # A letter still replaying this long after its replay was published never reported
+        # back: it goes back to parked, and is escalated.
+        "REPLAYING_AFTER_SECONDS": 900.0,
+        # An outbox message unsent this long after it was committed is escalated.
+        "OUTBOX_AFTER_SECONDS": 300.0,
+    },
     # Bounds on what is stored per letter.
     "MESSAGE_MAX_CHARS": 2000,
     "TRACEBACK_MAX_CHARS": 20000,

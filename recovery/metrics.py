@@ -3,11 +3,14 @@
 Two kinds:
 
 * Events, counted where they happen (task failures, retries, parked letters, replays,
-  compensations, fallbacks, circuit changes). Every recording function here swallows its
-  own errors: a broken exporter never stops a task from retrying or being parked.
-* Backlogs, read when scraped (:class:`DatabaseCollector`, :class:`SpoolCollector`): dead
-  letters by status, the age of the oldest parked letter, the outbox, the due-table and the
-  spool. Only the Django view (:mod:`recovery.views`) reads the database.
+  compensations, fallbacks, circuit changes), and each worker's heartbeat. Every recording
+  function here swallows its own errors: a broken exporter never stops a task from
+  retrying or being parked.
+* Backlogs and shared state, read when scraped (:class:`DatabaseCollector`,
+  :class:`SpoolCollector`, :class:`CircuitCollector`): dead letters by status, the age of the
+  oldest parked letter, the outbox, the due-table, the spool, and every circuit's state as
+  the workers share it. Only the Django view (:mod:`recovery.views`) reads the database and
+  the shared circuit state.
 
 Celery's prefork pool runs tasks in child processes, so the counters use prometheus_client's
 multiprocess mode: each process writes its values to memory-mapped files in
@@ -26,21 +29,23 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 __all__ = [
     "task_failed", "retry_scheduled", "dead_letter_parked", "replay_outcome",
     "compensation_outcome", "fallback_used", "fallback_failed", "circuit_changed",
-    "saga_escalated", "exposition", "ensure_multiprocess_dir", "multiprocess_dir",
-    "mark_process_dead", "start_worker_server", "stop_worker_server", "DatabaseCollector",
-    "SpoolCollector", "CIRCUIT_STATE_VALUES",
+    "saga_escalated", "worker_heartbeat", "incident_opened", "incident_resolved",
+    "notification_outcome", "exposition", "ensure_multiprocess_dir",
+    "multiprocess_dir", "mark_process_dead", "start_worker_server", "stop_worker_server",
+    "DatabaseCollector", "SpoolCollector", "CircuitCollector", "CIRCUIT_STATE_VALUES",
 ]
 
 logger = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-#: recovery_circuit_state values
+#: recovery_circuit_state and recovery_circuit_status values
 CIRCUIT_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 _LABEL_MAX_CHARS = 120
 
@@ -71,9 +76,24 @@ _SPECS: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
     "circuit_transitions": ("recovery_circuit_transitions", "counter",
                             "Circuit breaker state changes, by the state entered.",
                             ("dependency", "state"), ""),
+    "incidents_opened": ("recovery_incidents_opened", "counter",
+                         "Incidents opened by escalation, by reason and severity.",
+                         ("reason", "severity"), ""),
+    "incidents_resolved": ("recovery_incidents_resolved", "counter",
+                           "Incidents resolved by an operator, by reason.", ("reason",), ""),
+    "notifications": ("recovery_escalation_notifications", "counter",
+                      "Escalation notifications by channel and outcome: sent, retried "
+                      "(a delivery failed and will be tried again), failed (gave up).",
+                      ("channel", "outcome"), ""),
     "escalations": ("recovery_saga_escalations", "counter",
                     "Saga runs escalated to a human (a compensation failed for good).",
                     ("saga",), ""),
+    # "max", not "livemax": a worker that died keeps its last timestamp in a shared
+    # multiprocess directory, so its age grows and the heartbeat alert fires instead of the
+    # series vanishing.
+    "heartbeat": ("recovery_worker_heartbeat_timestamp_seconds", "gauge",
+                  "Unix time of the worker's last housekeeping heartbeat, by Celery hostname.",
+                  ("worker",), "max"),
 }
 
 _lock = threading.Lock()
@@ -206,6 +226,31 @@ def saga_escalated(saga: str) -> None:
     _metric("escalations").labels(_label(saga)).inc()
 
 
+@_safe
+def worker_heartbeat(hostname: str) -> None:
+    """The worker ``hostname`` (Celery's ``name@host``) is alive: its housekeeping timers run.
+
+    Called by the worker's main process every ``HEARTBEAT_INTERVAL_SECONDS``; alert on the
+    age of the timestamp (deploy/prometheus/alerts.yml, RecoveryWorkerHeartbeatMissing).
+    """
+    _metric("heartbeat").labels(_label(hostname)).set(time.time())
+
+
+@_safe
+def incident_opened(reason: str, severity: str) -> None:
+    _metric("incidents_opened").labels(_label(reason), _label(severity)).inc()
+
+
+@_safe
+def incident_resolved(reason: str) -> None:
+    _metric("incidents_resolved").labels(_label(reason)).inc()
+
+
+@_safe
+def notification_outcome(channel: str, outcome: str) -> None:
+    _metric("notifications").labels(_label(channel), _label(outcome)).inc()
+
+
 def on_commit(func: Callable, *args: Any) -> None:
     """Record ``func(*args)`` once the current transaction commits (at once outside one), so
     a rolled-back outcome is not counted. Never raises."""
@@ -248,7 +293,7 @@ class SpoolCollector:
 
 class DatabaseCollector:
     """Backlogs kept in the database: dead letters by status, the oldest parked letter's
-    age, the outbox and the due-table. A database error leaves them out of the scrape and
+    age, the outbox and the due-table, open incidents and undelivered notifications. A database error leaves them out of the scrape and
     sets ``recovery_collector_up{source="database"}`` to 0."""
 
     def __init__(self, using: str | None = None) -> None:
@@ -260,7 +305,7 @@ class DatabaseCollector:
         from django.utils import timezone
         from prometheus_client.core import GaugeMetricFamily
 
-        from .models import DeadLetter, DueRetry
+        from .models import DeadLetter, DueRetry, Incident, IncidentNotification
         from .outbox import pending_count
 
         using = self.using or DEFAULT_DB_ALIAS
@@ -276,6 +321,13 @@ class DatabaseCollector:
                 oldest=Min("last_failed_at"))["oldest"]
             outbox = pending_count(using)
             due = DueRetry.objects.using(using).count()
+            incidents = {(s, v): 0 for s in ("open", "acknowledged")
+                         for v in Incident.Severity.values}
+            for row in (Incident.objects.using(using).exclude(status=Incident.Status.RESOLVED)
+                        .values("status", "severity").annotate(n=Count("id")).order_by()):
+                incidents[(row["status"], row["severity"])] = row["n"]
+            undelivered = (IncidentNotification.objects.using(using)
+                           .filter(status=IncidentNotification.Status.PENDING).count())
         except Exception:  # noqa: BLE001 - a scrape must answer while the database is down
             logger.warning("recovery: metrics could not read the database", exc_info=True)
             up.add_metric(["database"], 0)
@@ -294,8 +346,106 @@ class DatabaseCollector:
                                 "Committed outbox intents not yet published.", value=outbox)
         yield GaugeMetricFamily("recovery_due_retries_backlog",
                                 "Long-delay retries waiting in the due-table.", value=due)
+        family = GaugeMetricFamily("recovery_incidents", "Incidents not yet resolved, by status "
+                                   "and severity.", labels=["status", "severity"])
+        for (status, severity), count in sorted(incidents.items()):
+            family.add_metric([status, severity], count)
+        yield family
+        yield GaugeMetricFamily("recovery_escalation_notifications_pending",
+                                "Incident notifications waiting to be delivered (webhook, "
+                                "e-mail).", value=undelivered)
         up.add_metric(["database"], 1)
         yield up
+
+
+class CircuitCollector:
+    """``recovery_circuit_status{dependency}``: each circuit's state in the shared store
+    (:mod:`recovery.shared_state`), the one every worker obeys: 0 closed, 1 half-open,
+    2 open. Unlike ``recovery_circuit_state`` (the last change one process made), it is
+    true across workers, and shows circuits tripped or reset by hand.
+
+    The circuits are those ``RECOVERY["CIRCUITS"]`` configures (but ``"default"``), those
+    a registered task of the current Celery app declares (``dependency=``), and those with
+    a record in the store (used through ``recovery.circuit.guard()`` only); one that never
+    had a record is closed. An unreachable store leaves the gauge out of the scrape and
+    sets ``recovery_collector_up{source="shared_state"}`` to 0. Only the Django view
+    exposes it: every worker would report the same records.
+    """
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from . import shared_state
+        from .circuit import Circuit, CircuitPolicy
+
+        up = GaugeMetricFamily("recovery_collector_up",
+                               "1 when the backlog source could be read at this scrape.",
+                               labels=["source"])
+        try:
+            store = shared_state.store()
+            names = _configured_circuits() | _declared_dependencies() | _stored_circuits(store)
+            # The policy plays no part in reading a record: do not build one from settings.
+            states = {name: Circuit(name, CircuitPolicy(), store=store).state()["state"]
+                      for name in sorted(names)}
+        except Exception:  # noqa: BLE001 - a scrape must answer while the store is down
+            logger.warning("recovery: metrics could not read the circuits' shared state",
+                           exc_info=True)
+            up.add_metric(["shared_state"], 0)
+            yield up
+            return
+        family = GaugeMetricFamily("recovery_circuit_status",
+                                   "Circuit breaker state per dependency in the state every "
+                                   "worker shares: 0 closed, 1 half-open, 2 open.",
+                                   labels=["dependency"])
+        for name, state in states.items():
+            if state in CIRCUIT_STATE_VALUES:
+                family.add_metric([_label(name)], CIRCUIT_STATE_VALUES[state])
+        yield family
+        up.add_metric(["shared_state"], 1)
+        yield up
+
+
+def _configured_circuits() -> set[str]:
+    from . import conf
+
+    circuits = conf.get("CIRCUITS") or {}
+    return {name for name in circuits if isinstance(name, str) and name != "default"}
+
+
+def _declared_dependencies() -> set[str]:
+    """The ``dependency`` of every task registered on the current Celery app."""
+    from celery import current_app
+
+    try:
+        current_app.loader.import_default_modules()  # the task modules, as a worker imports them
+    except Exception:  # noqa: BLE001 - list the tasks already registered rather than none
+        if "_declared_dependencies" not in _warned:
+            _warned.add("_declared_dependencies")
+            logger.warning("recovery: metrics could not import the Celery task modules",
+                           exc_info=True)
+    names = set()
+    for task in list(current_app.tasks.values()):
+        value = getattr(task, "dependency", None)
+        if isinstance(value, str) and value:
+            names.add(value)
+    return names
+
+
+def _stored_circuits(store: Any) -> set[str]:
+    """Circuits with a record in the store: one SCAN of its Redis db, or one query."""
+    from .shared_state import KEY_PREFIX, DatabaseStore, RedisStore
+
+    prefix = "circuit:"  # recovery.circuit.Circuit.key
+    if isinstance(store, RedisStore):
+        start = len(KEY_PREFIX + prefix)
+        return {key.decode("utf-8", "replace")[start:]
+                for key in store.client.scan_iter(match=f"{KEY_PREFIX}{prefix}*", count=1000)}
+    if isinstance(store, DatabaseStore):
+        from .models import SharedState
+
+        return {key[len(prefix):] for key in SharedState.objects
+                .filter(key__startswith=prefix).values_list("key", flat=True)}
+    return set()
 
 
 class _Merged:
@@ -337,13 +487,13 @@ class _Events:
 
 
 def registry(*, database: bool = False) -> Any:
-    """A registry to expose: the event metrics, the spool backlog and, with ``database``,
-    the database backlogs."""
+    """A registry to expose: the event metrics, the spool backlog and, with ``database``
+    (the Django view), the database backlogs and the shared circuit states."""
     from prometheus_client import CollectorRegistry
 
     collectors: list[Any] = [SpoolCollector()]
     if database:
-        collectors.insert(0, DatabaseCollector())
+        collectors[:0] = [DatabaseCollector(), CircuitCollector()]
     result = CollectorRegistry(auto_describe=False)
     result.register(_Events())
     result.register(_Merged(*collectors))

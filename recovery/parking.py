@@ -21,7 +21,7 @@ from django.db import IntegrityError, close_old_connections, transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from . import conf, metrics
+from . import conf, escalation, metrics
 from .fingerprint import fingerprint
 from .models import DeadLetter
 from .spool import BadRecord, Spool
@@ -110,7 +110,8 @@ def spool() -> Spool:
     return Spool(conf.spool_dir())
 
 
-def park(record: ParkRecord, *, backend: Any = None, request: Any = None) -> ParkOutcome:
+def park(record: ParkRecord, *, backend: Any = None, request: Any = None,
+         exc: BaseException | None = None) -> ParkOutcome:
     """Write ``record`` as the task's one dead letter; spool it if the database is down.
 
     Args:
@@ -118,6 +119,7 @@ def park(record: ParkRecord, *, backend: Any = None, request: Any = None) -> Par
         backend: a Celery result backend; when given with ``record.result``, the FAILURE
             result is stored in the same transaction (atomic with a django-db backend).
         request: the Celery request, for the backend's extended result fields.
+        exc: the exception, when the caller has it (Sentry then gets its stack frames).
 
     Raises:
         OSError: only when the database *and* the spool directory both refuse the
@@ -127,6 +129,7 @@ def park(record: ParkRecord, *, backend: Any = None, request: Any = None) -> Par
         try:
             letter_id = _write(record, backend, request)
             metrics.dead_letter_parked(record.task_name, record.kind, record.replay)
+            escalation.on_parked(record, letter_id, exc)
             return ParkOutcome(letter_id, spooled=False, result_stored=record.result is not None)
         except DatabaseError as exc:
             # A stale connection (database restarted) fails once; a fresh one may work.
@@ -139,6 +142,7 @@ def park(record: ParkRecord, *, backend: Any = None, request: Any = None) -> Par
     path = spool().put(record.to_dict())
     logger.warning("recovery: spooled dead letter %s[%s] to %s", record.task_name, record.task_id, path)
     metrics.dead_letter_parked(record.task_name, record.kind, record.replay)
+    escalation.on_parked(record, None, exc)
     return ParkOutcome(None, spooled=True, result_stored=record.result is not None)
 
 
@@ -262,7 +266,8 @@ def drain_spool(backend: Any = None, limit: int | None = None) -> int:
             record = ParkRecord.from_dict(data)
         except (TypeError, ValueError, AttributeError) as exc:
             raise BadRecord(f"not a dead-letter record: {exc}") from exc
-        _write(record, backend, None)
+        letter_id = _write(record, backend, None)
+        escalation.on_parked(record, letter_id, report=False)
 
     try:
         drained = pending.drain(handle, limit=limit)

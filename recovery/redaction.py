@@ -10,11 +10,13 @@ bound to the task's signature first, so ``charge(card_token)`` called as
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 from . import conf
 
-__all__ = ["MASK", "is_secret_key", "mask", "masked_payload", "has_secrets"]
+__all__ = ["MASK", "is_secret_key", "mask", "masked_payload", "has_secrets", "hidden_values",
+           "scrub_text", "scrub_strings"]
 
 MASK = "••••••"
 
@@ -77,3 +79,66 @@ def masked_payload(task_name: str, args: list, kwargs: dict, app: Any = None) ->
 
 def has_secrets(task_name: str, args: list, kwargs: dict, app: Any = None) -> bool:
     return masked_payload(task_name, args, kwargs, app) != (list(args or []), dict(kwargs or {}))
+
+
+#: Hidden values shorter than this are masked only where a text equals them, not inside text.
+_MIN_SUBSTRING_SECRET = 3
+
+
+def hidden_values(raw: Any, masked: Any) -> list:
+    """The values that masking hid in ``raw`` (compared with its ``masked`` copy).
+
+    An exception message or a traceback may quote an argument ("token tok_live_x
+    rejected"); whatever leaves the database for a person or a third party (Sentry, a
+    webhook, an e-mail) scrubs these values from its text too.
+    """
+    found: list = []
+
+    def leaves(value: Any) -> None:
+        if isinstance(value, Mapping):
+            for item in value.values():
+                leaves(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                leaves(item)
+        elif isinstance(value, bool) or value in (None, "", MASK):
+            return
+        elif isinstance(value, (str, int, float)):
+            found.append(value)
+
+    def walk(raw_value: Any, masked_value: Any) -> None:
+        if masked_value == MASK and raw_value != MASK:
+            leaves(raw_value)
+        elif isinstance(raw_value, Mapping) and isinstance(masked_value, Mapping):
+            for key, item in raw_value.items():
+                walk(item, masked_value.get(key))
+        elif isinstance(raw_value, (list, tuple)) and isinstance(masked_value, (list, tuple)):
+            for item, masked_item in zip(raw_value, masked_value):
+                walk(item, masked_item)
+
+    walk(raw, masked)
+    return found
+
+
+def scrub_text(text: str, values: Any) -> str:
+    """``text`` with each of ``values`` (from :func:`hidden_values`) masked."""
+    for secret in values:
+        as_text = secret if isinstance(secret, str) else str(secret)
+        if text == as_text:
+            return MASK
+        if len(as_text) >= _MIN_SUBSTRING_SECRET and as_text in text:
+            text = text.replace(as_text, MASK)
+    return text
+
+
+def scrub_strings(value: Any, values: Any) -> Any:
+    """A copy of JSON-like ``value`` with :func:`scrub_text` applied to every string."""
+    if not values:
+        return value
+    if isinstance(value, str):
+        return scrub_text(value, values)
+    if isinstance(value, Mapping):
+        return {key: scrub_strings(item, values) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub_strings(item, values) for item in value]
+    return value

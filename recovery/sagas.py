@@ -38,6 +38,10 @@ How a run moves (every transition is one transaction holding the run's row lock)
 6. Operators (admin, ``manage.py saga``) resume a held or failed run from the failed step,
    compensate a run by hand, and the dead-letter "compensate" of a step's letter
    compensates its run (:func:`compensate_letter`). Each is a ``SagaEvent``.
+7. A step (or compensation) still running past its ``timeout_seconds`` that no worker
+   holds lost its message: the watchdog (``recovery.watchdog``) dispatches it again under
+   a new task id (:func:`redispatch`, a ``redispatched`` event), a few times, then
+   escalates it.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
 from . import conf, headers as hdr, metrics, outbox
-from .models import DeadLetter, DeadLetterEvent, SagaEvent, SagaRun, SagaStep
+from .models import DeadLetter, DeadLetterEvent, Incident, SagaEvent, SagaRun, SagaStep
 
 __all__ = [
     "Saga",
@@ -75,6 +79,8 @@ __all__ = [
     "saga_of_letter",
     "escalate",
     "reconcile",
+    "redispatch",
+    "step_timeout_seconds",
     "on_task_succeeded",
     "on_task_parked",
 ]
@@ -125,26 +131,41 @@ class Step:
             needs undoing (a read, a notification).
         optional: a permanent failure of this step is recorded and skipped, neither held
             nor compensated (an email, a loyalty-points update).
+        timeout_seconds: how long after its dispatch the step (and its compensation) may
+            stay running before the watchdog (``recovery.watchdog``) dispatches it again,
+            as if its message was lost; None means
+            ``RECOVERY["WATCHDOG"]["SAGA_STEP_TIMEOUT_SECONDS"]``. Give a step that waits
+            long in its queue, or retries for long, a longer one.
     """
 
     task: Any
     compensate: Any = None
     optional: bool = False
+    timeout_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.optional, bool):
             raise SagaDefinitionError(f"optional must be True or False, not {self.optional!r}")
         if self.task is None:
             raise SagaDefinitionError("a step needs a task")
+        timeout = self.timeout_seconds
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise SagaDefinitionError(
+                f"timeout_seconds must be a positive number of seconds or None, not {timeout!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """The step as stored on each run (task names, not task objects)."""
-        return {
+        """The step as stored on each run (task names, not task objects). The timeout is
+        stored only when set, so a saga that declares none keeps its version digest."""
+        spec = {
             "task": _task_name(self.task, "a step's task"),
             "compensate": None if self.compensate is None
             else _task_name(self.compensate, "a step's compensation"),
             "optional": self.optional,
         }
+        if self.timeout_seconds is not None:
+            spec["timeout_seconds"] = float(self.timeout_seconds)
+        return spec
 
 
 @dataclass(frozen=True)
@@ -349,6 +370,55 @@ def _dispatch(run: SagaRun, index: int, role: str) -> str:
                    headers=_Ref(run.pk, index, role).header())
     run.current_step = index
     return task_id
+
+
+def step_timeout_seconds(definition: Mapping[str, Any], index: int) -> float | None:
+    """The ``timeout_seconds`` a run's snapshot gives step ``index`` (None: not set, or a
+    snapshot written before steps had one)."""
+    try:
+        value = definition["steps"][index].get("timeout_seconds")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else None
+
+
+def redispatch(step: SagaStep | int, *, task_id: str, dispatched_before: Any = None,
+               actor: str = "watchdog", note: str = "") -> str | None:
+    """Dispatch a running step (or compensation) again under a new task id, because its
+    message was lost: the run's outbox intent was published, but no worker ever ran it
+    to the end (a broker that lost it, a queue nobody consumes).
+
+    Like :func:`resume`, the new dispatch (``....<role>.<n>``) goes through the outbox in
+    the same transaction, under the run's lock, and the message of the old task id is
+    stale from then on (:func:`is_current` drops it), so at most one of the two advances
+    the run. The step must be idempotent, as every step must (its key stays the same).
+
+    Only acts if the row is still running under ``task_id`` (and was dispatched before
+    ``dispatched_before``, when given) in a running or compensating run; returns the new
+    task id, or None when the step moved on in the meantime. Records a ``redispatched``
+    ``SagaEvent``.
+    """
+    pk = step.pk if isinstance(step, SagaStep) else step
+    with transaction.atomic():
+        run_id = SagaStep.objects.filter(pk=pk).values_list("run_id", flat=True).first()
+        if run_id is None:
+            return None
+        run = _lock(run_id)
+        row = SagaStep.objects.filter(pk=pk).first()
+        if (row is None or row.status != State.RUNNING or row.task_id != task_id
+                or run.status not in (Run.RUNNING, Run.COMPENSATING)
+                or (dispatched_before is not None and row.dispatched_at is not None
+                    and row.dispatched_at >= dispatched_before)):
+            return None
+        new_id = _dispatch(run, row.index, row.role)
+        run.save(update_fields=["current_step", "updated_at"])
+        outcome = (f"{row.role} {row.index} ({row.task_name}) dispatched again as {new_id}: "
+                   f"{task_id} never finished")
+        SagaEvent.objects.create(run=run, action=SagaEvent.Action.REDISPATCHED, actor=actor,
+                                 note=note, outcome=outcome[:255])
+    logger.warning("saga %s run %s: %s", run.name, run.pk, outcome)
+    return new_id
 
 
 def _finish(run: SagaRun, status: str) -> None:
@@ -594,8 +664,9 @@ def _step_started(sender: Any = None, task_id: str | None = None, task: Any = No
 def escalate(run: SagaRun, reason: str) -> None:
     """A run needs a human: a compensation failed for good, so data may be inconsistent.
 
-    The one place escalation happens for sagas; extend it (alerts, tickets). Today it logs
-    at CRITICAL on the ``recovery.sagas`` logger and records an ``escalated`` event.
+    The one place escalation happens for sagas: a CRITICAL log line, an ``escalated``
+    event on the run, and (``RECOVERY["ESCALATION"]["ON_COMPENSATION_FAILURE"]``) an
+    incident per saga, linked to the run, through :mod:`recovery.escalation`.
     """
     logger.critical("saga %s run %s NEEDS A HUMAN: %s. Data may be inconsistent: fix the "
                     "cause, then `manage.py saga compensate %s` (runbook: "
@@ -606,6 +677,38 @@ def escalate(run: SagaRun, reason: str) -> None:
                                  actor="system", outcome=reason[:255])
     except DatabaseError:
         logger.exception("saga run %s: could not record the escalation", run.pk)
+    from . import escalation
+
+    try:
+        if not escalation.rules().on_compensation_failure:
+            return
+    except ValueError:
+        return
+    failed = SagaStep.objects.filter(run_id=run.pk, status=SagaStep.Status.FAILED).order_by(
+        "-finished_at", "-id").first()
+    escalation.escalate(escalation.Occurrence(
+        # One incident per run: each run left half undone needs its own fix.
+        fingerprint=f"saga:{run.pk}:compensation_failed:{run.name}"[:64],
+        reason=Incident.Reason.COMPENSATION_FAILED,
+        severity=Incident.Severity.CRITICAL,
+        title=f"Saga {run.name} run {run.pk} needs a human: {reason}"[:255],
+        task_name=failed.task_name if failed else "",
+        details={
+            "saga": run.name, "run": run.pk, "status": run.status, "reason": reason,
+            "failed_step": ({"index": failed.index, "role": failed.role, "task": failed.task_name,
+                             "task_id": failed.task_id, "error": failed.error} if failed else None),
+            "context": _masked(run.context),
+            "runbook": "docs/runbooks/saga-compensation-failed.md",
+            "links": {"run": escalation.admin_url(f"/admin/recovery/sagarun/{run.pk}/change/")},
+        },
+        saga_run_id=run.pk,
+    ))
+
+
+def _masked(value: Any) -> Any:
+    from .redaction import mask
+
+    return mask(value)
 
 
 # -- operator operations (admin and manage.py saga) -----------------------------------------

@@ -153,6 +153,10 @@ class RecoveryTask(Task):
             spent) or ``"fallback"``.
         degraded_mode / when_degraded: a degraded-mode switch (``recovery.degraded``) and
             what the task does while it is on: ``"defer"``, ``"fallback"`` or ``"run"``.
+        critical: its first dead letter opens an incident and notifies the on-call
+            (``recovery.escalation``), without waiting for a threshold.
+        deadline_seconds: how long a run may take before the watchdog calls it stuck;
+            None means ``RECOVERY["WATCHDOG"]["TASK_DEADLINE_SECONDS"]``.
     """
 
     retry_policy: RetryPolicy | None = None
@@ -163,6 +167,8 @@ class RecoveryTask(Task):
     when_circuit_open: str = "defer"
     degraded_mode: str | None = None
     when_degraded: str = "defer"
+    critical: bool = False
+    deadline_seconds: float | None = None
     acks_late = True
     reject_on_worker_lost = True
     max_retries = None  # the policy's max_attempts governs; see __init_subclass__
@@ -556,7 +562,7 @@ class RecoveryTask(Task):
             result=result,
         )
         try:
-            outcome = park(record, backend=real_backend, request=request)
+            outcome = park(record, backend=real_backend, request=request, exc=exc)
         except OSError as spool_exc:
             # Neither the database nor the spool took the letter: leave the message on
             # the broker (requeued) rather than acknowledge a task we could not keep.

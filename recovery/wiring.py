@@ -24,7 +24,8 @@ _REUSE_FOREVER = 2**31
 
 def setup(app: Celery) -> Celery:
     """Install the poison-parking consumer, the housekeeping timers, the Redis
-    visibility settings and database connection reuse. Returns ``app``."""
+    visibility settings, database connection reuse and the watchdog's Celery beat entry.
+    Returns ``app``."""
     from .worker import Housekeeping
 
     app.conf.update(
@@ -49,6 +50,7 @@ def setup(app: Celery) -> Celery:
         sender.conf.broker_transport_options = options
 
     app.on_after_configure.connect(_transport_options, weak=False)
+    app.on_after_configure.connect(_watchdog_schedule, weak=False)
     signals.task_prerun.connect(_reuse_connection, weak=False, dispatch_uid="recovery-db-reuse")
     signals.worker_init.connect(_metrics_worker_init, weak=False,
                                 dispatch_uid="recovery-metrics-init")
@@ -57,6 +59,39 @@ def setup(app: Celery) -> Celery:
     signals.worker_shutdown.connect(_metrics_worker_shutdown, weak=False,
                                     dispatch_uid="recovery-metrics-shutdown")
     return app
+
+
+WATCHDOG_ENTRY = "recovery-watchdog"
+
+
+def _watchdog_schedule(sender: Any = None, **kwargs: Any) -> None:
+    """Have workers register ``recovery.watchdog`` and Celery beat run it every
+    ``RECOVERY["WATCHDOG"]["INTERVAL_SECONDS"]`` (None: no entry). A ``beat_schedule``
+    entry of the project's own named ``recovery-watchdog`` is left as it is; so is
+    django-celery-beat's copy in the database, which it takes from ``beat_schedule``.
+
+    Runs when the app's configuration is read, maybe before Django's apps are ready: it
+    names the module (imported with the task modules) instead of importing it. A bad
+    value is reported by ``manage.py check`` (``recovery.E016``).
+    """
+    from . import conf
+
+    include = tuple(sender.conf.include or ())
+    if "recovery.watchdog" not in include:
+        sender.conf.include = (*include, "recovery.watchdog")
+    user = conf.get("WATCHDOG")
+    merged = {**conf.DEFAULTS["WATCHDOG"], **(user if isinstance(user, dict) else {})}
+    interval = merged.get("INTERVAL_SECONDS")
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
+        return
+    schedule = dict(sender.conf.beat_schedule or {})
+    schedule.setdefault(WATCHDOG_ENTRY, {
+        "task": "recovery.watchdog",
+        "schedule": float(interval),
+        # A sweep that could not start within one interval is superseded by the next.
+        "options": {"expires": float(interval)},
+    })
+    sender.conf.beat_schedule = schedule
 
 
 def _metrics_worker_init(sender: Any = None, **kwargs: Any) -> None:

@@ -289,7 +289,8 @@ class RecoveryRequest(Request):
 
 class Housekeeping(bootsteps.StartStopStep):
     """Timers in each worker: visibility extension, due retries, spool draining, outbox relay,
-    saga reconciliation."""
+    saga reconciliation, and the heartbeat metric; and the thread that delivers incident
+    notifications (recovery.notify), which may wait seconds on a webhook."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
@@ -310,9 +311,18 @@ class Housekeeping(bootsteps.StartStopStep):
                                     self._relay_outbox, (c,), priority=10),
             c.timer.call_repeatedly(float(conf.get("SAGA_RECONCILE_INTERVAL_SECONDS")),
                                     self._reconcile_sagas, (c,), priority=10),
+            c.timer.call_repeatedly(float(conf.get("HEARTBEAT_INTERVAL_SECONDS")),
+                                    self._heartbeat, (c,), priority=10),
         ]
+        self._heartbeat(c)
+        from .notify import Deliverer
+
+        self._deliverer = Deliverer().start()
 
     def stop(self, c):
+        deliverer, self._deliverer = getattr(self, "_deliverer", None), None
+        if deliverer is not None:
+            deliverer.stop()
         for entry in self._timers:
             try:
                 entry.cancel()
@@ -321,6 +331,15 @@ class Housekeeping(bootsteps.StartStopStep):
         self._timers = []
 
     shutdown = stop
+
+    @staticmethod
+    def _heartbeat(c) -> None:
+        from . import metrics
+
+        metrics.worker_heartbeat(c.hostname)
+        from .notify import flush_counts
+
+        flush_counts()
 
     @staticmethod
     def _extend_visibility(c) -> None:

@@ -16,3 +16,28 @@ def broker():
     client.flushdb()
     yield client
     client.flushdb()
+
+
+@pytest.fixture
+def smtp_server():
+    """A real SMTP server on localhost (aiosmtpd) that keeps every message it receives."""
+    import socket
+    from types import SimpleNamespace
+
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.handlers import Message
+
+    received = []
+
+    class Collect(Message):
+        def handle_message(self, message):
+            received.append(message)
+
+    probe = socket.socket()  # aiosmtpd checks readiness by connecting: it needs a real port
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    controller = Controller(Collect(), hostname="127.0.0.1", port=port)
+    controller.start()
+    yield SimpleNamespace(port=port, messages=received)
+    controller.stop()

@@ -1,6 +1,7 @@
 """Test settings: real PostgreSQL and Redis on localhost, found through
 TEST_DATABASE_URL and TEST_BROKER_URL (defaults below)."""
 
+import json
 import os
 
 import dj_database_url
@@ -38,6 +39,35 @@ RECOVERY = {
     "METRICS_PORT": int(os.environ["RECOVERY_METRICS_PORT"])
     if os.environ.get("RECOVERY_METRICS_PORT") else None,
     "METRICS_ADDRESS": "127.0.0.1",
+    # Escalation rules and channels of the worker processes of the escalation tests
+    # (tests/integration/test_escalation.py), as JSON.
+    "ESCALATION": json.loads(os.environ.get("RECOVERY_TEST_ESCALATION") or "{}"),
+    # The watchdog of the worker and beat processes of tests/integration/test_watchdog.py
+    # (short intervals and limits), as JSON.
+    "WATCHDOG": json.loads(os.environ.get("RECOVERY_TEST_WATCHDOG") or "{}"),
 }
 
+# Incident e-mail goes to a real SMTP server started by the escalation tests.
+if os.environ.get("RECOVERY_TEST_SMTP_PORT"):
+    EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    EMAIL_HOST = "127.0.0.1"
+    EMAIL_PORT = int(os.environ["RECOVERY_TEST_SMTP_PORT"])
+    ADMINS = [("On-call", "oncall@example.com")]
+
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+# Workers of tests/integration/test_sentry.py report to a local Sentry stand-in, with
+# sentry-sdk's Celery integration on, as a project would configure it. Without sentry-sdk's
+# DedupeIntegration, which would hide the Celery integration's second report of a parked
+# task in the simplest case: recovery's own filter must drop it.
+if os.environ.get("RECOVERY_TEST_SENTRY_DSN"):
+    import sentry_sdk
+    from sentry_sdk.integrations.celery import CeleryIntegration
+    from sentry_sdk.integrations.dedupe import DedupeIntegration
+
+    sentry_sdk.init(
+        dsn=os.environ["RECOVERY_TEST_SENTRY_DSN"],
+        integrations=[CeleryIntegration()],
+        disabled_integrations=[DedupeIntegration()],
+        _experiments={"transport_compression_level": 0},
+    )

@@ -7,7 +7,7 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
-from .harness import TcpProxy, Worker
+from .harness import Beat, TcpProxy, Worker
 
 
 @pytest.fixture
@@ -59,3 +59,18 @@ def db_proxy():
     proxy = TcpProxy(db["HOST"] or "127.0.0.1", int(db["PORT"] or 5432))
     yield proxy
     proxy.close()
+
+
+@pytest.fixture
+def start_beat(worker_env, tmp_path):
+    """``celery beat`` with the worker environment (plus ``env``), stopped after the test."""
+    started: list[Beat] = []
+
+    def start(env: dict | None = None) -> Beat:
+        beat = Beat(tmp_path, {**worker_env, **(env or {})})
+        started.append(beat)
+        return beat.wait_ready()
+
+    yield start
+    for beat in started:
+        beat.stop()

@@ -220,3 +220,91 @@ class StandIn:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class WebhookReceiver:
+    """A webhook endpoint on localhost that records every POST and answers with the
+    statuses queued in ``statuses`` (``(status, headers)`` or ``(status, headers, delay)``),
+    then 200."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: list[dict] = []
+        self.statuses: list[tuple] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with receiver._lock:
+                    receiver.requests.append({"headers": dict(self.headers), "body": body,
+                                              "path": self.path, "at": time.time()})
+                    answer = receiver.statuses.pop(0) if receiver.statuses else (200, {})
+                status, headers, delay = (tuple(answer) + (0.0,))[:3]
+                if delay:
+                    time.sleep(delay)
+                try:
+                    self.send_response(status)
+                    for name, value in headers.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"ok")
+                except OSError:
+                    pass  # the caller gave up waiting
+
+            def log_message(self, format, *args) -> None:  # noqa: A002
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/tickets"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def received(self) -> list[dict]:
+        with self._lock:
+            return list(self.requests)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Beat:
+    """``celery beat`` as a subprocess in its own process group, its schedule file (and
+    log) in ``work_dir``."""
+
+    def __init__(self, work_dir: Path, env: dict, app: str = "config.celery:app") -> None:
+        self.log_path = work_dir / "beat.log"
+        self._log = open(self.log_path, "wb")
+        args = [sys.executable, "-m", "celery", "-A", app, "beat", "-l", "INFO",
+                "-s", str(work_dir / "celerybeat-schedule"), "--max-interval", "1"]
+        self.process = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 30) -> "Beat":
+        def ready():
+            if self.process.poll() is not None:
+                raise AssertionError(f"beat exited:\n{self.log()[-4000:]}")
+            return "beat: Starting..." in self.log()
+        wait_for(ready, timeout, message="celery beat to start")
+        return self
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=30)
+        self._log.close()

@@ -38,4 +38,6 @@ def test_demo_runs_the_examples_on_the_embedded_default(tmp_path):
     reports = [line for line in out.splitlines() if line.startswith("sales_report")]
     assert "live figures, cached" in reports[0] and "(read-only mode)" in reports[1]
     assert "Circuit partner-api: open" in out
+    # charge_payment is critical: its dead letter opened an incident on the embedded default
+    assert "critical critical_task        Critical task tasks.tasks.charge_payment failed" in out
     assert (tmp_path / "demo.sqlite3").exists()

@@ -1,5 +1,6 @@
 """Prometheus metrics from a real prefork worker: every pool child's counts, recycled
-children included, summed on the worker's endpoint, in a format promtool accepts."""
+children included, summed on the worker's endpoint with the worker's heartbeat, in a format
+promtool accepts."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 
 import pytest
 import requests
@@ -113,6 +115,11 @@ def test_counts_from_every_pool_child_are_summed_on_the_worker_endpoint(start_wo
     assert value(found, "recovery_dead_letters_parked_total", task=flaky_name,
                  kind="dependency") == 0
     assert value(found, "recovery_spool_backlog") == 0
+    # ... with the heartbeat of the worker's main process, named by its Celery hostname
+    beats = {dict(labels)["worker"]: beat for (name, labels), beat in found.items()
+             if name == "recovery_worker_heartbeat_timestamp_seconds"}
+    assert len(beats) == 1 and next(iter(beats)).startswith("w1@"), beats
+    assert time.time() - 120 < next(iter(beats.values())) <= time.time() + 1
     for result in transient + declined:
         assert result.state == states.FAILURE
 
@@ -166,4 +173,6 @@ def test_the_django_view_sums_a_workers_counts_through_a_shared_directory(
                  transient="false") == 2
     assert value(found, "recovery_dead_letters", status="parked") == 2
     assert value(found, "recovery_collector_up", source="database") == 1
+    assert any(name == "recovery_worker_heartbeat_timestamp_seconds" for name, _ in found), \
+        "the worker's heartbeat is not on the view"
     promtool_check(text)

@@ -258,3 +258,31 @@ def test_a_shared_state_url_that_is_neither_redis_nor_database_is_an_error(recov
 def test_degraded_defer_seconds_must_be_positive(recovery, value):
     recovery(DEGRADED_DEFER_SECONDS=value)
     assert ids(check_recovery_settings()) == ["recovery.E006"]
+
+
+@pytest.mark.parametrize("escalation, fragment", [
+    ({"THRESHOLD_LETTERS": 0}, "THRESHOLD_LETTERS must be a positive integer or None"),
+    ({"WEBHOOK_URL": "https://tickets.example.com/hook"}, "WEBHOOK_URL needs WEBHOOK_SECRET"),
+    ({"WEBHOK_URL": "https://x"}, "unknown RECOVERY['ESCALATION'] keys: WEBHOK_URL"),
+])
+def test_bad_escalation_rules_are_an_error_that_says_what_to_fix(recovery, escalation, fragment):
+    recovery(ESCALATION=escalation)
+    problems = check_recovery_settings()
+    assert ids(problems) == ["recovery.E015"]
+    assert fragment in problems[0].msg
+
+
+def test_valid_escalation_rules_pass(recovery):
+    recovery(ESCALATION={"THRESHOLD_LETTERS": 5, "THRESHOLD_MINUTES": 2,
+                         "WEBHOOK_URL": "https://tickets.example.com/hook", "WEBHOOK_SECRET": "s"})
+    assert check_recovery_settings() == []
+
+
+@pytest.mark.parametrize("value", [0, -15, "15"])
+def test_the_heartbeat_interval_must_be_a_positive_number(recovery, value):
+    recovery(HEARTBEAT_INTERVAL_SECONDS=value)
+    problems = check_recovery_settings()
+    assert ids(problems) == ["recovery.E006"]
+    assert "HEARTBEAT_INTERVAL_SECONDS" in problems[0].msg
+    recovery(HEARTBEAT_INTERVAL_SECONDS=5)
+    assert check_recovery_settings() == []

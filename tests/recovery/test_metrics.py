@@ -3,19 +3,20 @@ database backlogs are read at scrape time, and a broken exporter never stops a p
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
 from celery import Celery
 from django.utils import timezone
 
-from recovery import RecoveryTask, RetryPolicy, metrics
+from recovery import RecoveryTask, RetryPolicy, metrics, shared_state
 from recovery import replay as service
-from recovery.circuit import Circuit
+from recovery.circuit import Circuit, CircuitPolicy
 from recovery.errors import DependencyError, PermanentError
 from recovery.models import DeadLetter, DueRetry, OutboxMessage
 from recovery.parking import ParkRecord, park
-from recovery.shared_state import DatabaseStore
+from recovery.shared_state import KEY_PREFIX, DatabaseStore
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -180,6 +181,98 @@ def test_circuit_changes_set_the_state_gauge_and_count_transitions():
                   state="closed") == 1
 
 
+# -- the circuits' shared state, read by the Django view ------------------------------------------
+
+
+def scraped(text: str, name: str) -> dict[tuple, float]:
+    """{sorted label items: value} of one metric in an exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {tuple(sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == name}
+
+
+@pytest.fixture(params=["redis", "database"])
+def shared_circuit(request, settings):
+    """Names of circuits on the shared state of this test run: its own Redis db
+    (TEST_BROKER_URL) or the database; their Redis records are removed afterwards."""
+    import uuid
+
+    import redis
+
+    url = settings.CELERY_BROKER_URL if request.param == "redis" else "database"
+    settings.RECOVERY = {**settings.RECOVERY, "SHARED_STATE_URL": url}
+    names: list[str] = []
+
+    def name(prefix: str) -> str:
+        names.append(f"{prefix}-{uuid.uuid4().hex[:8]}")
+        return names[-1]
+
+    yield name
+    if request.param == "redis":
+        client = redis.Redis.from_url(url)
+        client.delete(*[f"{KEY_PREFIX}circuit:{value}" for value in names] or ["-"])
+
+
+def test_the_view_shows_each_circuits_shared_state_whichever_worker_changed_it(
+        client, settings, shared_circuit):
+    # Given a circuit tripped by hand (known only by its record in the store), one
+    # half-open after its open time, one configured but never used, and one that another
+    # worker closed after this process saw it open
+    tripped, trial, configured, closed = (shared_circuit(p) for p in
+                                          ("tripped", "trial", "configured", "closed"))
+    settings.RECOVERY = {**settings.RECOVERY, "CIRCUITS": {configured: {}, "default": {}}}
+    Circuit(tripped).trip(seconds=600)
+    clock = [time.time()]
+    Circuit(trial, CircuitPolicy(open_seconds=1), clock=lambda: clock[0]).trip()
+    clock[0] += 2
+    assert Circuit(trial, CircuitPolicy(open_seconds=1), clock=lambda: clock[0]).allow().trial
+    Circuit(closed).trip()
+    shared_state.store().update(f"circuit:{closed}", lambda record: record.update(state="closed"))
+
+    # When Prometheus scrapes the Django view
+    response = client.get("/metrics")
+
+    # Then each circuit's gauge says what every worker obeys
+    assert response.status_code == 200
+    text = response.content.decode()
+    status = scraped(text, "recovery_circuit_status")
+    assert status[(("dependency", tripped),)] == 2
+    assert status[(("dependency", trial),)] == 1
+    assert status[(("dependency", configured),)] == 0
+    assert status[(("dependency", closed),)] == 0
+    # ... with the circuits the registered tasks declare, configured or not
+    assert (("dependency", "partner-api"),) in status
+    assert ("default",) not in {value for key in status for _, value in key}
+    assert scraped(text, "recovery_collector_up")[(("source", "shared_state"),)] == 1
+    # ... while this process's own gauge still says the last change it made: open
+    assert scraped(text, "recovery_circuit_state")[(("dependency", closed),)] == 2
+
+
+def test_the_view_still_answers_when_the_shared_state_cannot_be_read(client, settings):
+    # Given a shared-state Redis that refuses connections
+    settings.RECOVERY = {**settings.RECOVERY, "SHARED_STATE_URL": "redis://127.0.0.1:1/0"}
+
+    # When Prometheus scrapes the Django view
+    response = client.get("/metrics")
+
+    # Then it answers, without circuit states, and says which source it could not read
+    assert response.status_code == 200
+    text = response.content.decode()
+    assert scraped(text, "recovery_circuit_status") == {}
+    up = scraped(text, "recovery_collector_up")
+    assert up[(("source", "shared_state"),)] == 0
+    assert up[(("source", "database"),)] == 1
+
+
+def test_workers_endpoints_do_not_read_the_shared_circuit_state():
+    body, _content_type = metrics.exposition()
+    text = body.decode()
+    assert "recovery_circuit_status" not in text
+    assert "shared_state" not in text
+
+
 def test_the_view_reads_backlogs_from_the_database_at_scrape_time(client, settings, tmp_path):
     # Given two parked letters (the oldest an hour ago), one resolved, one outbox intent,
     # one due retry and one spooled letter
@@ -262,3 +355,52 @@ def test_a_worker_without_a_multiprocess_dir_gets_a_private_one_and_cleans_up(
         # Not monkeypatch.delenv: its undo would put the variable back.
         os.environ.pop(metrics.MULTIPROC_ENV, None)
         metrics._reset()
+
+
+def test_the_housekeeping_heartbeat_sets_the_workers_timestamp_gauge():
+    from types import SimpleNamespace
+
+    from recovery.worker import Housekeeping
+
+    # Given a worker's consumer, named by its Celery hostname
+    consumer = SimpleNamespace(hostname="w1@host-a")
+    before = time.time()
+
+    # When its housekeeping timer beats
+    Housekeeping._heartbeat(consumer)
+
+    # Then the gauge holds the time of the beat, labelled with the hostname
+    beat = sample("recovery_worker_heartbeat_timestamp_seconds", worker="w1@host-a")
+    assert before <= beat <= time.time()
+    metrics.worker_heartbeat("w1@host-a")
+    assert sample("recovery_worker_heartbeat_timestamp_seconds", worker="w1@host-a") >= beat
+
+
+def test_a_dead_workers_last_heartbeat_stays_in_a_shared_directory(tmp_path):
+    import os
+
+    # Given a multiprocess directory shared with the Django view
+    os.environ[metrics.MULTIPROC_ENV] = str(tmp_path)
+    metrics._reset()
+    try:
+        metrics.worker_heartbeat("w2@host-b")
+        beat = sample("recovery_worker_heartbeat_timestamp_seconds", worker="w2@host-b")
+        assert beat > 0
+
+        # When the worker's process is gone (marked dead, as a pool child is)
+        metrics.mark_process_dead(os.getpid())
+
+        # Then its last beat is still exposed, so its age grows until the alert fires
+        assert sample("recovery_worker_heartbeat_timestamp_seconds", worker="w2@host-b") == beat
+    finally:
+        # Not monkeypatch.delenv: its undo would put the variable back.
+        os.environ.pop(metrics.MULTIPROC_ENV, None)
+        metrics._reset()
+
+
+def test_a_broken_exporter_never_stops_a_heartbeat(monkeypatch):
+    def explode(key):
+        raise RuntimeError("exporter is broken")
+
+    monkeypatch.setattr(metrics, "_metric", explode)
+    assert metrics.worker_heartbeat("w3@host-c") is None

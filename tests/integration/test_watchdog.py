@@ -1,0 +1,109 @@
+"""The watchdog on real processes: a worker with two pool children, a real ``celery beat``
+running ``recovery.watchdog`` every second, Redis and PostgreSQL.
+
+Tasks and the saga are in ``tests/integration/watchdog_tasks.py``; the workers' watchdog
+settings arrive as JSON in ``RECOVERY_TEST_WATCHDOG`` (``tests/settings.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+
+import pytest
+from celery import current_app
+
+from recovery.models import DeadLetter, Incident, OutboxMessage, SagaEvent, SagaRun, SagaStep
+
+from . import watchdog_tasks
+from .harness import wait_for
+
+pytestmark = pytest.mark.integration
+
+INCLUDE = ("-I", "tests.integration.worker_tasks,tests.integration.watchdog_tasks")
+WATCHDOG = {"INTERVAL_SECONDS": 1, "SAGA_STEP_TIMEOUT_SECONDS": 2, "SAGA_STEP_MAX_REDISPATCHES": 2}
+ENV = {"RECOVERY_TEST_WATCHDOG": json.dumps(WATCHDOG)}
+HANG = watchdog_tasks.hang.name
+
+
+def test_a_task_hanging_past_its_deadline_opens_one_incident_that_names_it(
+        start_worker, start_beat, store, key):
+    # Given a worker with two pool children, and beat running the watchdog every second
+    worker = start_worker(env=ENV, extra=INCLUDE)
+    beat = start_beat(ENV)
+    # When a task whose deadline is 2 s hangs in one of the children
+    result = watchdog_tasks.hang.apply_async((key,), {"api_token": "tok_live_do_not_show"})
+    entry = wait_for(lambda: store.lindex(f"t:hang:{key}", 0), 10, message="the task to start")
+    task_id, _pid, started = entry.decode().split()
+    assert task_id == result.id
+
+    # What the watchdog reads: Celery's Request.info()["time_start"] is a Unix time (the
+    # worker's main process converts the pool's monotonic acceptance time), not monotonic.
+    active = current_app.control.inspect(timeout=1).active()
+    (info,) = [i for requests in active.values() for i in requests if i["id"] == result.id]
+    assert abs(info["time_start"] - float(started)) < 1.0
+
+    # Then, within 15 s, an incident names the task id, its worker and how long it ran
+    def incident():
+        return Incident.objects.filter(fingerprint=f"watchdog:task:{HANG}").first()
+    found = wait_for(incident, 15, message="a stuck-task incident")
+    seen_after = time.time() - float(started)
+    assert found.reason == Incident.Reason.STUCK_TASK and found.status == Incident.Status.OPEN
+    assert found.task_name == HANG
+    assert found.details["task_ids"] == [result.id]
+    (stuck,) = found.details["stuck"]
+    assert stuck["worker"].startswith("w1@")
+    assert stuck["deadline_seconds"] == 2
+    assert stuck["started_at_estimated"] is False
+    assert abs(datetime.fromisoformat(stuck["started_at"]).timestamp() - float(started)) < 1.0
+    assert 2 < stuck["running_seconds"] <= seen_after + 1
+    # ... with its secret argument masked
+    assert "tok_live_do_not_show" not in json.dumps(found.details)
+    assert "Sending due task recovery-watchdog (recovery.watchdog)" in beat.log()
+
+    # And later sweeps add to the same incident instead of opening another
+    wait_for(lambda: incident().count >= 2, 10, message="a second sweep to find it")
+    assert Incident.objects.filter(fingerprint=f"watchdog:task:{HANG}").count() == 1
+    # The watchdog killed nothing: the task is still running
+    assert result.id in [i["id"] for requests in
+                         current_app.control.inspect(timeout=1).active().values()
+                         for i in requests]
+    assert "recovery: 1 task of" in worker.log()
+
+    # Finally the on-call ends it the way the runbook says: it ends revoked, not parked
+    current_app.control.revoke(result.id, terminate=True, signal="SIGTERM")
+    wait_for(lambda: result.state == "REVOKED", 10, message="the task to be revoked")
+    assert result.id not in [i["id"] for requests in
+                             (current_app.control.inspect(timeout=1).active() or {}).values()
+                             for i in requests]
+    assert not DeadLetter.objects.filter(task_id=result.id).exists()
+
+
+def test_a_saga_step_whose_message_was_lost_is_dispatched_again_and_the_run_finishes(
+        start_worker, start_beat, broker, key):
+    # Given a run whose first step was published while no worker was up, and then lost
+    run = watchdog_tasks.lost_message_saga.start(key=key)
+    first = f"saga-{run.pk}-0-step"
+    assert OutboxMessage.objects.get(task_id=first).sent_at is not None
+    assert broker.delete("celery") == 1  # the broker lost the queue with the message
+    # When a worker and beat (the watchdog every second, step timeout 2 s) come up
+    start_worker(env=ENV, extra=INCLUDE)
+    start_beat(ENV)
+
+    # Then the watchdog dispatches the step again under a new task id, and the run finishes
+    def finished():
+        run.refresh_from_db()
+        return run.status == SagaRun.Status.SUCCEEDED
+    wait_for(finished, 20, message=f"run {run.pk} to succeed")
+    step = SagaStep.objects.get(run=run, index=0, role="step")
+    assert (step.task_id, step.dispatches, step.status) == (f"{first}.2", 2, "succeeded")
+    assert run.context["one"] == f"{first}.2"
+    event = SagaEvent.objects.get(run=run, action=SagaEvent.Action.REDISPATCHED)
+    assert event.actor == "watchdog"
+    assert event.outcome.startswith(f"step 0 ({watchdog_tasks.lost_step_one.name}) dispatched "
+                                    f"again as {first}.2")
+    # Each step ran once; nothing was escalated
+    assert [line.decode() for line in broker.lrange(f"t:lost:{key}", 0, -1)] == [
+        f"one {first}.2", f"two saga-{run.pk}-1-step"]
+    assert not Incident.objects.exists()
