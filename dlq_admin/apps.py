@@ -6,4 +6,10 @@ class DlqAdminConfig(AppConfig):
     verbose_name = "Dead-letter queue"
 
     def ready(self) -> None:
+        from django.contrib import admin
+
+        from . import incidents_admin  # noqa: F401 - registers the incident admin
         from . import sagas_admin  # noqa: F401 - registers the saga-run admin
+        from .views import install
+
+        install(admin.site)  # the on-call dashboard at /admin/recovery/dashboard/

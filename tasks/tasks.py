@@ -42,11 +42,12 @@ def cancel_order(self, order_id: int, amount_cents: int) -> dict:
 
 
 @shared_task(base=RecoveryTask, bind=True, retry_policy=DEMO_POLICY,
-             compensate="tasks.tasks.cancel_order")
+             compensate="tasks.tasks.cancel_order", critical=True)
 def charge_payment(self, order_id: int, amount_cents: int) -> dict:
     """A payment provider that declines a card: permanent, parked after one attempt.
 
-    Declares ``cancel_order`` as its compensation.
+    Declares ``cancel_order`` as its compensation, and is critical: its first dead letter
+    opens an incident (``recovery.escalation``) instead of waiting for a threshold.
     """
     if amount_cents > 100_000:
         raise DependencyError(f"card declined for order {order_id}: amount over limit",

@@ -53,11 +53,13 @@ class Command(BaseCommand):
             self._print_table(sent)
             self._run_resilience(options["timeout"])
             self._run_sagas(options["timeout"])
+            self._print_incidents()
             if options["no_serve"]:
                 return
             self.stdout.write(self.style.SUCCESS(
                 f"\nAdmin: http://{options['addrport']}/admin/  login: demo / {password}\n"
-                "Dead letters: http://{}/admin/recovery/deadletter/  (Ctrl-C to stop)".format(
+                "Dead letters: http://{0}/admin/recovery/deadletter/\n"
+                "On-call dashboard: http://{0}/admin/recovery/dashboard/  (Ctrl-C to stop)".format(
                     options["addrport"])
             ))
             call_command("runserver", options["addrport"], use_reloader=False)
@@ -136,6 +138,17 @@ class Command(BaseCommand):
             self.stdout.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
             if index == 0:
                 self.stdout.write("  ".join("-" * width for width in widths))
+
+    def _print_incidents(self) -> None:
+        from recovery.models import Incident
+
+        incidents = list(Incident.objects.exclude(status=Incident.Status.RESOLVED)
+                         .order_by("first_seen_at"))
+        self.stdout.write(f"\nIncidents open: {len(incidents)} (python manage.py incidents; "
+                          "/admin/recovery/incident/; docs/escalation.md)")
+        for incident in incidents:
+            self.stdout.write(f"  #{incident.pk} {incident.severity:<8} {incident.reason:<20} "
+                              f"{incident.title[:90]}")
 
     def _print_table(self, sent) -> None:
         rows = [("task", "arguments", "attempts", "outcome", "classification")]
