@@ -104,7 +104,7 @@ def seed(n: int) -> None:
                  '    raise PermanentError(f"order {i} cannot be processed")\n'
                  "recovery.errors.PermanentError: order @ cannot be processed\n")
     with connection.cursor() as cursor:
-        cursor.execute(f"TRUNCATE {letters}, {events} RESTART IDENTITY")
+        cursor.execute(f"TRUNCATE {letters}, {events} RESTART IDENTITY CASCADE")
         cursor.execute(
             f"""
             INSERT INTO {letters} (

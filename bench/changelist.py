@@ -99,7 +99,7 @@ def seed(n: int) -> None:
     types = "(ARRAY[" + ",".join(f"'{t}'" for _, t, _ in KINDS) + "])"
     messages = "(ARRAY[" + ",".join(f"'{m}'" for _, _, m in KINDS) + "])"
     with connection.cursor() as cursor:
-        cursor.execute(f"TRUNCATE {letters}, {events} RESTART IDENTITY")
+        cursor.execute(f"TRUNCATE {letters}, {events} RESTART IDENTITY CASCADE")
         cursor.execute("SELECT setseed(0.42)")
         for low in range(1, n + 1, CHUNK):
             high = min(n, low + CHUNK - 1)

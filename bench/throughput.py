@@ -86,7 +86,7 @@ def run_side(task_name: str, n: int, concurrency: int, with_recovery: bool) -> t
     from recovery.models import DeadLetter
 
     with connection.cursor() as cursor:  # TRUNCATE: no dead tuples left to slow the next run
-        cursor.execute(f"TRUNCATE {TaskResult._meta.db_table}, {DeadLetter._meta.db_table}")
+        cursor.execute(f"TRUNCATE {TaskResult._meta.db_table}, {DeadLetter._meta.db_table} CASCADE")
     redis.Redis.from_url(BROKER_URL).flushdb()
     with app.producer_or_acquire() as producer:
         for i in range(n):

@@ -20,7 +20,7 @@ Everything here runs after the letter is safely written and inside its own
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -292,31 +292,33 @@ def on_parked(record: "ParkRecord", letter_id: int | None, exc: BaseException | 
 
 def _escalate_letter(record: "ParkRecord", letter_id: int, chosen: EscalationRules) -> None:
     fp = _fingerprint(record)
-    occurrence = dict(
-        fingerprint=fp, task_name=record.task_name, kind=record.kind, queue=record.queue,
-        details=letter_diagnostics(record, letter_id, chosen.admin_base_url), letter_id=letter_id,
-    )
-    exc_text = _one_line(f"{record.exception_type.rsplit('.', 1)[-1]}: "
-                         f"{occurrence['details']['exception']['message']}")
-    if _add_to_open(fp, letter_id, occurrence["details"]):
+
+    def details() -> dict:
+        return letter_diagnostics(record, letter_id, chosen.admin_base_url)
+
+    if _add_to_open(fp, letter_id, details):
         # The same problem is already in front of a human: add to it, announce nothing.
         return
     if chosen.on_compensation_failure and _compensation_failed(record):
-        _upsert(Occurrence(
-            reason=Incident.Reason.COMPENSATION_FAILED, severity=Incident.Severity.CRITICAL,
-            title=f"Compensation {record.task_name} failed: {exc_text}", **occurrence), chosen)
+        reason, severity, window = Incident.Reason.COMPENSATION_FAILED, Incident.Severity.CRITICAL, []
+        title = f"Compensation {record.task_name} failed: "
     elif _is_critical(record.task_name, chosen):
-        _upsert(Occurrence(
-            reason=Incident.Reason.CRITICAL_TASK, severity=Incident.Severity.CRITICAL,
-            title=f"Critical task {record.task_name} failed: {exc_text}", **occurrence), chosen)
+        reason, severity, window = Incident.Reason.CRITICAL_TASK, Incident.Severity.CRITICAL, []
+        title = f"Critical task {record.task_name} failed: "
     else:
         window = _threshold_crossed(fp, chosen)
-        if window:
-            occurrence["letter_ids"] = tuple(window)
-            _upsert(Occurrence(
-                reason=Incident.Reason.THRESHOLD,
-                title=f"{record.task_name}: {len(window)} dead letters in "
-                      f"{chosen.threshold_minutes:g} min: {exc_text}", **occurrence), chosen)
+        if not window:
+            return
+        reason, severity = Incident.Reason.THRESHOLD, Incident.Severity.ERROR
+        title = (f"{record.task_name}: {len(window)} dead letters in "
+                 f"{chosen.threshold_minutes:g} min: ")
+    diagnostics = details()
+    exception = diagnostics["exception"]
+    title += f"{exception['type'].rsplit('.', 1)[-1]}: {exception['message']}"
+    _upsert(Occurrence(
+        fingerprint=fp, reason=reason, severity=severity, title=title,
+        task_name=record.task_name, kind=record.kind, queue=record.queue, details=diagnostics,
+        letter_id=letter_id, letter_ids=tuple(window)), chosen)
 
 
 def escalate(occurrence: Occurrence) -> Incident | None:
@@ -341,15 +343,54 @@ def escalate(occurrence: Occurrence) -> Incident | None:
     return incident
 
 
-def _add_to_open(fp: str, letter_id: int, details: dict) -> bool:
+_ADD_TO_OPEN_SQL = """
+WITH incident AS (
+    SELECT id, last_seen_at FROM {incident}
+     WHERE fingerprint = %s AND status IN ('open', 'acknowledged')
+), linked AS (
+    INSERT INTO {letters} (incident_id, deadletter_id)
+    SELECT id, %s FROM incident
+    ON CONFLICT DO NOTHING
+    RETURNING incident_id
+)
+UPDATE {incident}
+   SET count = count + (SELECT count(*) FROM linked), last_seen_at = %s
+ WHERE id IN (SELECT id FROM incident)
+RETURNING id, (SELECT last_seen_at FROM incident)
+"""
+#: A storm of one failure refreshes its incident's diagnostics at most this often.
+_DETAILS_REFRESH = timedelta(seconds=1)
+
+
+def _add_to_open(fp: str, letter_id: int, details: Callable[[], dict]) -> bool:
+    """Add a letter to its fingerprint's open incident, if there is one.
+
+    A storm of one failure runs this for every letter, so it must stay cheap: on
+    PostgreSQL one statement finds, links (once per letter), counts and touches, and the
+    diagnostics of the latest letter (a traceback) are built and written at most once a
+    second.
+    """
+    now = timezone.now()
+    if connection.vendor == "postgresql" and not connection.in_atomic_block:
+        sql = _ADD_TO_OPEN_SQL.format(incident=Incident._meta.db_table,
+                                      letters=Incident.letters.through._meta.db_table)
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [fp, letter_id, now])
+            row = cursor.fetchone()
+        if row is None:
+            return False
+        incident_id, seen_before = row
+        if seen_before is None or seen_before < now - _DETAILS_REFRESH:
+            Incident.objects.filter(pk=incident_id).update(details=details())
+        return True
     incident_id = (Incident.objects.filter(fingerprint=fp, status__in=OPEN_STATUSES)
                    .values_list("pk", flat=True).first())
     if incident_id is None:
-        return False  # the common case: one probe of the partial unique index
+        return False
     with transaction.atomic():
         new = _link(incident_id, {letter_id})
         Incident.objects.filter(pk=incident_id).update(
-            count=F("count") + new, last_seen_at=timezone.now(), details=details)
+            count=F("count") + new, last_seen_at=now, details=details())
     return True
 
 

@@ -7,6 +7,7 @@ variable parts (numbers, UUIDs, hex ids, quoted strings) replaced.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -31,6 +32,7 @@ def normalise_message(message: str) -> str:
     return _NUMBER.sub("<n>", text)
 
 
+@functools.lru_cache(maxsize=256)  # parking, escalation and Sentry each ask for the same letter's
 def fingerprint(task_name: str, exception_type: str, message: str) -> str:
     key = "\x1f".join((task_name, exception_type, normalise_message(message)))
     return hashlib.sha1(key.encode("utf-8", "backslashreplace")).hexdigest()

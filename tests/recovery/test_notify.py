@@ -304,7 +304,8 @@ def test_an_endpoint_that_answers_garbage_costs_an_attempt_and_blocks_nothing(se
             conn.sendall(b"garbage not http\r\n\r\n")
             conn.close()
 
-    threading.Thread(target=answer, daemon=True).start()
+    answering = threading.Thread(target=answer, daemon=True)
+    answering.start()
     settings.RECOVERY = {**settings.RECOVERY, "ESCALATION": {
         "WEBHOOK_URL": f"http://127.0.0.1:{garbage.getsockname()[1]}/",
         "WEBHOOK_SECRET": SECRET, "THRESHOLD_LETTERS": 1}}
@@ -312,7 +313,11 @@ def test_an_endpoint_that_answers_garbage_costs_an_attempt_and_blocks_nothing(se
         parked()
         assert notify.deliver_due() == 0
     finally:
+        # shutdown() wakes the blocked accept(); close() alone would leave the port
+        # listening with the thread, answering garbage to whoever binds it next
+        garbage.shutdown(sockets.SHUT_RDWR)
         garbage.close()
+        answering.join(5)
     note = IncidentNotification.objects.get()
     assert (note.status, note.attempts) == ("pending", 1)
     assert note.last_error.startswith("webhook answered badly: BadStatusLine")
