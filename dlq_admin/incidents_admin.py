@@ -32,6 +32,9 @@ from recovery import escalation
 from recovery.models import Incident, IncidentNotification
 
 #: operation -> (permission codename, past tense, statuses it acts on, explanation)
+#: Incidents one bulk action acts on; more are refused with a message (act again).
+BULK_MAX = 500
+
 OPERATIONS = {
     "acknowledge": (
         "acknowledge_incident", "acknowledged", (Incident.Status.OPEN,),
@@ -281,11 +284,14 @@ class IncidentAdmin(admin.ModelAdmin):
         return TemplateResponse(request, "admin/recovery/incident/confirm.html", context)
 
     def _bulk(self, request, queryset, operation: str):
-        incidents = list(queryset.order_by("pk")[:500])
+        incidents = list(queryset.order_by("pk")[:BULK_MAX])
         if request.POST.get("post") == "yes":
             self._apply(request, incidents, operation, request.POST.get("note", "").strip())
             return None
+        selected = queryset.count()
         return self._confirm(request, operation, incidents, queryset=queryset,
+                             capped=selected if selected > len(incidents) else None,
+                             bulk_max=BULK_MAX,
                              action_name=f"{operation}_selected",
                              action_checkbox_name=helpers.ACTION_CHECKBOX_NAME)
 

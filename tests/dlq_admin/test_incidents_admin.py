@@ -357,3 +357,19 @@ def test_actions_are_offered_only_with_their_permission_and_otherwise_change_not
     html = client.get(reverse("admin:recovery_incident_changelist")).content.decode()
     assert "acknowledge_selected" in html and "resolve_selected" not in html
     assert "delete_selected" not in html
+
+
+def test_a_bulk_action_over_its_limit_says_so_and_acts_on_the_first_ones(client, monkeypatch):
+    from dlq_admin import incidents_admin
+
+    monkeypatch.setattr(incidents_admin, "BULK_MAX", 2)
+    incidents = [make_incident(f"incident {n}", fingerprint=f"fp-{n}") for n in range(3)]
+    operator(client, "view_incident", "acknowledge_incident")
+
+    confirm = action(client, "acknowledge_selected", incidents)
+    assert ("3 incidents are selected; one action acts on at most 2: the first 2 by id"
+            in confirm.content.decode())
+
+    action(client, "acknowledge_selected", incidents, post="yes")
+    assert sorted(Incident.objects.values_list("title", "status")) == [
+        ("incident 0", "acknowledged"), ("incident 1", "acknowledged"), ("incident 2", "open")]
