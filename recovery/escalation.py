@@ -245,10 +245,18 @@ def _threshold_crossed(fp: str, chosen: EscalationRules) -> list[int]:
     if chosen.threshold_letters is None:
         return []
     since = timezone.now() - timedelta(minutes=chosen.threshold_minutes)
+    # All of the window's letters (up to a bound), not only N: letters parked at the same
+    # instant by other workers, whose own check came a moment too early, belong to it too.
+    # Letters of an incident already resolved were dealt with: they do not count again.
     found = list(DeadLetter.objects.filter(fingerprint=fp, last_failed_at__gte=since)
+                 .exclude(incidents__fingerprint=fp)
                  .order_by("-last_failed_at", "-id")
-                 .values_list("id", flat=True)[: chosen.threshold_letters])
+                 .values_list("id", flat=True)[: max(chosen.threshold_letters, _WINDOW_MAX)])
     return found if len(found) >= chosen.threshold_letters else []
+
+
+#: The most letters an incident links when it opens (the rest join as they park).
+_WINDOW_MAX = 1000
 
 
 def on_parked(record: "ParkRecord", letter_id: int | None, exc: BaseException | None = None,

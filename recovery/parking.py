@@ -131,13 +131,13 @@ def park(record: ParkRecord, *, backend: Any = None, request: Any = None,
             metrics.dead_letter_parked(record.task_name, record.kind, record.replay)
             escalation.on_parked(record, letter_id, exc)
             return ParkOutcome(letter_id, spooled=False, result_stored=record.result is not None)
-        except DatabaseError as exc:
+        except DatabaseError as db_error:  # not `exc`: that name is the task's exception
             # A stale connection (database restarted) fails once; a fresh one may work.
             discard_broken_connections()
             if attempt == 2:
                 logger.warning(
                     "recovery: database unavailable while parking %s[%s] (%s); spooling",
-                    record.task_name, record.task_id, exc,
+                    record.task_name, record.task_id, db_error,
                 )
     path = spool().put(record.to_dict())
     logger.warning("recovery: spooled dead letter %s[%s] to %s", record.task_name, record.task_id, path)

@@ -388,3 +388,19 @@ def test_each_saga_run_that_needs_a_human_gets_its_own_incident(escalation_setti
         escalate_saga(run, "compensation failed for good")
     assert sorted(Incident.objects.values_list("saga_run_id", flat=True)) == sorted(
         r.pk for r in runs)
+
+
+@db
+def test_letters_of_a_resolved_incident_do_not_count_towards_the_next(escalation_settings):
+    escalation_settings(THRESHOLD_LETTERS=3)
+    for n in (1, 2, 3):
+        park(record(n))
+    escalation.resolve(Incident.objects.get(), actor="erin")
+
+    park(record(4))
+    park(record(5))
+    assert Incident.objects.count() == 1  # two new letters: below the threshold
+    park(record(6))
+    reopened = Incident.objects.exclude(status="resolved").get()
+    assert sorted(reopened.letters.values_list("task_id", flat=True)) == [
+        "task-4", "task-5", "task-6"]

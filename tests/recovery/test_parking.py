@@ -413,3 +413,25 @@ def test_a_spooled_file_that_is_not_a_letter_is_set_aside_and_does_not_block_the
     assert drain_spool() == 1
     assert DeadLetter.objects.filter(task_id="behind-the-stray").exists()
     assert stray.with_suffix(".bad").exists() and not stray.exists()
+
+
+def test_a_database_outage_spools_the_letter_and_still_hands_the_exception_on(monkeypatch):
+    from django.db import OperationalError
+
+    from recovery import escalation, parking
+
+    def database_down(*args, **kwargs):
+        raise OperationalError("connection refused")
+
+    told = []
+    monkeypatch.setattr(parking, "_write", database_down)
+    monkeypatch.setattr(escalation, "on_parked",
+                        lambda record, letter_id, exc=None, **kw: told.append((letter_id, exc)))
+    failure = ValueError("card declined for order 1234")
+
+    outcome = park(make_record(), exc=failure)
+
+    assert outcome.spooled is True and outcome.letter_id is None
+    assert [path.name for path in spool().paths()] and len(list(spool().paths())) == 1
+    # Sentry still gets the task's own exception (not the database's) for a spooled letter
+    assert told == [(None, failure)]
