@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -472,7 +473,8 @@ def _describe(app: Any, worker: str, info: Mapping[str, Any], started: float, el
         "queue": str(delivery.get("routing_key") or ""),
         "started_at": datetime.fromtimestamp(started, tz=dt_timezone.utc).isoformat(),
         "started_at_estimated": estimated,
-        "running_seconds": round(elapsed, 1),
+        # Rounded up: a task just past its deadline must not read as exactly at it.
+        "running_seconds": math.ceil(elapsed * 10) / 10,
         "deadline_seconds": deadline,
         "args": args,
         "kwargs": kwargs,
