@@ -401,12 +401,39 @@ def _unprepare(letters: list[DeadLetter], operation: str = "replay") -> None:
 
 
 def mark_replay_succeeded(task_id: str) -> int:
-    """Called by RecoveryTask when a replayed run succeeds."""
+    """Called by RecoveryTask when a replayed run succeeds.
+
+    Also resolves a letter the watchdog gave up for lost (parked again with a
+    ``replay_lost`` event, nothing since): its replay was only late, queued behind a
+    backlog or unseen by a busy worker, and an operator must not replay it twice.
+    """
+    now = timezone.now()
     resolved = DeadLetter.objects.filter(
         task_id=task_id, status=DeadLetter.Status.REPLAYING,
-    ).update(status=DeadLetter.Status.RESOLVED, updated_at=timezone.now())
+    ).update(status=DeadLetter.Status.RESOLVED, updated_at=now)
+    if not resolved:
+        resolved = _resolve_late_replay(task_id, now)
     metrics.on_commit(metrics.replay_outcome, "resolved", resolved)
     return resolved
+
+
+def _resolve_late_replay(task_id: str, now) -> int:
+    with transaction.atomic():
+        letter = (DeadLetter.objects.select_for_update()
+                  .filter(task_id=task_id, status=DeadLetter.Status.PARKED).first())
+        if letter is None:
+            return 0
+        last = letter.events.order_by("-at", "-pk").first()
+        if (last is None or last.action != DeadLetterEvent.Action.REPLAY_LOST
+                or letter.last_failed_at > last.at):
+            return 0  # parked for a reason of its own since
+        DeadLetter.objects.filter(pk=letter.pk).update(status=DeadLetter.Status.RESOLVED,
+                                                        updated_at=now)
+        DeadLetterEvent.objects.create(
+            letter_id=letter.pk, action=DeadLetterEvent.Action.REPLAYED, actor="system",
+            outcome="the replay the watchdog gave up for lost reported back: it succeeded; "
+                    "resolved")
+    return 1
 
 
 # -- compensation ---------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from typing import Any, Protocol
 
 from celery import Task, current_app, shared_task
 from django.db import DatabaseError, connection, transaction
-from django.db.models import Count, Max, Min
+from django.db.models import Count, Max, Min, Q
 from django.utils import timezone
 
 from . import conf, escalation, sagas
@@ -79,6 +79,8 @@ INSPECT_TIMEOUT_SECONDS = 1.0
 LISTED = 50
 #: most saga steps or letters one sweep acts on; the next sweep takes the rest
 BATCH = 500
+#: Pages of BATCH overdue saga steps one sweep looks at.
+MAX_PAGES = 20
 #: key of the PostgreSQL advisory lock that keeps two sweeps from overlapping
 LOCK_KEY = zlib.crc32(TASK_NAME.encode())
 #: Request.info()["time_start"] is a Unix time since Celery 5.3; anything before this is
@@ -205,9 +207,15 @@ class Workers(Protocol):
         a retry's ETA. Raises if the workers cannot be asked (the broker is down)."""
 
 
+class WorkersUnreachable(RuntimeError):
+    """No worker answered: what they hold is unknown, so nothing is recovered this time."""
+
+
 class BrokerWorkers:
-    """The workers asked over the broker (Celery's remote control). A worker that does
-    not answer within ``timeout`` seconds is taken as holding nothing."""
+    """The workers asked over the broker (Celery's remote control). When some workers
+    answer, one that does not answer within ``timeout`` seconds is taken as holding
+    nothing; when none answers, :meth:`holding` raises :class:`WorkersUnreachable` and the
+    checks that would act on the answer do nothing this time (they count as failed)."""
 
     def __init__(self, app: Any, timeout: float = INSPECT_TIMEOUT_SECONDS) -> None:
         self.app = app
@@ -224,7 +232,12 @@ class BrokerWorkers:
         held: set[str] = set()
         for start in range(0, len(ids), 100):
             wanted = ids[start:start + 100]
-            replies = self.app.control.inspect(timeout=self.timeout).query_task(wanted) or {}
+            replies = self.app.control.inspect(timeout=self.timeout).query_task(wanted)
+            if not replies:
+                # No worker answered (a deploy, a broker hiccup, main processes too busy):
+                # "nobody holds it" is unknown, and acting on it could run work twice.
+                raise WorkersUnreachable(
+                    f"no worker answered query_task within {self.timeout:g}s")
             for reply in replies.values():
                 if isinstance(reply, Mapping):
                     held.update(task_id for task_id in reply if task_id in wanted)
@@ -486,9 +499,25 @@ def _describe(app: Any, worker: str, info: Mapping[str, Any], started: float, el
 
 def _check_saga_steps(app: Any, chosen: WatchdogPolicy, workers: Workers, now: datetime,
                       dry_run: bool) -> dict[str, int]:
-    overdue = _overdue_steps(chosen, now)
-    if not overdue:
-        return {}
+    totals = {"redispatched_steps": 0, "stuck_steps": 0}
+    after = None
+    # Page by page (oldest first): steps that used up their re-dispatches stay running
+    # until a human acts, and must not hide the newer ones behind them.
+    for _ in range(MAX_PAGES):
+        overdue = _overdue_steps(chosen, now, after=after)
+        if not overdue:
+            break
+        counts = _handle_overdue(overdue, chosen, workers, now, dry_run)
+        for key, value in counts.items():
+            totals[key] += value
+        if len(overdue) < BATCH:
+            break
+        after = (overdue[-1]["dispatched_at"], overdue[-1]["pk"])
+    return {key: value for key, value in totals.items() if value}
+
+
+def _handle_overdue(overdue: list[dict], chosen: WatchdogPolicy, workers: Workers,
+                    now: datetime, dry_run: bool) -> dict[str, int]:
     ids = {row["task_id"] for row in overdue}
     # Not lost: waiting for a delayed retry, not published yet (the outbox check's), or
     # parked without its run being told (recovery.sagas.reconcile records it).
@@ -522,14 +551,17 @@ def _check_saga_steps(app: Any, chosen: WatchdogPolicy, workers: Workers, now: d
             "stuck_steps": sum(len(rows) for rows in exhausted.values())}
 
 
-def _overdue_steps(chosen: WatchdogPolicy, now: datetime) -> list[dict]:
+def _overdue_steps(chosen: WatchdogPolicy, now: datetime,
+                   after: tuple[datetime, int] | None = None) -> list[dict]:
     """Running steps of running (or compensating) runs dispatched longer ago than their
-    timeout, oldest first, at most ``BATCH``."""
+    timeout, oldest first, at most ``BATCH``, after the ``(dispatched_at, pk)`` given."""
     rows = (SagaStep.objects
             .filter(status=SagaStep.Status.RUNNING, dispatched_at__isnull=False,
                     dispatched_at__lt=now,
-                    run__status__in=(SagaRun.Status.RUNNING, SagaRun.Status.COMPENSATING))
-            .order_by("dispatched_at")
+                    run__status__in=(SagaRun.Status.RUNNING, SagaRun.Status.COMPENSATING)))
+    if after is not None:
+        rows = rows.filter(Q(dispatched_at__gt=after[0]) | Q(dispatched_at=after[0], pk__gt=after[1]))
+    rows = (rows.order_by("dispatched_at", "pk")
             .values("pk", "run_id", "index", "role", "task_name", "task_id", "dispatches",
                     "attempts", "dispatched_at", "started_at", "run__name", "run__definition"))
     overdue = []

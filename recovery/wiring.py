@@ -49,8 +49,14 @@ def setup(app: Celery) -> Celery:
         options.setdefault("unacked_restore_throttle", 1)
         sender.conf.broker_transport_options = options
 
-    app.on_after_configure.connect(_transport_options, weak=False)
-    app.on_after_configure.connect(_watchdog_schedule, weak=False)
+    if app.configured:
+        # The configuration was read already (app.conf touched before setup):
+        # on_after_configure has fired and will not fire again.
+        _transport_options(app)
+        _watchdog_schedule(app)
+    else:
+        app.on_after_configure.connect(_transport_options, weak=False)
+        app.on_after_configure.connect(_watchdog_schedule, weak=False)
     signals.task_prerun.connect(_reuse_connection, weak=False, dispatch_uid="recovery-db-reuse")
     signals.worker_init.connect(_metrics_worker_init, weak=False,
                                 dispatch_uid="recovery-metrics-init")

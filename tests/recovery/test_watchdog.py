@@ -155,9 +155,12 @@ def test_the_watchdog_task_is_a_plain_celery_task_even_under_task_cls():
     from celery import current_app
 
     from recovery.task import RecoveryTask
-    from tests.integration import task_cls_app
 
-    for app in (current_app, task_cls_app.app):
+    project = current_app._get_current_object()
+    from tests.integration import task_cls_app  # its Celery() becomes the current app
+
+    project.set_current()  # ...which later tests must not inherit
+    for app in (project, task_cls_app.app):
         task = app.tasks["recovery.watchdog"]
         assert not isinstance(task, RecoveryTask)
         assert task.ignore_result
@@ -552,3 +555,72 @@ def test_manage_py_watchdog_dry_run_prints_the_report_and_changes_nothing(broker
     call_command("watchdog", stdout=out)
     assert "1 unsent outbox message(s)" in out.getvalue()
     assert Incident.objects.get().fingerprint == "watchdog:outbox"
+
+
+# -- review fixes ---------------------------------------------------------------------------
+
+
+def test_a_replay_given_up_for_lost_that_succeeds_later_still_resolves_its_letter(
+        watchdog_settings):
+    from recovery.replay import mark_replay_succeeded
+
+    watchdog_settings(REPLAYING_AFTER_SECONDS=60)
+    late = letter(1, last_failed_at=timezone.now() - timedelta(minutes=5))
+    # Given the watchdog parked the letter first (its replay was queued behind a backlog)
+    assert watchdog.sweep(workers=Held(), now=later(61)).lost_replays == 1
+    late.refresh_from_db()
+    assert late.status == "parked"
+    # When the replayed run finally succeeds
+    assert mark_replay_succeeded(late.task_id) == 1
+    # Then the letter is resolved, with the reason in its trail
+    late.refresh_from_db()
+    assert late.status == "resolved"
+    assert late.events.order_by("-at", "-pk").first().outcome.startswith(
+        "the replay the watchdog gave up for lost reported back")
+
+
+def test_a_letter_parked_again_for_its_own_reason_is_not_resolved_by_a_late_success(
+        watchdog_settings):
+    from recovery.replay import mark_replay_succeeded
+
+    watchdog_settings(REPLAYING_AFTER_SECONDS=60)
+    late = letter(1, last_failed_at=timezone.now() - timedelta(minutes=5))
+    watchdog.sweep(workers=Held(), now=later(61))
+    DeadLetter.objects.filter(pk=late.pk).update(last_failed_at=later(120))  # failed again
+    assert mark_replay_succeeded(late.task_id) == 0
+    late.refresh_from_db()
+    assert late.status == "parked"
+
+
+def test_when_no_worker_answers_nothing_is_taken_for_lost():
+    from types import SimpleNamespace
+
+    from recovery.watchdog import BrokerWorkers, WorkersUnreachable
+
+    silent = SimpleNamespace(control=SimpleNamespace(
+        inspect=lambda timeout: SimpleNamespace(query_task=lambda ids: None)))
+    with pytest.raises(WorkersUnreachable, match="no worker answered"):
+        BrokerWorkers(silent).holding(["task-1"])
+
+
+def test_unreachable_workers_fail_the_checks_that_act_and_recover_nothing(watchdog_settings):
+    watchdog_settings(REPLAYING_AFTER_SECONDS=60)
+    waiting = letter(1)
+    report = watchdog.sweep(workers=Held(broken=True), now=later(61))
+    assert "replaying" in report.failed_checks
+    waiting.refresh_from_db()
+    assert waiting.status == "replaying"
+
+
+def test_setup_after_the_configuration_was_read_still_schedules_the_watchdog():
+    from celery import Celery
+
+    import recovery
+
+    app = Celery("late", set_as_current=False)
+    app.conf.timezone = "UTC"  # reading or writing the conf finalises the configuration
+    _ = app.conf.beat_schedule
+    recovery.setup(app)
+    assert app.conf.beat_schedule["recovery-watchdog"]["task"] == "recovery.watchdog"
+    assert "recovery.watchdog" in app.conf.include
+    assert app.conf.broker_transport_options["visibility_timeout"] > 0
