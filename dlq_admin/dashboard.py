@@ -19,7 +19,7 @@ HTML or URLs. ``now`` is a parameter everywhere so tests choose the clock.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone as dt_timezone
 
 from django.db.models import Case, Count, Max, Q, When
 from django.db.models.functions import Trunc
@@ -124,6 +124,9 @@ def _buckets(first: datetime, size: timedelta, count: int, total: dict[datetime,
              parked: dict[datetime, int]) -> list[Bucket]:
     """Sum hourly counts into ``count`` buckets of ``size`` from ``first`` (absolute time, so
     a daylight-saving change never shifts a bucket)."""
+    # In UTC: arithmetic on two datetimes of the same zone is wall-clock arithmetic in
+    # Python, which a daylight-saving change would skew by an hour.
+    first = first.astimezone(dt_timezone.utc)
     starts = [first + size * i for i in range(count)]
     sums = [[0, 0] for _ in starts]
     for counts, column in ((total, 0), (parked, 1)):
@@ -146,8 +149,9 @@ def parked_buckets(now: datetime | None = None) -> tuple[list[Bucket], list[Buck
     this_hour = local.replace(minute=0, second=0, microsecond=0)
     this_block = this_hour.replace(hour=this_hour.hour - this_hour.hour % 6)
     hour, block = timedelta(hours=1), timedelta(hours=6)
-    day_start = this_hour - 23 * hour
-    week_start = this_block - 27 * block
+    # Counted back in UTC, so 24 buckets are 24 real hours across a daylight-saving change.
+    day_start = this_hour.astimezone(dt_timezone.utc) - 23 * hour
+    week_start = this_block.astimezone(dt_timezone.utc) - 27 * block
     total, parked = _hourly(week_start)
     return (_buckets(day_start, hour, 24, total, parked),
             _buckets(week_start, block, 28, total, parked))

@@ -117,6 +117,22 @@ def test_parked_buckets_follow_the_current_time_zone(settings):
     assert week[-1].total == 1
 
 
+def test_hourly_buckets_stay_one_real_hour_across_a_daylight_saving_change(settings):
+    settings.TIME_ZONE = "Europe/Berlin"  # 2026-03-29 02:00 CET -> 03:00 CEST
+    now = datetime(2026, 3, 29, 3, 30, tzinfo=dt_timezone.utc)  # 05:30 CEST
+    letter(datetime(2026, 3, 29, 0, 30, tzinfo=dt_timezone.utc))  # 01:30 CET
+    letter(datetime(2026, 3, 29, 1, 30, tzinfo=dt_timezone.utc))  # 03:30 CEST
+    day, _week = dashboard.parked_buckets(now)
+    utc = dt_timezone.utc
+    assert all(b.end.astimezone(utc) - b.start.astimezone(utc) == timedelta(hours=1) for b in day)
+    assert day[-1].end.astimezone(utc) - day[0].start.astimezone(utc) == timedelta(hours=24)
+    assert day[-1].start == datetime(2026, 3, 29, 3, 0, tzinfo=dt_timezone.utc)
+    # each letter in the bucket of its own real hour, none lost or merged
+    found = {b.start: b.total for b in day if b.total}
+    assert found == {datetime(2026, 3, 29, 0, 0, tzinfo=dt_timezone.utc): 1,
+                     datetime(2026, 3, 29, 1, 0, tzinfo=dt_timezone.utc): 1}
+
+
 def test_top_tasks_and_fingerprints_of_the_last_day_most_letters_first():
     for _ in range(3):
         letter(NOW - timedelta(hours=1), task_name="tasks.charge", fingerprint="a" * 40,
