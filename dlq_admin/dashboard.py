@@ -28,10 +28,11 @@ from django.utils import timezone
 from recovery.circuit import HALF_OPEN, OPEN, policy_for
 from recovery.models import DeadLetter, Incident, SagaRun
 
+from .groups import FailureGroup, groups as failure_groups
 from .resilience import CircuitRow, circuit_row, known_circuits
 
 __all__ = [
-    "Bucket", "KindCount", "TaskCount", "FingerprintCount", "OldestLetter", "IncidentSummary",
+    "Bucket", "KindCount", "TaskCount", "OldestLetter", "IncidentSummary",
     "SagaSummary", "Level", "status_counts", "kind_counts", "parked_buckets", "parked_since",
     "top_tasks", "top_fingerprints", "oldest_parked", "open_incidents", "sagas_needing_human",
     "circuit_states", "levels", "GREEN", "AMBER", "RED",
@@ -185,35 +186,10 @@ def top_tasks(now: datetime | None = None, limit: int = 10) -> list[TaskCount]:
     return [TaskCount(row["task_name"], row["total"], row["parked"], row["last"]) for row in rows]
 
 
-@dataclass(frozen=True)
-class FingerprintCount:
-    fingerprint: str
-    task_name: str
-    exception_type: str
-    sample_message: str
-    total: int
-    parked: int
-    last_failed_at: datetime
-
-
-def top_fingerprints(now: datetime | None = None, limit: int = 10) -> list[FingerprintCount]:
+def top_fingerprints(now: datetime | None = None, limit: int = 10) -> list[FailureGroup]:
     """The failures (fingerprints) with the most letters in the last 24 hours, most first,
-    each with the message of its latest letter."""
-    since = _now(now) - timedelta(hours=24)
-    rows = list(
-        DeadLetter.objects.filter(last_failed_at__gte=since).order_by()
-        .values("fingerprint")
-        .annotate(total=Count("*"), parked=Count("pk", filter=Q(status=PARKED)),
-                  last=Max("last_failed_at"), task=Max("task_name"),
-                  exception=Max("exception_type"), sample=Max("pk"))
-        .order_by("-total", "-last")[:limit]
-    )
-    messages = dict(DeadLetter.objects.filter(pk__in=[row["sample"] for row in rows])
-                    .values_list("pk", "exception_message"))
-    return [FingerprintCount(row["fingerprint"], row["task"], row["exception"],
-                             (messages.get(row["sample"]) or "")[:200], row["total"],
-                             row["parked"], row["last"])
-            for row in rows]
+    each with the message of its latest letter: the failure groups of the last day."""
+    return failure_groups(status=None, limit=limit, since=_now(now) - timedelta(hours=24))
 
 
 # -- the oldest parked letter ----------------------------------------------------------------

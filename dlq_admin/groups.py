@@ -33,18 +33,21 @@ class FailureGroup:
 
 
 def groups(status: str | None = DeadLetter.Status.PARKED, task_name: str | None = None,
-           limit: int = PAGE_SIZE) -> list[FailureGroup]:
+           limit: int = PAGE_SIZE, since: datetime | None = None) -> list[FailureGroup]:
     """Groups of letters by fingerprint, largest first.
 
     ``status`` narrows the letters counted (parked by default: the groups that still need
     someone, cheap to compute through the status index even with millions of resolved
-    rows); None counts every letter.
+    rows); None counts every letter. ``since`` counts only letters that failed since then
+    (the dashboard's last 24 hours, through ``recovery_dl_last_failed``).
     """
     letters = DeadLetter.objects.all()
     if status:
         letters = letters.filter(status=status)
     if task_name:
         letters = letters.filter(task_name=task_name)
+    if since is not None:
+        letters = letters.filter(last_failed_at__gte=since)
     rows = (
         letters.order_by().values("fingerprint")
         .annotate(total=Count("pk"),

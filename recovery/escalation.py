@@ -177,13 +177,6 @@ def incident_link(incident_id: int, base: str | None = None) -> str:
                               f"/admin/recovery/incident/{incident_id}/change/"), base)
 
 
-def _custom_header(headers: Mapping[str, Any], name: str) -> Any:
-    nested = headers.get("headers") if isinstance(headers, Mapping) else None
-    if isinstance(nested, Mapping) and nested.get(name) is not None:
-        return nested[name]
-    return headers.get(name) if isinstance(headers, Mapping) else None
-
-
 def letter_diagnostics(record: "ParkRecord", letter_id: int | None, base: str = "") -> dict:
     """What an engineer needs to act on a letter, with secrets masked."""
     from .redaction import hidden_values, mask, masked_payload, scrub_strings, scrub_text
@@ -234,7 +227,7 @@ def _is_critical(task_name: str, chosen: EscalationRules) -> bool:
 
 
 def _compensation_failed(record: "ParkRecord") -> bool:
-    if _custom_header(record.headers, hdr.COMPENSATES):
+    if hdr.from_options(record.headers, hdr.COMPENSATES):
         return True
     # A saga's compensation escalates through recovery.sagas.escalate, with its run.
     return False

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["HISTORY", "POLICY", "STARTED_AT", "REPLAY", "COMPENSATES", "SAGA", "CARRIED", "read", "policy_header"]
+__all__ = ["HISTORY", "POLICY", "STARTED_AT", "REPLAY", "COMPENSATES", "SAGA", "CARRIED", "read",
+           "from_options", "policy_header"]
 
 HISTORY = "recovery_history"
 POLICY = "recovery_policy"
@@ -39,6 +40,21 @@ def read(request: Any, name: str, default: Any = None) -> Any:
         headers = getattr(request, "headers", None) or {}
         value = headers.get(name) if isinstance(headers, Mapping) else None
     return default if value is None else value
+
+
+def from_options(options: Any, name: str) -> Any:
+    """A custom header from a dead letter's stored execution options (``letter.headers``).
+
+    A letter parked by its task keeps custom headers under ``"headers"``; one parked by
+    the worker's main process (delivery cap, hard time limit) keeps the raw request's,
+    at the top level.
+    """
+    if not isinstance(options, Mapping):
+        return None
+    nested = options.get("headers")
+    if isinstance(nested, Mapping) and nested.get(name) is not None:
+        return nested[name]
+    return options.get(name)
 
 
 def policy_header(policy: Any) -> dict[str, Any]:

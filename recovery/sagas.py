@@ -824,13 +824,7 @@ def compensate(run: SagaRun | int, *, actor: str = "system", note: str = "") -> 
 
 def saga_of_letter(letter: DeadLetter) -> dict | None:
     """The ``recovery_saga`` header a dead letter's task carried, or None."""
-    options = letter.headers or {}
-    custom = options.get("headers") or {}
-    header = custom.get(hdr.SAGA) if isinstance(custom, Mapping) else None
-    if header is None:
-        # Parked by the worker's main process (delivery cap, hard time limit): the raw
-        # request keeps custom headers at the top level.
-        header = options.get(hdr.SAGA)
+    header = hdr.from_options(letter.headers, hdr.SAGA)
     return header if _Ref.parse(header) is not None else None
 
 

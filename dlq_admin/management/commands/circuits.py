@@ -14,23 +14,16 @@ tripped once it has a record. The same operations are on the admin page
 
 from __future__ import annotations
 
-import getpass
 import json
 import logging
 
 from django.core.management.base import BaseCommand, CommandError
 
+from dlq_admin.management.actor import cli_actor
 from dlq_admin.resilience import NAME, circuit_row, circuit_rows, known_circuits
 from recovery.circuit import Circuit
 
 logger = logging.getLogger("recovery.circuit")
-
-
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except Exception:  # noqa: BLE001 - no user name in some containers
-        return "cli"
 
 
 def _when(moment) -> str:
@@ -100,7 +93,7 @@ class Command(BaseCommand):
     def do_reset(self, options):
         breaker = self._circuit(options["name"])
         breaker.reset()
-        logger.warning("recovery: circuit %s reset (closed) by %s", breaker.name, _actor())
+        logger.warning("recovery: circuit %s reset (closed) by %s", breaker.name, cli_actor())
         self.stdout.write(f"Circuit {breaker.name} is closed: calls go through again.")
 
     def do_trip(self, options):
@@ -109,7 +102,7 @@ class Command(BaseCommand):
             raise CommandError("--seconds must be positive")
         breaker = self._circuit(options["name"])
         breaker.trip(seconds=seconds)
-        logger.warning("recovery: circuit %s tripped (open) by %s", breaker.name, _actor())
+        logger.warning("recovery: circuit %s tripped (open) by %s", breaker.name, cli_actor())
         row = circuit_row(breaker.name)
         self.stdout.write(f"Circuit {breaker.name} is open until {_when(row.open_until)}: tasks "
                           f"that depend on it are deferred or use their fallback.")

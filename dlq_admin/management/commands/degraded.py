@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
-from dlq_admin.management.commands.circuits import _actor
+from dlq_admin.management.actor import cli_actor
 from dlq_admin.resilience import NAME, mode_rows
 from recovery import degraded
 
@@ -39,7 +39,7 @@ class Command(BaseCommand):
         if not NAME.match(mode):
             raise CommandError(f"{mode!r} is not a mode name (letters, digits, . _ : -)")
         try:
-            degraded.switch(mode, verb == "on", actor=_actor(), reason=options["reason"])
+            degraded.switch(mode, verb == "on", actor=cli_actor(), reason=options["reason"])
         except Exception as exc:  # noqa: BLE001
             raise CommandError(f"the shared state cannot be reached; {mode} unchanged: "
                                f"{exc}") from None

@@ -17,7 +17,6 @@ the admin. Exit status 1 when some letters could not be handled.
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from django.db.models import Count
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
+from dlq_admin.management.actor import cli_actor
 from recovery import replay as service
 from recovery.models import DeadLetter
 from recovery.parking import drain_spool
@@ -129,13 +129,6 @@ class Command(BaseCommand):
             raise CommandError("no terminal to confirm on; add --yes (after a --dry-run) to "
                                "run without asking; nothing changed") from None
 
-    @staticmethod
-    def _actor() -> str:
-        try:
-            return f"cli:{getpass.getuser()}"
-        except Exception:  # noqa: BLE001 - no user name in some containers
-            return "cli"
-
     # -- verbs ----------------------------------------------------------------------------
 
     def handle(self, *args, **options):
@@ -191,7 +184,7 @@ class Command(BaseCommand):
                               f"({result.done} ok, {result.failed} failed)")
 
         result = service.bulk(
-            verb, qs, actor=self._actor(), batch_size=options["batch_size"],
+            verb, qs, actor=cli_actor(), batch_size=options["batch_size"],
             rate=options.get("rate"), queue=options.get("queue"), note=options["note"],
             progress=progress,
         )
@@ -236,7 +229,7 @@ class Command(BaseCommand):
             self.stdout.write("No letters match; nothing to purge.")
             if not options["dry_run"]:
                 # Still forget stale delivery counts: a routine purge usually finds no letter.
-                retention.purge(plan, batch_size=options["batch_size"], actor=self._actor())
+                retention.purge(plan, batch_size=options["batch_size"], actor=cli_actor())
             return
         if options["dry_run"]:
             self.stdout.write(f"Would delete {count} letter{'s' if count != 1 else ''} "
@@ -252,7 +245,7 @@ class Command(BaseCommand):
             self.stderr.write(f"  {deleted}/{count} deleted")
 
         deleted = retention.purge(plan, batch_size=options["batch_size"], progress=progress,
-                                  actor=self._actor())
+                                  actor=cli_actor())
         self.stdout.write(f"Purged {deleted} letter{'s' if deleted != 1 else ''}.")
 
     def do_export(self, options):

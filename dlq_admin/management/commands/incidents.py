@@ -17,22 +17,15 @@ Acknowledge and resolve go through recovery.escalation, the same service as the 
 
 from __future__ import annotations
 
-import getpass
 import json
 
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 from django.utils.timesince import timesince
 
+from dlq_admin.management.actor import cli_actor
 from recovery import escalation, notify
 from recovery.models import Incident, IncidentNotification
-
-
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except Exception:  # noqa: BLE001 - no user name in some containers
-        return "cli"
 
 
 def _ago(moment) -> str:
@@ -119,12 +112,12 @@ class Command(BaseCommand):
         self.stdout.write(json.dumps(incident.details, default=str, indent=2))
 
     def do_ack(self, options):
-        incident = escalation.acknowledge(self._get(options["id"]), actor=_actor(),
+        incident = escalation.acknowledge(self._get(options["id"]), actor=cli_actor(),
                                           note=options["note"])
         self.stdout.write(f"incident {incident.pk}: {incident.status}")
 
     def do_resolve(self, options):
-        incident = escalation.resolve(self._get(options["id"]), actor=_actor(),
+        incident = escalation.resolve(self._get(options["id"]), actor=cli_actor(),
                                       note=options["note"])
         self.stdout.write(f"incident {incident.pk}: {incident.status}")
 

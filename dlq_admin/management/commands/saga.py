@@ -12,13 +12,13 @@ locked, the change audited (a SagaEvent, actor cli:<user>). Exit status 1 when r
 
 from __future__ import annotations
 
-import getpass
 import json
 
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 from django.utils.timesince import timesince
 
+from dlq_admin.management.actor import cli_actor
 from recovery import sagas
 from recovery.models import SagaRun
 
@@ -56,13 +56,6 @@ class Command(BaseCommand):
         reconcile = sub.add_parser("reconcile", help="record step outcomes the workers missed")
         reconcile.add_argument("--older-than", type=float, default=60.0,
                                help="only steps dispatched longer ago than this (seconds)")
-
-    @staticmethod
-    def _actor() -> str:
-        try:
-            return f"cli:{getpass.getuser()}"
-        except Exception:  # noqa: BLE001 - no user name in some containers
-            return "cli"
 
     def _run(self, pk: int) -> SagaRun:
         try:
@@ -123,7 +116,7 @@ class Command(BaseCommand):
             if answer.strip().lower() not in ("y", "yes"):
                 raise CommandError("aborted; nothing changed")
         try:
-            run = getattr(sagas, verb)(run, actor=self._actor(), note=options["note"])
+            run = getattr(sagas, verb)(run, actor=cli_actor(), note=options["note"])
         except sagas.SagaError as exc:
             raise CommandError(str(exc)) from None
         event = run.events.first()
