@@ -98,6 +98,9 @@ if CELERY_BROKER_URL.startswith("filesystem"):
         "processed_folder": str(_broker_dir / "processed"),
         "store_processed": False,
     }
+    # Messages written atomically (config/filesystem_broker.py): the stock transport lets
+    # a polling worker read a message file before it is filled.
+    CELERY_BROKER_TRANSPORT = "config.filesystem_broker:Transport"
 CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True
 CELERY_ACCEPT_CONTENT = ["json"]
