@@ -29,16 +29,17 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from kombu.serialization import dumps, loads
 
-from . import conf, metrics, replay
+from . import conf, metrics, replay, sagas
 from .spool import BadRecord, Spool
 
-__all__ = ["RESULT", "REPLAY_SUCCEEDED", "defer", "defer_result", "apply",
+__all__ = ["RESULT", "REPLAY_SUCCEEDED", "SAGA_SUCCEEDED", "defer", "defer_result", "apply",
            "is_deferred"]
 
 logger = logging.getLogger(__name__)
 
 RESULT = "result"
 REPLAY_SUCCEEDED = "replay_succeeded"
+SAGA_SUCCEEDED = "saga_succeeded"
 
 # Request fields the result backends read for extended results (task name, args, worker,
 # queue); the rest of a request is not needed to store a result.
@@ -122,9 +123,14 @@ def _apply_replay_succeeded(data: dict, backend: Any) -> None:
     replay.mark_replay_succeeded(data["task_id"])
 
 
+def _apply_saga_succeeded(data: dict, backend: Any) -> None:
+    sagas.record_completion(data["saga"], data["task_id"], data.get("retval"))
+
+
 _APPLIERS: dict[str, Callable[[dict, Any], None]] = {
     RESULT: _apply_result,
     REPLAY_SUCCEEDED: _apply_replay_succeeded,
+    SAGA_SUCCEEDED: _apply_saga_succeeded,
 }
 
 
