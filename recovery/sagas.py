@@ -610,16 +610,22 @@ def on_task_succeeded(saga: Any, retval: Any, task_id: str) -> None:
         deferred.defer(deferred.SAGA_SUCCEEDED, saga=saga, task_id=task_id,
                        retval=json.loads(json.dumps(retval, default=str)))
         logger.error("saga run %s: could not record the completion of %s (%s); spooled, the "
-                     "run advances when the database is back", saga, task_id, error)
+                     "run advances when the database is back", _run_of(saga), task_id, error)
         return
     except OSError as spool_exc:
         logger.critical("saga run %s: could not record the completion of %s (database: %s; "
-                        "spool: %s); requeueing it in %.0fs", saga, task_id, error, spool_exc,
+                        "spool: %s); requeueing it in %.0fs", _run_of(saga), task_id, error,
+                        spool_exc,
                         _REQUEUE_PAUSE_SECONDS)
     # Requeued messages come straight back: pause so an outage does not turn the step
     # (idempotent, but maybe an external call) into a tight loop.
     time.sleep(_REQUEUE_PAUSE_SECONDS)
     raise Reject(error, requeue=True) from error
+
+
+def _run_of(saga: Any) -> Any:
+    ref = _Ref.parse(saga)
+    return ref.run if ref is not None else saga
 
 
 def record_completion(saga: Any, task_id: str, retval: Any) -> None:
