@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import threading
 import time
 import uuid
 
@@ -273,6 +275,60 @@ def test_result_store_on_a_restarted_connection_is_retried_on_a_fresh_one(
     assert not DeadLetter.objects.filter(task_id=result.id).exists()
     assert runs(store, key) == 1
     assert "cannot be decoded" not in worker.log()
+
+
+class Unanswered:
+    """A database host that hangs: it accepts connections on ``port`` and never answers,
+    so a client waits for its connect timeout (5 s in config/settings.py)."""
+
+    def __init__(self, port: int) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen(64)
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._hold, daemon=True).start()
+
+    def _hold(self) -> None:
+        while True:
+            try:
+                self.held.append(self.listener.accept()[0])
+            except OSError:
+                return
+
+    def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        for sock in self.held:
+            sock.close()
+
+
+def test_result_store_against_a_hanging_database_is_spooled_after_the_connect_timeout(
+        start_worker, store, key, db_proxy, worker_env, settings):
+    # Given a worker that reaches PostgreSQL through a proxy, running a payment
+    start_worker(env={"TEST_DATABASE_URL": via_proxy(worker_env, db_proxy)})
+    result = t.charge_when_told.delay(key, 9)
+    wait_for(lambda: store.get(f"t:waiting:{key}"), 30, message="the body to run")
+    # When the database host stops answering (connections dropped, new ones hang)
+    db_proxy.cut()
+    hung = Unanswered(db_proxy.port)
+    try:
+        store.set(f"t:go:{key}", 1)
+        # Then the write is spooled once the retry times out, and the message acknowledged
+        spool = settings.RECOVERY["SPOOL_DIR"]
+        wait_for(lambda: spooled(spool), 40, message="spooled result")
+        wait_for(lambda: store.hlen("unacked") == 0, 20, message="message acknowledged")
+    finally:
+        hung.close()
+    # And once the database answers again the result is stored; nothing was parked
+    db_proxy.restore()
+    wait_for(lambda: result_state(result.id) == states.SUCCESS, 40, message="SUCCESS result")
+    assert result.get(timeout=5) == {"charged": 9, "runs": 1}
+    assert not DeadLetter.objects.filter(task_id=result.id).exists()
+    assert runs(store, key) == 1
 
 
 def test_result_the_serializer_cannot_encode_is_not_called_undecodable(start_worker, store, key):
