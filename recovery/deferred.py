@@ -100,7 +100,10 @@ def _apply_result(data: dict, backend: Any) -> None:
     backend = backend or current_app.backend
     task_id = data["task_id"]
     at = _parse_time(data["at"])
-    meta = backend.get_task_meta(task_id)
+    # Uncached: a long-lived drain must see what other workers stored since. A run of the
+    # same task finishing between this read and the store below is not excluded; the
+    # window is one round trip, just after the database came back.
+    meta = backend.get_task_meta(task_id, cache=False)
     status = meta.get("status")
     if status == states.SUCCESS:
         return  # already stored (an earlier drain, or a later run that succeeded too)
