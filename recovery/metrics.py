@@ -37,7 +37,7 @@ __all__ = [
     "task_failed", "retry_scheduled", "dead_letter_parked", "replay_outcome",
     "compensation_outcome", "fallback_used", "fallback_failed", "circuit_changed",
     "saga_escalated", "worker_heartbeat", "incident_opened", "incident_resolved",
-    "notification_outcome", "exposition", "ensure_multiprocess_dir",
+    "notification_outcome", "internal_error", "write_deferred", "exposition", "ensure_multiprocess_dir",
     "multiprocess_dir", "mark_process_dead", "start_worker_server", "stop_worker_server",
     "DatabaseCollector", "SpoolCollector", "CircuitCollector", "CIRCUIT_STATE_VALUES",
 ]
@@ -69,6 +69,14 @@ _SPECS: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
     "fallback_failures": ("recovery_fallback_failures", "counter",
                           "Fallbacks that failed too (the task was then parked).",
                           ("task", "reason"), ""),
+    "internal_errors": ("recovery_internal_errors", "counter",
+                        "Errors outside a task's body that were not its failure (a result "
+                        "store, the pool): the task was neither parked nor marked failed.",
+                        ("task", "exception"), ""),
+    "deferred_writes": ("recovery_deferred_writes", "counter",
+                        "Bookkeeping writes the database refused after a task succeeded, "
+                        "spooled for the drain: result, replay_succeeded, saga_succeeded.",
+                        ("type",), ""),
     "circuit_state": ("recovery_circuit_state", "gauge",
                       "Circuit breaker state per dependency, as last changed by this "
                       "deployment: 0 closed, 1 half-open, 2 open.", ("dependency",),
@@ -191,6 +199,19 @@ def dead_letter_parked(task: str, kind: str, replay: int = 0) -> None:
     _metric("parked").labels(_label(task), _label(kind)).inc()
     if replay:
         _metric("replays").labels("parked_again").inc()
+
+
+@_safe
+def internal_error(task: str, exception: str) -> None:
+    """An error escaped the pool child outside the task's body and was not a decoding
+    failure (see recovery.worker.RecoveryRequest)."""
+    _metric("internal_errors").labels(_label(task), _label(exception)).inc()
+
+
+@_safe
+def write_deferred(kind: str) -> None:
+    """A bookkeeping write after a success was spooled (recovery.deferred)."""
+    _metric("deferred_writes").labels(_label(kind)).inc()
 
 
 @_safe

@@ -21,7 +21,7 @@ from django.db import IntegrityError, close_old_connections, transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from . import conf, escalation, metrics
+from . import conf, deferred, escalation, metrics
 from .fingerprint import fingerprint
 from .models import DeadLetter
 from .spool import BadRecord, Spool
@@ -262,6 +262,9 @@ def drain_spool(backend: Any = None, limit: int | None = None) -> int:
         return 0
 
     def handle(data: dict) -> None:
+        if deferred.is_deferred(data):  # a result, replay or saga write, not a letter
+            deferred.apply(data, backend)
+            return
         try:
             record = ParkRecord.from_dict(data)
         except (TypeError, ValueError, AttributeError) as exc:

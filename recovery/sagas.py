@@ -63,7 +63,7 @@ from django.db.models import F
 from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
-from . import conf, headers as hdr, metrics, outbox
+from . import conf, deferred, headers as hdr, metrics, outbox
 from .models import DeadLetter, DeadLetterEvent, Incident, SagaEvent, SagaRun, SagaStep
 
 __all__ = [
@@ -590,28 +590,59 @@ def is_current(saga: Any, task_id: str, *, replay: bool = False) -> bool:
 def on_task_succeeded(saga: Any, retval: Any, task_id: str) -> None:
     """A step or compensation succeeded: record it and dispatch what comes next.
 
-    Called by ``RecoveryTask.on_success`` before the message is acknowledged. If the
-    database cannot record it, the message is requeued (``Reject``): the step runs again
-    (idempotently) and its completion is recorded then.
+    Called by ``RecoveryTask.on_success`` after the result is stored. The step's body has
+    run, so its completion must never be lost nor cost a second run: if the database
+    refuses (after one retry on a fresh connection), the completion is spooled as a
+    deferred write (:mod:`recovery.deferred`) and the spool drain records it, and
+    dispatches the next step, once the database is back. Only if the spool refuses too is
+    the message requeued (``Reject``), so the step runs again (idempotently).
+    """
+    for _ in range(2):
+        try:
+            record_completion(saga, task_id, retval)
+            return
+        except DatabaseError as exc:
+            from .parking import discard_broken_connections
+
+            discard_broken_connections()
+            error = exc
+    try:
+        deferred.defer(deferred.SAGA_SUCCEEDED, saga=saga, task_id=task_id,
+                       retval=json.loads(json.dumps(retval, default=str)))
+        logger.error("saga run %s: could not record the completion of %s (%s); spooled, the "
+                     "run advances when the database is back", _run_of(saga), task_id, error)
+        return
+    except OSError as spool_exc:
+        logger.critical("saga run %s: could not record the completion of %s (database: %s; "
+                        "spool: %s); requeueing it in %.0fs", _run_of(saga), task_id, error,
+                        spool_exc,
+                        _REQUEUE_PAUSE_SECONDS)
+    # Requeued messages come straight back: pause so an outage does not turn the step
+    # (idempotent, but maybe an external call) into a tight loop.
+    time.sleep(_REQUEUE_PAUSE_SECONDS)
+    raise Reject(error, requeue=True) from error
+
+
+def _run_of(saga: Any) -> Any:
+    ref = _Ref.parse(saga)
+    return ref.run if ref is not None else saga
+
+
+def record_completion(saga: Any, task_id: str, retval: Any) -> None:
+    """Record that the step or compensation ``task_id`` of ``saga`` (its header value)
+    succeeded, and dispatch what comes next. Idempotent: a completion already recorded,
+    or of a task that is no longer the step's current one, changes nothing.
+
+    Raises:
+        django.db.DatabaseError: the database refused; nothing was recorded.
     """
     ref = _Ref.parse(saga)
     if ref is None:
         logger.error("task %s has an unreadable %s header %r; the saga is not advanced",
                      task_id, hdr.SAGA, saga)
         return
-    try:
-        with transaction.atomic():
-            _succeeded(ref, task_id, retval)
-    except DatabaseError as exc:
-        from .parking import discard_broken_connections
-
-        discard_broken_connections()
-        logger.error("saga run %s: could not record the completion of %s (%s); requeueing it "
-                     "in %.0fs", ref.run, task_id, exc, _REQUEUE_PAUSE_SECONDS)
-        # Requeued messages come straight back: pause so an outage does not turn the step
-        # (idempotent, but maybe an external call) into a tight loop.
-        time.sleep(_REQUEUE_PAUSE_SECONDS)
-        raise Reject(exc, requeue=True) from exc
+    with transaction.atomic():
+        _succeeded(ref, task_id, retval)
 
 
 def on_task_parked(saga: Any, task_id: str, exc: BaseException) -> None:

@@ -39,8 +39,10 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from celery import Task
+from celery import Task, states
 from celery.exceptions import Ignore, Reject, Retry
+from django.db import DatabaseError
+from kombu.exceptions import EncodeError
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
@@ -112,6 +114,29 @@ class _ParkAwareBackend:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
 
+    def mark_as_done(self, task_id, result, request=None, store_result=True,
+                     state=states.SUCCESS):
+        """Store the SUCCESS result; never turn a returned task into a failure.
+
+        The body has run when this is called: a result store that fails (the database
+        restarted, or is down) is retried once on a fresh connection, then spooled as a
+        deferred write (:mod:`recovery.deferred`) that the spool drain stores later.
+        """
+        return _bookkeeping_write(
+            task_id, result, request,
+            lambda: self._backend.mark_as_done(task_id, result, request=request,
+                                               store_result=store_result, state=state),
+            self._backend)
+
+    def store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
+        def write():
+            return self._backend.store_result(task_id, result, state, traceback=traceback,
+                                              request=request, **kwargs)
+
+        if state != states.SUCCESS:
+            return write()
+        return _bookkeeping_write(task_id, result, request, write, self._backend)
+
     def mark_as_retry(self, task_id, exc, traceback=None, request=None, **kwargs):
         if not conf.get("STORE_RETRY_STATE"):
             return None
@@ -128,6 +153,80 @@ class _ParkAwareBackend:
             task_id, exc, traceback=traceback, request=request,
             store_result=store_result, call_errbacks=call_errbacks, **kwargs,
         )
+
+
+def _bookkeeping_write(task_id: str, result: Any, request: Any, write, backend: Any) -> Any:
+    """Run ``write`` (a SUCCESS result store); retry it once on a fresh connection, then
+    spool it. A result that cannot be serialized (``EncodeError``) is the task's own
+    problem and propagates: Celery records it as the task's FAILURE."""
+    from .parking import discard_broken_connections
+
+    try:
+        return write()
+    except DatabaseError:
+        # A connection the database broke (restart, failover) fails once; a fresh one
+        # may work.
+        discard_broken_connections()
+    except EncodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any other store failure is ours, not the task's
+        return _defer_success(task_id, result, request, backend, exc)
+    try:
+        return write()
+    except EncodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        if isinstance(exc, DatabaseError):
+            discard_broken_connections()
+        return _defer_success(task_id, result, request, backend, exc)
+
+
+def _defer_success(task_id: str, result: Any, request: Any, backend: Any,
+                   error: BaseException) -> None:
+    from . import deferred
+
+    try:
+        deferred.defer_result(backend, task_id, result, request)
+    except Exception as spool_exc:  # noqa: BLE001
+        # The body has returned: running it again (requeue) could repeat its effects, a
+        # payment charged twice; parking it would invite an operator to replay it. The
+        # message is acknowledged and only the result row is lost: say so loudly.
+        logger.critical("recovery: task %s succeeded but its SUCCESS result could not be "
+                        "stored (%s) nor spooled (%s); the result is lost, the task is not "
+                        "run again", task_id, error, spool_exc)
+        return None
+    logger.warning("recovery: task %s succeeded; its result store failed (%s) and was "
+                   "spooled", task_id, error)
+    return None
+
+
+def _isolated(what: str, func, *args: Any, **kwargs: Any) -> None:
+    """Run bookkeeping that must never change a task's outcome; log what it raises."""
+    try:
+        func(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - bookkeeping is never the task's failure
+        logger.exception("recovery: %s failed; the task's outcome stands", what)
+
+
+def _resolve_replay(task_id: str) -> None:
+    """Resolve the letter a successful replay came from; spool it if the database is down."""
+    from . import deferred
+    from .parking import discard_broken_connections
+    from .replay import mark_replay_succeeded
+
+    for _ in range(2):
+        try:
+            mark_replay_succeeded(task_id)
+            return
+        except DatabaseError as exc:
+            discard_broken_connections()
+            error = exc
+    try:
+        deferred.defer(deferred.REPLAY_SUCCEEDED, task_id=task_id)
+    except OSError as spool_exc:
+        logger.critical("recovery: replay of %s succeeded but its letter could not be marked "
+                        "resolved (%s) nor spooled (%s); resolve it by hand", task_id, error,
+                        spool_exc)
 
 
 class RecoveryTask(Task):
@@ -254,7 +353,8 @@ class RecoveryTask(Task):
         except _RetryRequested as requested:
             exc = requested.exc or TransientError("retry requested by the task")
             if breaker is not None:
-                breaker.record_exception(exc, classify=self.classify, trial=trial)
+                _isolated("counting the call on the circuit", breaker.record_exception, exc,
+                          classify=self.classify, trial=trial)
             fallback = self._recover(
                 exc, requested.call_args if requested.call_args is not None else args,
                 requested.call_kwargs if requested.call_kwargs is not None else kwargs,
@@ -264,7 +364,8 @@ class RecoveryTask(Task):
             raise exc from None
         except Exception as exc:
             if breaker is not None:
-                breaker.record_exception(exc, classify=self.classify, trial=trial)
+                _isolated("counting the call on the circuit", breaker.record_exception, exc,
+                          classify=self.classify, trial=trial)
             fallback = self._recover(exc, args, kwargs, started=started)
             if fallback is not None:
                 return fallback.value
@@ -272,7 +373,7 @@ class RecoveryTask(Task):
             # format, log and store.
             raise
         if breaker is not None:
-            breaker.record_success(trial=trial)
+            _isolated("counting the call on the circuit", breaker.record_success, trial=trial)
         return result
 
     # -- circuit breaker, degraded mode, fallback -------------------------------------------
@@ -375,10 +476,10 @@ class RecoveryTask(Task):
         return _FallbackOutcome(value)
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        # Bookkeeping after a body that returned: none of it may fail the task, and none
+        # may be lost (a write the database refuses is spooled).
         if hdr.read(self.request, hdr.REPLAY):
-            from .replay import mark_replay_succeeded
-
-            mark_replay_succeeded(task_id)
+            _isolated("resolving the replayed letter", _resolve_replay, task_id)
         saga = hdr.read(self.request, hdr.SAGA)
         if saga:
             from .sagas import on_task_succeeded

@@ -28,8 +28,9 @@ from celery.exceptions import Ignore, Reject, Retry, Terminated, TimeLimitExceed
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 from celery.worker.state import task_ready
+from kombu.serialization import loads, prepare_accept_content
 
-from . import conf
+from . import conf, metrics
 from .kinds import FailureKind
 
 __all__ = ["RecoveryConsumer", "RecoveryRequest", "Housekeeping", "park_poison"]
@@ -260,7 +261,9 @@ class RecoveryRequest(Request):
             exc, (Terminated, TimeLimitExceeded, SystemExit, KeyboardInterrupt, MemoryError,
                   Reject, Ignore, Retry)
         ):
-            # The pool child raised before the task ran: the body could not be decoded.
+            if not self._body_undecodable():
+                return self._on_internal_error(exc_info, exc)
+            # The pool child could not decode the body: the task never ran.
             try:
                 park_poison(
                     task_id=self.id, task_name=self.name, body=self._body,
@@ -275,6 +278,36 @@ class RecoveryRequest(Request):
                 return self.reject(requeue=True)
         return super().on_failure(exc_info, send_failed_event=send_failed_event,
                                   return_ok=return_ok)
+
+    def _body_undecodable(self) -> bool:
+        """Whether the pool child failed to decode this body, judged by decoding it here
+        the way ``celery.app.trace.fast_trace_task`` does (same serializer, same accept
+        list, same ``(args, kwargs, embed)`` shape). Any other error that escapes the
+        child is not the body's fault and must not be called "cannot be decoded"."""
+        try:
+            if self._content_type:
+                decoded = loads(self._body, self._content_type, self._content_encoding,
+                                accept=prepare_accept_content(self._app.conf.accept_content))
+            else:
+                decoded = self._body
+            args, kwargs, embed = decoded
+            kwargs.items  # noqa: B018 - the tracer's own mapping check
+            dict(embed or {})
+            return False
+        except Exception:  # noqa: BLE001 - whatever fails here failed in the child too
+            return True
+
+    def _on_internal_error(self, exc_info, exc: BaseException) -> Any:
+        """An error outside the task's body that is not a decoding failure: our bookkeeping
+        (a result store) or the pool (a return value that could not be sent back). The body
+        may well have run, so it is neither parked (an operator would replay finished work)
+        nor recorded as the task's FAILURE; the message is acknowledged as Celery does for
+        a failure, and the error is logged and counted."""
+        logger.error("recovery: %s[%s] hit an internal error outside its body (%s: %s); the "
+                     "body may have run, so it is neither parked nor marked failed",
+                     self.name, self.id, type(exc).__name__, exc)
+        metrics.internal_error(self.name, type(exc).__name__)
+        return super().on_failure(exc_info, send_failed_event=False, return_ok=True)
 
     def _note_loss(self, description: str) -> None:
         from django.db import Error as DatabaseError

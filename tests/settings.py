@@ -35,6 +35,8 @@ RECOVERY = {
                         "open_seconds": 3, "half_open_max_calls": 1},
     },
     "DEGRADED_DEFER_SECONDS": 1.0,
+    # A worker whose circuit state store is down (test_worker_failures.py).
+    "SHARED_STATE_URL": os.environ.get("RECOVERY_SHARED_STATE_URL") or None,
     # Workers of tests/integration/test_metrics.py serve their metrics here.
     "METRICS_PORT": int(os.environ["RECOVERY_METRICS_PORT"])
     if os.environ.get("RECOVERY_METRICS_PORT") else None,

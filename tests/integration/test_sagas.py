@@ -18,6 +18,7 @@ from tasks import standins
 from tasks.models import ServiceCall, ServiceEffect, ServiceFault
 from tasks.orders import place_order, place_order_or_hold
 
+from . import worker_tasks as t
 from .harness import wait_for
 
 pytestmark = pytest.mark.integration
@@ -165,3 +166,31 @@ def test_the_dead_letter_compensate_action_compensates_the_saga(start_worker):
     run = settled(run, "compensated")
     assert [action for _, action, _ in effects()] == ["reserve", "charge", "refund", "release"]
     assert DeadLetter.objects.get(pk=letter.pk).status == "compensated"
+
+
+def test_a_step_completing_while_the_database_is_cut_advances_the_run_once_it_is_back(
+        start_worker, store, key, db_proxy, worker_env, settings):
+    # Given a worker that reaches PostgreSQL through a proxy, running a saga's first step
+    db = worker_env["TEST_DATABASE_URL"].rsplit("@", 1)
+    start_worker(env={"TEST_DATABASE_URL":
+                      f"{db[0]}@127.0.0.1:{db_proxy.port}/{db[1].split('/', 1)[1]}"})
+    run = t.two_legs.start(key=key)
+    wait_for(lambda: store.get(f"t:waiting:{key}"), 30, message="the first step to run")
+    # When the database drops off the network and then the step returns
+    db_proxy.cut()
+    store.set(f"t:go:{key}", 1)
+    spool = settings.RECOVERY["SPOOL_DIR"]
+    wait_for(lambda: os.path.isdir(spool) and
+             sum(f.endswith(".json") for f in os.listdir(spool)) >= 2, 30,
+             message="the result and the step's completion spooled")
+    wait_for(lambda: store.hlen("unacked") == 0, 20, message="step message acknowledged")
+    run.refresh_from_db()
+    assert run.status == "running"
+    # Then once the database is back the run advances to the next step and finishes
+    db_proxy.restore()
+    run = settled(run, "succeeded", timeout=40)
+    assert run.context == {"key": key, "first": "done", "second": "done", "saw_first": "done"}
+    # And the first step's body ran exactly once
+    assert int(store.get(f"t:runs:{key}:first")) == 1
+    assert int(store.get(f"t:runs:{key}:second")) == 1
+    assert not DeadLetter.objects.filter(task_id__startswith=f"saga-{run.pk}-").exists()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import threading
 import time
 import uuid
 
@@ -219,3 +221,140 @@ def test_replay_that_fails_again_is_parked_again_on_the_same_row(start_worker, s
     assert letter.attempts == 2
     assert [entry["replay"] for entry in letter.history] == [0, 1]
     assert list(letter.events.values_list("action", flat=True)) == ["replayed"]
+
+
+# -- our bookkeeping after a body that returned is never the task's failure -----------------
+
+
+def via_proxy(worker_env, db_proxy) -> str:
+    db = worker_env["TEST_DATABASE_URL"].rsplit("@", 1)
+    return f"{db[0]}@127.0.0.1:{db_proxy.port}/{db[1].split('/', 1)[1]}"
+
+
+def spooled(spool) -> list[str]:
+    return [f for f in os.listdir(spool) if f.endswith(".json")] if os.path.isdir(spool) else []
+
+
+def test_result_store_cut_after_the_body_returned_is_spooled_never_parked(
+        start_worker, store, key, db_proxy, worker_env, settings):
+    # Given a worker that reaches PostgreSQL through a proxy, running a payment
+    start_worker(env={"TEST_DATABASE_URL": via_proxy(worker_env, db_proxy)})
+    result = t.charge_when_told.delay(key, 42)
+    wait_for(lambda: store.get(f"t:waiting:{key}"), 30, message="the body to run")
+    # When the database drops off the network and then the body returns
+    db_proxy.cut()
+    store.set(f"t:go:{key}", 1)
+    # Then the message is acknowledged with the SUCCESS result spooled, nothing parked
+    spool = settings.RECOVERY["SPOOL_DIR"]
+    wait_for(lambda: spooled(spool), 30, message="spooled result")
+    wait_for(lambda: store.hlen("unacked") == 0, 20, message="message acknowledged")
+    assert not DeadLetter.objects.filter(task_id=result.id).exists()
+    # And once the database is back the drain stores the result; still no letter
+    db_proxy.restore()
+    wait_for(lambda: result_state(result.id) == states.SUCCESS, 30, message="SUCCESS result")
+    assert TaskResult.objects.get(task_id=result.id).task_name == t.charge_when_told.name
+    assert result.get(timeout=5) == {"charged": 42, "runs": 1}
+    wait_for(lambda: not spooled(spool), 10, message="empty spool")
+    assert not DeadLetter.objects.filter(task_id=result.id).exists()
+    assert runs(store, key) == 1
+
+
+def test_result_store_on_a_restarted_connection_is_retried_on_a_fresh_one(
+        start_worker, store, key, db_proxy, worker_env, settings):
+    # Given a payment whose pool child holds a live database connection
+    worker = start_worker(env={"TEST_DATABASE_URL": via_proxy(worker_env, db_proxy)})
+    result = t.charge_when_told.delay(key, 7)
+    wait_for(lambda: store.get(f"t:waiting:{key}"), 30, message="the body to run")
+    # When the database restarts (every connection dropped, new ones accepted at once)
+    db_proxy.cut()
+    db_proxy.restore()
+    store.set(f"t:go:{key}", 1)
+    # Then the first write fails on the dead connection and the retry stores SUCCESS
+    wait_for(lambda: result_state(result.id) == states.SUCCESS, 30, message="SUCCESS result")
+    assert result.get(timeout=5) == {"charged": 7, "runs": 1}
+    assert not DeadLetter.objects.filter(task_id=result.id).exists()
+    assert runs(store, key) == 1
+    assert "cannot be decoded" not in worker.log()
+
+
+class Unanswered:
+    """A database host that hangs: it accepts connections on ``port`` and never answers,
+    so a client waits for its connect timeout (5 s in config/settings.py)."""
+
+    def __init__(self, port: int) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen(64)
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._hold, daemon=True).start()
+
+    def _hold(self) -> None:
+        while True:
+            try:
+                self.held.append(self.listener.accept()[0])
+            except OSError:
+                return
+
+    def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        for sock in self.held:
+            sock.close()
+
+
+def test_result_store_against_a_hanging_database_is_spooled_after_the_connect_timeout(
+        start_worker, store, key, db_proxy, worker_env, settings):
+    # Given a worker that reaches PostgreSQL through a proxy, running a payment
+    start_worker(env={"TEST_DATABASE_URL": via_proxy(worker_env, db_proxy)})
+    result = t.charge_when_told.delay(key, 9)
+    wait_for(lambda: store.get(f"t:waiting:{key}"), 30, message="the body to run")
+    # When the database host stops answering (connections dropped, new ones hang)
+    db_proxy.cut()
+    hung = Unanswered(db_proxy.port)
+    try:
+        store.set(f"t:go:{key}", 1)
+        # Then the write is spooled once the retry times out, and the message acknowledged
+        spool = settings.RECOVERY["SPOOL_DIR"]
+        wait_for(lambda: spooled(spool), 40, message="spooled result")
+        wait_for(lambda: store.hlen("unacked") == 0, 20, message="message acknowledged")
+    finally:
+        hung.close()
+    # And once the database answers again the result is stored; nothing was parked
+    db_proxy.restore()
+    wait_for(lambda: result_state(result.id) == states.SUCCESS, 40, message="SUCCESS result")
+    assert result.get(timeout=5) == {"charged": 9, "runs": 1}
+    assert not DeadLetter.objects.filter(task_id=result.id).exists()
+    assert runs(store, key) == 1
+
+
+def test_result_the_serializer_cannot_encode_is_not_called_undecodable(start_worker, store, key):
+    # Given a task whose return value JSON cannot encode (the body ran)
+    worker = start_worker()
+    result = t.returns_a_set.delay(key)
+    # When it returns
+    wait_for(lambda: result_state(result.id) is not None, 30, message="a result")
+    # Then Celery records the encoding failure as its result, and nothing is parked: no
+    # letter says "cannot be decoded" about a body that decoded and ran
+    assert result_state(result.id) == states.FAILURE
+    assert "EncodeError" in TaskResult.objects.get(task_id=result.id).result
+    time.sleep(1)
+    assert not DeadLetter.objects.filter(task_id=result.id).exists()
+    assert runs(store, key) == 1
+    assert "cannot be decoded" not in worker.log()
+    assert worker.process.poll() is None
+
+
+def test_circuit_state_unreachable_after_a_success_keeps_the_success(start_worker, store, key):
+    # Given a task counted on a circuit whose shared state (Redis) is down
+    worker = start_worker(env={"RECOVERY_SHARED_STATE_URL": "redis://127.0.0.1:9/0"})
+    # When it runs and returns
+    result = t.counted_on_partner_api.delay(key)
+    # Then its result is SUCCESS and no letter exists
+    assert result.get(timeout=30) == 1
+    assert result_state(result.id) == states.SUCCESS
+    assert not DeadLetter.objects.filter(task_id=result.id).exists()
+    assert "could not record a call" in worker.log()

@@ -13,8 +13,10 @@ import time
 import redis
 from celery import Task, shared_task
 from django.conf import settings
+from django.db import connection
 
 from recovery import RecoveryTask, RetryPolicy
+from recovery.sagas import Saga, Step
 from recovery.errors import (
     DataIntegrityError,
     DependencyError,
@@ -247,3 +249,56 @@ def report_or_defer(self, base_url: str, key: str, month: str) -> dict:
 def report_or_cache(self, base_url: str, key: str, month: str) -> dict:
     """Serves the cached report while read-only mode is on."""
     return _quote(self, base_url, key, f"report-{month}")
+
+
+# -- bookkeeping after a body that returned (test_worker_failures.py, test_sagas.py) ------------
+
+
+def wait_for_go(key: str, seconds: float = 60) -> None:
+    """Tell the test the body is running, then wait until it says go (it cuts the database
+    in between, so the writes after the body meet the fault)."""
+    client = store()
+    client.set(f"t:waiting:{key}", 1)
+    deadline = time.time() + seconds
+    while not client.get(f"t:go:{key}") and time.time() < deadline:
+        time.sleep(0.05)
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
+def charge_when_told(self, key: str, amount: int) -> dict:
+    """A payment: its body must run once, whatever happens to the result store after it."""
+    runs = record_run(key)
+    connection.ensure_connection()  # a live connection, for the test to break
+    wait_for_go(key)
+    return {"charged": amount, "runs": runs}
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
+def returns_a_set(self, key: str) -> set:
+    """Returns what the JSON result serializer cannot encode."""
+    record_run(key)
+    return {1, 2}
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK, dependency="partner-api")
+def counted_on_partner_api(self, key: str) -> int:
+    """Succeeds; the partner-api circuit counts it (its shared state may be down)."""
+    return record_run(key)
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
+def saga_first_leg(self, context: dict) -> dict:
+    """Counts its runs, then waits for the test's go (which cuts the database first)."""
+    key = context["key"]
+    record_run(f"{key}:first")
+    wait_for_go(key)
+    return {"first": "done"}
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
+def saga_second_leg(self, context: dict) -> dict:
+    record_run(f"{context['key']}:second")
+    return {"second": "done", "saw_first": context.get("first")}
+
+
+two_legs = Saga("two_legs", steps=[Step(saga_first_leg), Step(saga_second_leg)])

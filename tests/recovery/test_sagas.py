@@ -18,6 +18,7 @@ from django.db import OperationalError
 from recovery import replay, sagas
 from recovery.errors import DependencyError
 from recovery.models import DeadLetter, DeadLetterEvent, OutboxMessage, SagaRun, SagaStep
+from recovery.parking import drain_spool
 from recovery.sagas import Saga, SagaDefinitionError, SagaError, Step
 from tests.integration import worker_tasks  # noqa: F401 - registers PLAIN
 
@@ -441,12 +442,36 @@ def test_compensating_a_succeeded_run_and_one_with_nothing_to_undo():
         sagas.compensate(bare)
 
 
-def test_a_completion_the_database_cannot_record_requeues_the_message(monkeypatch):
+@pytest.mark.django_db(transaction=True)  # the failed write discards the connection
+def test_a_completion_the_database_cannot_record_is_spooled_and_recorded_by_the_drain(
+        monkeypatch):
+    run = order_saga().start(order_id=42)
+    real = sagas._succeeded
+
+    def down(*args, **kwargs):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(sagas, "_succeeded", down)
+    succeed(run, 0, {"reservation_id": "r1"})  # no Reject: the step is not run again
+    assert step(run, 0).status == "running"
+
+    monkeypatch.setattr(sagas, "_succeeded", real)  # the database is back
+    assert drain_spool() == 1
+    run = refresh(run)
+    assert step(run, 0).status == "succeeded"
+    assert run.context["reservation_id"] == "r1"
+    assert published()[-1][0] == f"saga-{run.pk}-1-step"
+
+
+def test_a_completion_neither_the_database_nor_the_spool_can_keep_requeues_the_message(
+        monkeypatch, settings, tmp_path):
     run = order_saga().start(order_id=42)
 
     def down(*args, **kwargs):
         raise OperationalError("server closed the connection unexpectedly")
 
+    (tmp_path / "a-file").write_text("")
+    settings.RECOVERY = {**settings.RECOVERY, "SPOOL_DIR": str(tmp_path / "a-file" / "spool")}
     paused: list[float] = []
     monkeypatch.setattr(sagas, "_succeeded", down)
     monkeypatch.setattr(sagas.time, "sleep", paused.append)

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import pytest
 from celery import Celery, states
+from celery.app.task import Context
+from django.db import OperationalError
 from django_celery_results.models import TaskResult
+from kombu.exceptions import EncodeError
 
-from recovery import RecoveryTask, RetryPolicy
+from recovery import RecoveryTask, RetryPolicy, headers as hdr, replay
+from recovery.models import DeadLetter
+from recovery.parking import drain_spool
+from tests.integration import worker_tasks
 from recovery.task import _ParkAwareBackend, exception_path
 
 
@@ -115,3 +121,69 @@ def test_eager_apply_retries_through_the_policy_and_parks(settings):
     assert result.failed()
     letter = DeadLetter.objects.get(task_id=result.id)
     assert letter.attempts == 1 and letter.permanent
+
+
+# -- bookkeeping after a body that returned (the worker-side proof: test_worker_failures.py) --
+
+
+def _refusing(*args, **kwargs):
+    raise OperationalError("server closed the connection unexpectedly")
+
+
+@pytest.mark.django_db(transaction=True)  # a refused write discards the connection
+def test_a_success_result_the_database_refuses_is_spooled_and_stored_by_the_drain(monkeypatch):
+    from config.celery import app
+
+    backend = _ParkAwareBackend(app.backend)
+    monkeypatch.setattr(app.backend, "_store_result", _refusing)
+
+    backend.mark_as_done("paid-ok", {"charged": 42}, request=Context(task="billing.charge"))
+
+    assert not TaskResult.objects.filter(task_id="paid-ok").exists()
+    monkeypatch.undo()  # the database is back
+    assert drain_spool(backend=app.backend) == 1
+    assert TaskResult.objects.get(task_id="paid-ok").status == states.SUCCESS
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_success_result_neither_the_database_nor_the_spool_keeps_is_lost_loudly_not_raised(
+        monkeypatch, settings, tmp_path, caplog):
+    from config.celery import app
+
+    (tmp_path / "a-file").write_text("")
+    settings.RECOVERY = {**settings.RECOVERY, "SPOOL_DIR": str(tmp_path / "a-file" / "spool")}
+    monkeypatch.setattr(app.backend, "_store_result", _refusing)
+
+    _ParkAwareBackend(app.backend).mark_as_done("paid-lost", 1, request=Context())
+
+    assert "the result is lost, the task is not run again" in caplog.text
+    assert any(r.levelname == "CRITICAL" for r in caplog.records)
+
+
+@pytest.mark.django_db
+def test_a_result_the_serializer_cannot_encode_still_fails_as_celery_records_it():
+    from config.celery import app
+
+    with pytest.raises(EncodeError):
+        _ParkAwareBackend(app.backend).mark_as_done("a-set", {1, 2}, request=Context())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_replay_that_succeeds_while_the_database_is_down_resolves_its_letter_later(
+        monkeypatch):
+    letter = DeadLetter.objects.create(task_id="replayed-ok", task_name="t",
+                                       status=DeadLetter.Status.REPLAYING)
+    task = worker_tasks.add_one
+    monkeypatch.setattr(replay, "mark_replay_succeeded", _refusing)
+    task.push_request(id="replayed-ok", headers={hdr.REPLAY: 1})
+    try:
+        task.on_success(2, "replayed-ok", (1,), {})  # does not raise
+    finally:
+        task.pop_request()
+    letter.refresh_from_db()
+    assert letter.status == DeadLetter.Status.REPLAYING
+
+    monkeypatch.undo()
+    assert drain_spool() == 1
+    letter.refresh_from_db()
+    assert letter.status == DeadLetter.Status.RESOLVED
