@@ -163,7 +163,7 @@ class Spool:
         os.replace(path, bad)
         why = f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else reason
         cause = getattr(reason, "__cause__", None)
-        if cause is not None:
+        if cause is not None and str(cause) not in why:
             why += f"\ncaused by {type(cause).__name__}: {cause}"
         try:
             path.with_suffix(self.REASON_SUFFIX).write_text(why + "\n", "utf-8")
