@@ -90,6 +90,22 @@ class Spool:
         """How many records are quarantined (``*.bad``)."""
         return sum(1 for _ in self.quarantined_paths())
 
+    def requeue_quarantined(self) -> int:
+        """Put every quarantined record back in line (``*.bad`` -> ``*.json``), once an
+        operator has fixed what refused it; returns how many. Its old name keeps its place:
+        the next drain takes it first."""
+        requeued = 0
+        for bad in self.quarantined_paths():
+            try:
+                os.replace(bad, bad.with_suffix(self.SUFFIX))
+            except FileNotFoundError:
+                continue  # another operator requeued it
+            bad.with_suffix(self.REASON_SUFFIX).unlink(missing_ok=True)
+            requeued += 1
+        if requeued:
+            self._fsync_directory()
+        return requeued
+
     def remove_stale_temporary_files(self, older_than_seconds: float | None = None) -> int:
         """Remove temp files of writers that crashed before their rename; returns how many.
 

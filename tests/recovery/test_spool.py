@@ -300,3 +300,21 @@ def test_quarantined_counts_only_bad_files(spool):
     (spool.directory / "00000000000000000002-b.bad").write_text("{}")
     assert spool.quarantined() == 2
     assert len(spool) == 1
+
+
+def test_requeued_records_go_back_in_line_in_their_old_place(spool):
+    for n in range(3):
+        spool.put({"n": n})
+
+    def refuse_one(record):
+        if record["n"] == 1:
+            raise BadRecord("refused")
+
+    spool.drain(refuse_one)
+    spool.put({"n": 3})
+    assert spool.requeue_quarantined() == 1
+    assert spool.quarantined() == 0
+    seen = []
+    assert spool.drain(seen.append) == 2
+    assert seen == [{"n": 1}, {"n": 3}]
+    assert files_in(spool.directory) == []
