@@ -31,7 +31,7 @@ from kombu.exceptions import OperationalError as BrokerError
 from . import headers as hdr
 from .kinds import FailureKind
 from .models import DueRetry
-from .parking import ParkRecord, park
+from .parking import ParkRecord, letter_task_id, park
 
 __all__ = ["hold", "publish_due"]
 
@@ -48,9 +48,11 @@ def hold(signature, due_at: datetime) -> DueRetry:
     for key in ("countdown", "eta"):
         options.pop(key, None)
     data["options"] = options
+    # The row's ids only describe it (the signature carries the real ones): cut to their
+    # columns, so a client's 300-character task id still waits here, not as an ETA message.
     return DueRetry.objects.create(
-        task_id=options.get("task_id") or "",
-        task_name=data.get("task") or "",
+        task_id=letter_task_id(options.get("task_id") or ""),
+        task_name=str(data.get("task") or "")[:DueRetry._meta.get_field("task_name").max_length],
         due_at=due_at,
         signature=data,
     )

@@ -133,3 +133,14 @@ def test_a_row_that_can_never_be_published_is_parked_and_the_rows_behind_it_flow
     assert letter.exception_type == "builtins.TypeError"
     assert letter.headers == {"queue": "celery"}
     assert json.loads(letter.raw_body)["args"] == 5
+
+
+def test_a_retry_whose_task_id_no_column_can_hold_still_waits_here_and_keeps_its_id(redis_proxy,
+                                                                                   broker):
+    _proxy, app = redis_proxy
+    long_id = "import-" + "r" * 293
+    row = hold(Signature(TASK, args=(1,), options={"task_id": long_id}),
+               timezone.now() - timedelta(seconds=1))
+    assert row.task_id.startswith("task-id-sha256-")
+    assert publish_due(app) == 1
+    assert queued_ids(broker) == [long_id]
