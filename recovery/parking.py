@@ -21,10 +21,10 @@ import base64
 import hashlib
 import logging
 import math
-from functools import lru_cache
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone as dt_timezone
+from functools import lru_cache
 from typing import Any
 
 from django.db import Error as DatabaseError
