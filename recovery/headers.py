@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["HISTORY", "POLICY", "STARTED_AT", "REPLAY", "COMPENSATES", "SAGA", "CARRIED", "read",
-           "from_options", "policy_header"]
+__all__ = ["HISTORY", "POLICY", "STARTED_AT", "REPLAY", "COMPENSATES", "SAGA", "ORIGINAL_TASK_ID",
+           "CARRIED", "read", "from_options", "policy_header"]
 
 HISTORY = "recovery_history"
 POLICY = "recovery_policy"
@@ -23,6 +23,11 @@ COMPENSATES = "recovery_compensates"
 #: on a saga step or compensation: {"run": <SagaRun id>, "step": <index>, "role": "step" |
 #: "compensation"} (recovery.sagas)
 SAGA = "recovery_saga"
+
+#: on a dead letter's stored execution options (``letter.headers``), never on a message: the
+#: task id the client sent, when no column could hold it and the letter is stored under its
+#: hash (recovery.parking.letter_task_id)
+ORIGINAL_TASK_ID = "recovery_original_task_id"
 
 #: headers a retry carries to the next attempt besides the history (Celery drops custom
 #: headers on retry)

@@ -288,7 +288,9 @@ def on_commit(func: Callable, *args: Any) -> None:
 
 
 class SpoolCollector:
-    """``recovery_spool_backlog``: dead letters waiting in this host's spool directory."""
+    """``recovery_spool_backlog``: dead letters waiting in this host's spool directory;
+    ``recovery_spool_quarantined``: records there the drain set aside as never writable
+    (``*.bad``), each the only copy of a failed task, waiting for a human."""
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
@@ -300,7 +302,8 @@ class SpoolCollector:
                                "1 when the backlog source could be read at this scrape.",
                                labels=["source"])
         try:
-            count = len(Spool(conf.spool_dir()))
+            spool = Spool(conf.spool_dir())
+            count, quarantined = len(spool), spool.quarantined()
         except Exception:  # noqa: BLE001
             logger.warning("recovery: could not count the spool", exc_info=True)
             up.add_metric(["spool"], 0)
@@ -309,6 +312,9 @@ class SpoolCollector:
             yield GaugeMetricFamily("recovery_spool_backlog",
                                     "Dead letters in the local spool, waiting for the database.",
                                     value=count)
+            yield GaugeMetricFamily("recovery_spool_quarantined",
+                                    "Spooled records the drain can never write, set aside as "
+                                    "*.bad for a human.", value=quarantined)
         yield up
 
 

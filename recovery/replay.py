@@ -48,7 +48,8 @@ __all__ = [
     "compensation_name",
 ]
 
-_DROPPED_OPTIONS = ("eta", "countdown", "expires", "task_id", "retries", "headers")
+_DROPPED_OPTIONS = ("eta", "countdown", "expires", "task_id", "retries", "headers",
+                    hdr.ORIGINAL_TASK_ID)
 ACTIONABLE = (DeadLetter.Status.PARKED,)
 _NOT_PUBLISHED = ("traceback", "history", "raw_body", "exception_message")
 

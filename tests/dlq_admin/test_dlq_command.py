@@ -97,6 +97,33 @@ def test_drain_moves_spooled_letters_into_the_table(broker):
     assert DeadLetter.objects.filter(task_id="spooled-1").exists()
 
 
+def test_drain_reports_a_quarantined_record_and_requeues_it_once_the_cause_is_fixed(broker):
+    # Given a spooled letter PostgreSQL refuses (a constraint the deploy added by mistake)
+    table = DeadLetter._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(f'ALTER TABLE "{table}" ADD CONSTRAINT test_refused '
+                       f"CHECK (task_name <> %s) NOT VALID", [TASK])
+    try:
+        spool().put(ParkRecord(task_id="refused-1", task_name=TASK, kind="dependency",
+                               reason="database was down").to_dict())
+        # When it is drained, it is quarantined and the operator is told where and why
+        output = run("drain")
+        assert "Drained 0 spooled letters" in output
+        assert "1 record is quarantined" in output and "--requeue-quarantined" in output
+        assert spool().quarantined() == 1
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f'ALTER TABLE "{table}" DROP CONSTRAINT IF EXISTS test_refused')
+    # Then once the cause is fixed, the operator puts it back in line and it drains
+    output = run("drain", "--requeue-quarantined")
+    assert "Requeued 1 quarantined record." in output
+    assert "Drained 1 spooled letter into the database." in output
+    assert "quarantined in" not in output
+    assert DeadLetter.objects.filter(task_id="refused-1").exists()
+    assert spool().quarantined() == 0 and len(spool()) == 0
+    assert list(spool().directory.iterdir()) == []
+
+
 def test_two_processes_replaying_the_same_letters_replay_each_once(broker):
     # Given 600 parked letters and two operators starting the same bulk replay at once
     letters(600)

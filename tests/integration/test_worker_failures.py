@@ -13,6 +13,7 @@ import uuid
 import pytest
 from celery import chain, states
 from django_celery_results.models import TaskResult
+from django.db import connection
 from kombu import Connection, Producer
 
 from config.celery import app
@@ -157,6 +158,100 @@ def test_database_cut_while_parking_loses_nothing(start_worker, store, key, db_p
     wait_for(lambda: result_state(result.id) == states.FAILURE, 10, message="FAILURE result")
     wait_for(lambda: not any(f.endswith(".json") for f in os.listdir(spool)), 10,
              message="empty spool")
+
+
+def hashed(task_id: str) -> str:
+    import hashlib
+
+    return "task-id-sha256-" + hashlib.sha256(task_id.encode("utf-8")).hexdigest()
+
+
+def spool_files(spool: str, suffix: str) -> list[str]:
+    return sorted(f for f in os.listdir(spool) if f.endswith(suffix)) if os.path.isdir(spool) else []
+
+
+def test_tasks_whose_ids_no_column_can_hold_are_parked_under_their_hash(start_worker, store, key,
+                                                                        settings):
+    # Given a worker, and clients that sent a 300-character task id and one with a NUL in it
+    worker = start_worker()
+    long_id = f"import-{key}-" + "r" * (300 - len(f"import-{key}-"))
+    nul_id = f"{key}\x00charge"
+    # When both tasks fail for good
+    t.declined.apply_async((key + "-long", 1), task_id=long_id)
+    t.declined.apply_async((key + "-nul", 2), task_id=nul_id)
+    # Then each is one letter under its id's hash, straight in the table, the id as sent kept
+    parked = DeadLetter.objects.filter(task_id__in=[hashed(long_id), hashed(nul_id)])
+    wait_for(lambda: parked.count() == 2, 30, message="two letters under hashed ids")
+    letters = [parked.get(task_id=hashed(long_id)), parked.get(task_id=hashed(nul_id))]
+    assert [letter.headers["recovery_original_task_id"] for letter in letters] == \
+        [long_id, nul_id.replace("\x00", "\\x00")]
+    assert [letter.args for letter in letters] == [[key + "-long", 1], [key + "-nul", 2]]
+    assert spool_files(settings.RECOVERY["SPOOL_DIR"], ".json") == []
+    # ... each ran once, its message acknowledged, its FAILURE kept beside the letter
+    assert runs(store, key + "-long") == 1 and runs(store, key + "-nul") == 1
+    wait_for(lambda: store.hlen("unacked") == 0, 10, message="messages acknowledged")
+    assert result_state(hashed(long_id)) == states.FAILURE
+    # ... and the worker keeps working
+    assert t.flaky_twice.delay(key).get(timeout=30) == 3
+    assert worker.process.poll() is None
+
+
+def test_letters_spooled_behind_a_record_the_database_refuses_drain_once_it_is_back(
+        start_worker, store, key, db_proxy, worker_env, settings):
+    import requests
+
+    from .test_metrics import free_port
+
+    # Given a worker that reaches PostgreSQL through a proxy we can cut, serving its metrics,
+    # and a dead-letter table that refuses one task id (a constraint added by mistake)
+    db = worker_env["TEST_DATABASE_URL"].rsplit("@", 1)
+    via_proxy = f"{db[0]}@127.0.0.1:{db_proxy.port}/{db[1].split('/', 1)[1]}"
+    port = free_port()
+    start_worker(env={"TEST_DATABASE_URL": via_proxy, "RECOVERY_METRICS_PORT": str(port)})
+    assert t.flaky_twice.delay(key + "-warm").get(timeout=30) == 3
+    refused_id = f"refused-{key}"
+    table = DeadLetter._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(f'ALTER TABLE "{table}" ADD CONSTRAINT test_refused '
+                       f"CHECK (task_id <> %s) NOT VALID", [refused_id])
+    try:
+        spool = settings.RECOVERY["SPOOL_DIR"]
+        # When the database drops off the network and four tasks are parked, the refused
+        # one first, then a 300-character id, a NUL in an id, and an ordinary one
+        db_proxy.cut()
+        long_id = "x" * 300
+        nul_id = f"{key}\x00nul"
+        sent = []
+        for n, task_id in enumerate([refused_id, long_id, nul_id, None]):
+            sent.append(t.declined.apply_async((f"{key}-{n}", n), task_id=task_id))
+            wait_for(lambda: len(spool_files(spool, ".json")) == n + 1, 30,
+                     message=f"spooled letter {n + 1}")
+        wait_for(lambda: store.hlen("unacked") == 0, 10, message="messages acknowledged")
+        assert not DeadLetter.objects.exists()
+
+        # ... and the database comes back
+        db_proxy.restore()
+
+        # Then the letters behind the refused record are drained into the table
+        ordinary = sent[3].id
+        expected = {hashed(long_id), hashed(nul_id), ordinary}
+        wait_for(lambda: set(DeadLetter.objects.values_list("task_id", flat=True)) == expected,
+                 30, message="the three letters behind the refused one")
+        wait_for(lambda: result_state(ordinary) == states.FAILURE, 10, message="FAILURE result")
+        # ... and the refused one is quarantined with its reason, counted on the metric
+        assert spool_files(spool, ".json") == []
+        [bad] = spool_files(spool, ".bad")
+        assert json.loads(open(os.path.join(spool, bad)).read())["task_id"] == refused_id
+        reason = open(os.path.join(spool, bad[:-len(".bad")] + ".error")).read()
+        assert "test_refused" in reason
+        scraped = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert "recovery_spool_quarantined 1.0" in scraped
+        assert "recovery_spool_backlog 0.0" in scraped
+    finally:
+        if db_proxy._listener is None:
+            db_proxy.restore()
+        with connection.cursor() as cursor:
+            cursor.execute(f'ALTER TABLE "{table}" DROP CONSTRAINT IF EXISTS test_refused')
 
 
 def test_parked_chain_step_continues_the_chain_when_replayed(start_worker, store, key):

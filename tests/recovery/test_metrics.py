@@ -275,7 +275,7 @@ def test_workers_endpoints_do_not_read_the_shared_circuit_state():
 
 def test_the_view_reads_backlogs_from_the_database_at_scrape_time(client, settings, tmp_path):
     # Given two parked letters (the oldest an hour ago), one resolved, one outbox intent,
-    # one due retry and one spooled letter
+    # one due retry, one spooled letter and one quarantined record
     now = timezone.now()
     for n, (status, failed) in enumerate([("parked", now - timedelta(hours=1)),
                                           ("parked", now), ("resolved", now)]):
@@ -287,6 +287,7 @@ def test_the_view_reads_backlogs_from_the_database_at_scrape_time(client, settin
     from recovery.parking import spool
 
     spool().put(record("spooled").to_dict())
+    spool().quarantine(spool().put({"task_id": "refused"}), "DataError: value too long")
 
     # When Prometheus scrapes the Django view
     response = client.get("/metrics")
@@ -301,6 +302,7 @@ def test_the_view_reads_backlogs_from_the_database_at_scrape_time(client, settin
     assert "recovery_outbox_backlog 1.0" in text
     assert "recovery_due_retries_backlog 1.0" in text
     assert "recovery_spool_backlog 1.0" in text
+    assert "recovery_spool_quarantined 1.0" in text
     assert 'recovery_collector_up{source="database"} 1.0' in text
     assert 'recovery_collector_up{source="spool"} 1.0' in text
     age = next(float(line.split()[-1]) for line in text.splitlines()

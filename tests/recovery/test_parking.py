@@ -9,6 +9,7 @@ path. The ``park_via`` fixture runs each test through both.
 from __future__ import annotations
 
 import base64
+import time
 from datetime import datetime, timezone
 
 import pytest
@@ -435,3 +436,209 @@ def test_a_database_outage_spools_the_letter_and_still_hands_the_exception_on(mo
     assert [path.name for path in spool().paths()] and len(list(spool().paths())) == 1
     # Sentry still gets the task's own exception (not the database's) for a spooled letter
     assert told == [(None, failure)]
+
+
+# -- ids and values a column cannot hold ----------------------------------------------------------
+
+ORIGINAL_ID = "recovery_original_task_id"
+
+
+def sha256_id(task_id: str) -> str:
+    import hashlib
+
+    return "task-id-sha256-" + hashlib.sha256(task_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@db
+def test_an_over_long_task_id_is_parked_under_its_hash_and_the_original_is_kept(park_via):
+    long_id = "import-batch-2026-03-01/" + "row-" * 69  # 300 characters, as a client sent it
+    assert len(long_id) == 300
+
+    first = park_via(make_record(task_id=long_id))
+    again = park_via(make_record(task_id=long_id))
+
+    assert first.spooled is False and again.spooled is False
+    assert len(spool()) == 0
+    letter = DeadLetter.objects.get()
+    assert first.letter_id == again.letter_id == letter.pk
+    assert letter.task_id == sha256_id(long_id)
+    assert len(letter.task_id) <= DeadLetter._meta.get_field("task_id").max_length
+    assert letter.headers[ORIGINAL_ID] == long_id
+    assert letter.headers["chain"] == [{"task": "tasks.ship_order"}]
+    assert letter.attempts == 3
+
+
+@db
+def test_a_task_id_with_a_nul_is_parked_under_its_hash(park_via):
+    nul_id = "7d4c0b5e\x00charge"
+    outcome = park_via(make_record(task_id=nul_id))
+    assert outcome.spooled is False
+    letter = DeadLetter.objects.get()
+    assert letter.task_id == sha256_id(nul_id)
+    assert letter.headers[ORIGINAL_ID] == "7d4c0b5e\\x00charge"
+
+
+@db
+def test_an_over_long_task_id_keeps_its_failure_result_with_the_letter(park_via):
+    backend = celery_app.backend
+    long_id = "x" * 300
+    record = make_record(task_id=long_id, result={
+        "result": backend.prepare_exception(ValueError("card declined")), "traceback": "tb"})
+    outcome = park_via(record, backend=backend, request=celery_request(make_record(task_id=long_id)))
+    assert outcome.spooled is False and outcome.result_stored is True
+    assert TaskResult.objects.get(task_id=sha256_id(long_id)).status == "FAILURE"
+
+
+@db
+def test_every_bounded_column_gets_a_value_that_fits(park_via):
+    outcome = park_via(make_record(
+        task_name="tasks." + "n" * 400, queue="q" * 400, worker="celery@" + "w" * 400,
+        content_type="application/" + "c" * 300, kind="k" * 50, reason="r" * 400,
+        exception_type="x." * 400,
+    ))
+    assert outcome.spooled is False
+    letter = DeadLetter.objects.get()
+    for name in ("task_name", "queue", "worker", "content_type", "kind", "reason",
+                 "exception_type"):
+        value = getattr(letter, name)
+        assert 0 < len(value) <= DeadLetter._meta.get_field(name).max_length, name
+    assert letter.task_name.startswith("tasks.nnn") and letter.task_name.endswith("chars cut]")
+
+
+@db
+def test_text_postgresql_cannot_encode_and_json_it_cannot_hold_are_cleaned(park_via):
+    # A lone surrogate (from a bad decode) cannot be encoded as UTF-8; NaN and Infinity are
+    # not JSON, and jsonb refuses them.
+    outcome = park_via(make_record(
+        exception_message="bad text \udce9 in order 1234",
+        args=[float("nan"), float("inf"), "caf\udce9"],
+        kwargs={"ratio": float("-inf")},
+        history=attempts(1, message="bad text \udce9"),
+    ))
+    assert outcome.spooled is False
+    letter = DeadLetter.objects.get()
+    assert letter.exception_message == "bad text \\udce9 in order 1234"
+    assert letter.args == ["NaN", "Infinity", "caf\\udce9"]
+    assert letter.kwargs == {"ratio": "-Infinity"}
+
+
+@db
+def test_a_failure_result_the_database_refuses_does_not_stop_the_letter(park_via):
+    # django-celery-results keeps the worker's hostname in a 100-character column: a longer
+    # Celery hostname makes the FAILURE row unwritable, never the letter.
+    backend = celery_app.backend
+    record = make_record(worker="celery@" + "k8s-pod-" * 20,
+                         result={"result": backend.prepare_exception(ValueError("declined")),
+                                 "traceback": "tb"})
+    outcome = park_via(record, backend=backend, request=celery_request(record))
+    assert outcome.spooled is False
+    assert outcome.result_stored is False  # Celery may then try to store it its own way
+    letter = DeadLetter.objects.get()
+    assert outcome.letter_id == letter.pk
+    assert letter.worker == record.worker
+    assert not TaskResult.objects.filter(task_id=record.task_id).exists()
+    assert len(spool()) == 0
+
+
+@pytest.fixture
+def database_refusing_task():
+    """A CHECK constraint that makes PostgreSQL itself refuse letters of one task name."""
+    from django.db import connection
+
+    table = DeadLetter._meta.db_table
+
+    def refuse(task_name: str) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute(f'ALTER TABLE "{table}" ADD CONSTRAINT test_refused '
+                           f"CHECK (task_name <> %s) NOT VALID", [task_name])
+
+    yield refuse
+    with connection.cursor() as cursor:
+        cursor.execute(f'ALTER TABLE "{table}" DROP CONSTRAINT IF EXISTS test_refused')
+
+
+@db
+def test_a_letter_the_database_refuses_is_spooled_not_lost(park_via, database_refusing_task):
+    database_refusing_task("tasks.refused")
+    outcome = park_via(make_record(task_name="tasks.refused"))
+    assert outcome.spooled is True and outcome.letter_id is None
+    assert len(spool()) == 1
+    assert not DeadLetter.objects.exists()
+
+
+@db
+def test_a_record_the_database_refuses_is_quarantined_and_the_letters_behind_it_drain(
+        database_refusing_task, caplog):
+    # Given a refused record spooled before two good ones, and an old unsanitised record
+    database_refusing_task("tasks.refused")
+    pending = spool()
+    pending.put(make_record(task_id="first").to_dict())
+    refused = pending.put(make_record(task_id="refused", task_name="tasks.refused").to_dict())
+    pending.put({**make_record(task_id="long").to_dict(), "task_id": "y" * 300})
+    pending.put(make_record(task_id="after").to_dict())
+
+    # When the spool drains
+    assert drain_spool() == 3
+
+    # Then the good letters are in the table, the refused one is quarantined with its reason
+    assert set(DeadLetter.objects.values_list("task_id", flat=True)) == \
+        {"first", "after", sha256_id("y" * 300)}
+    assert len(pending) == 0
+    assert pending.quarantined() == 1
+    bad = refused.with_suffix(".bad")
+    assert bad.exists() and not refused.exists()
+    assert "test_refused" in refused.with_suffix(".error").read_text()
+    assert "quarantined" in caplog.text and "test_refused" in caplog.text
+
+
+@db
+def test_a_record_that_fails_for_any_reason_but_an_unreachable_database_is_quarantined():
+    pending = spool()
+    # A value the model refuses (ValidationError) / one that breaks the writer (AttributeError)
+    refused = pending.put({**make_record(task_id="refused").to_dict(), "permanent": "maybe"})
+    broken = pending.put({**make_record(task_id="broken").to_dict(), "failed_at": 12345})
+    pending.put(make_record(task_id="after").to_dict())
+    assert drain_spool() == 1
+    assert list(DeadLetter.objects.values_list("task_id", flat=True)) == ["after"]
+    assert refused.with_suffix(".bad").exists() and broken.with_suffix(".bad").exists()
+    assert "ValidationError" in refused.with_suffix(".error").read_text()
+    assert "AttributeError" in broken.with_suffix(".error").read_text()
+    assert pending.quarantined() == 2
+
+
+@pytest.fixture(params=["refuses", "hangs"])
+def unreachable_database(request):
+    """Point the default connection at a port that refuses connections, or at one that
+    accepts them and never answers (the connect timeout, 3 s, gives up)."""
+    import socket
+
+    from django.db import connection
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    if request.param == "hangs":
+        sock.listen(1)
+    port = sock.getsockname()[1]
+    if request.param == "refuses":
+        sock.close()
+    saved = dict(connection.settings_dict)
+    connection.close()
+    connection.settings_dict.update(HOST="127.0.0.1", PORT=str(port))
+    yield
+    connection.close()
+    connection.settings_dict.clear()
+    connection.settings_dict.update(saved)
+    sock.close()
+
+
+@db
+def test_an_unreachable_database_stops_the_drain_and_quarantines_nothing(unreachable_database):
+    pending = spool()
+    for n in range(3):
+        pending.put(make_record(task_id=f"t{n}").to_dict())
+    started = time.monotonic()
+    assert drain_spool() == 0
+    # one attempt, not one per record
+    assert time.monotonic() - started < 6
+    assert len(pending) == 3
+    assert pending.quarantined() == 0

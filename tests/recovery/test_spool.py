@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recovery.spool import Spool
+from recovery.spool import BadRecord, Spool
 
 
 class DatabaseStillDown(Exception):
@@ -151,7 +154,9 @@ def test_an_invalid_json_file_is_renamed_bad_not_deleted(spool):
     kept = spool.directory / "00000000000000000001-broken.bad"
     assert kept.read_text() == '{"task_id": "abc", "args": [1, '
     assert len(spool) == 0
-    assert files_in(spool.directory) == [kept.name]
+    why = spool.directory / "00000000000000000001-broken.error"
+    assert files_in(spool.directory) == [kept.name, why.name]
+    assert "JSONDecodeError" in why.read_text()
 
 
 def test_a_file_that_is_not_utf8_is_renamed_bad(spool):
@@ -205,3 +210,111 @@ def test_every_record_put_comes_back_once_in_order(batch):
         assert seen == batch
         assert len(spool) == 0
         assert list(Path(directory).iterdir()) == []
+
+
+# -- writes the disk takes in pieces, and writers that crash ----------------------------------
+
+
+def test_put_writes_the_whole_record_when_the_disk_takes_a_few_bytes_per_write(spool, monkeypatch):
+    # os.write may write fewer bytes than asked (a signal, a nearly full disk): here at most
+    # 7 bytes per call, the real bytes, through the real file descriptor.
+    real_write = os.write
+    calls = []
+
+    def short_write(fd, data):
+        calls.append(len(data))
+        return real_write(fd, bytes(data[:7]))
+
+    monkeypatch.setattr(os, "write", short_write)
+    record = {"task_id": "abc", "args": list(range(30)), "message": "Zahlung für 12 ✗"}
+    path = spool.put(record)
+    monkeypatch.undo()
+    assert len(calls) > 1
+    assert json.loads(path.read_bytes()) == record
+
+
+def test_a_write_the_disk_refuses_leaves_no_temporary_file(spool, monkeypatch):
+    real_write = os.write
+
+    def disk_full_after_some_bytes(fd, data):
+        if len(data) < 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, bytes(data[:10]))
+
+    monkeypatch.setattr(os, "write", disk_full_after_some_bytes)
+    with pytest.raises(OSError):
+        spool.put({"task_id": "abc", "message": "x" * 100})
+    monkeypatch.undo()
+    assert files_in(spool.directory) == []
+
+
+def test_drain_removes_temporary_files_of_crashed_writers_but_not_of_writers_in_progress(spool):
+    spool.put({"n": 1})
+    crashed = spool.directory / ".00000000000000000001-crashed.json.tmp"
+    crashed.write_text('{"n": ')
+    an_hour_ago = time.time() - 3600
+    os.utime(crashed, (an_hour_ago, an_hour_ago))
+    in_progress = spool.directory / f".{time.time_ns():020d}-writing.json.tmp"
+    in_progress.write_text('{"n": ')
+    seen = []
+
+    assert spool.drain(seen.append) == 1
+
+    assert seen == [{"n": 1}]
+    assert files_in(spool.directory) == [in_progress.name]
+
+
+# -- quarantine: one bad record never blocks the rest -----------------------------------------
+
+
+def test_a_record_the_handler_rejects_is_quarantined_with_its_reason_and_the_rest_drain(spool):
+    for n in range(4):
+        spool.put({"n": n})
+    seen = []
+
+    def handler(record):
+        if record["n"] == 1:
+            raise BadRecord("the database refused it: value too long for type varchar(255)")
+        seen.append(record)
+
+    assert spool.drain(handler) == 3
+
+    assert seen == [{"n": 0}, {"n": 2}, {"n": 3}]
+    assert len(spool) == 0
+    assert spool.quarantined() == 1
+    [bad] = spool.quarantined_paths()
+    assert json.loads(bad.read_text()) == {"n": 1}
+    reason = bad.with_suffix(".error").read_text()
+    assert "value too long for type varchar(255)" in reason
+    # A second drain leaves the quarantined record alone.
+    assert spool.drain(handler) == 0
+    assert spool.quarantined() == 1 and seen == [{"n": 0}, {"n": 2}, {"n": 3}]
+
+
+def test_quarantined_counts_only_bad_files(spool):
+    assert spool.quarantined() == 0  # the directory does not even exist yet
+    spool.put({"n": 1})
+    spool.directory.mkdir(parents=True, exist_ok=True)
+    (spool.directory / "00000000000000000001-a.bad").write_text("{")
+    (spool.directory / "00000000000000000001-a.error").write_text("JSONDecodeError")
+    (spool.directory / "00000000000000000002-b.bad").write_text("{}")
+    assert spool.quarantined() == 2
+    assert len(spool) == 1
+
+
+def test_requeued_records_go_back_in_line_in_their_old_place(spool):
+    for n in range(3):
+        spool.put({"n": n})
+
+    def refuse_one(record):
+        if record["n"] == 1:
+            raise BadRecord("refused")
+
+    spool.drain(refuse_one)
+    spool.put({"n": 3})
+    assert spool.requeue_quarantined() == 1
+    assert spool.quarantined() == 0
+    seen = []
+    assert spool.drain(seen.append) == 2
+    assert seen == [{"n": 1}, {"n": 3}]
+    assert files_in(spool.directory) == []

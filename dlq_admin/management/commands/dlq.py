@@ -30,7 +30,7 @@ from django.utils.dateparse import parse_date, parse_datetime
 from dlq_admin.management.actor import cli_actor
 from recovery import replay as service
 from recovery.models import DeadLetter
-from recovery.parking import drain_spool
+from recovery.parking import drain_spool, spool
 
 _AGO = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -98,7 +98,10 @@ class Command(BaseCommand):
         export.add_argument("--no-events", action="store_true",
                             help="leave out the audit trail (jsonl only)")
         sub.add_parser("stats", help="counts by status, kind and task")
-        sub.add_parser("drain", help="move spooled letters into the database now")
+        drain = sub.add_parser("drain", help="move spooled letters into the database now")
+        drain.add_argument("--requeue-quarantined", action="store_true",
+                           help="first put quarantined records (*.bad) back in line, once "
+                                "what refused them is fixed")
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -279,5 +282,16 @@ class Command(BaseCommand):
     def do_drain(self, options):
         from celery import current_app
 
+        pending = spool()
+        if options.get("requeue_quarantined"):
+            requeued = pending.requeue_quarantined()
+            self.stdout.write(f"Requeued {requeued} quarantined record{'s' if requeued != 1 else ''}.")
         drained = drain_spool(backend=current_app.backend)
         self.stdout.write(f"Drained {drained} spooled letter{'s' if drained != 1 else ''} into the database.")
+        quarantined = pending.quarantined()
+        if quarantined:
+            self.stdout.write(
+                f"{quarantined} record{'s are' if quarantined != 1 else ' is'} quarantined in "
+                f"{pending.directory} (*.bad, the reason in *.error beside each): the database "
+                f"refused {'them' if quarantined != 1 else 'it'}. Fix the cause, then run "
+                f"`manage.py dlq drain --requeue-quarantined`.")
