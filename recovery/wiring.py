@@ -19,13 +19,14 @@ from celery import Celery, signals
 __all__ = ["setup", "CONSUMER", "import_task_modules"]
 
 CONSUMER = "recovery.worker:RecoveryConsumer"
+HANDBACK = "recovery.handback:HandBack"
 _REUSE_FOREVER = 2**31
 
 
 def setup(app: Celery) -> Celery:
-    """Install the poison-parking consumer, the housekeeping timers, the Redis
-    visibility settings, database connection reuse and the watchdog's Celery beat entry.
-    Returns ``app``."""
+    """Install the poison-parking consumer, the housekeeping timers, the hand-back of
+    unused deliveries on shutdown, the Redis visibility settings, database connection
+    reuse and the watchdog's Celery beat entry. Returns ``app``."""
     from .worker import Housekeeping
 
     app.conf.update(
@@ -38,6 +39,9 @@ def setup(app: Celery) -> Celery:
     )
     if Housekeeping not in app.steps["consumer"]:
         app.steps["consumer"].add(Housekeeping)
+    # By name: the step's module needs Django's models, which are not ready yet here.
+    if HANDBACK not in app.steps["consumer"]:
+        app.steps["consumer"].add(HANDBACK)
 
     def _transport_options(sender: Any = None, **kwargs: Any) -> None:
         from . import conf

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 import uuid
 
@@ -219,3 +220,71 @@ def test_replay_that_fails_again_is_parked_again_on_the_same_row(start_worker, s
     assert letter.attempts == 2
     assert [entry["replay"] for entry in letter.history] == [0, 1]
     assert list(letter.events.values_list("action", flat=True)) == ["replayed"]
+
+
+# -- counting deliveries: once per delivery, only real losses, from zero after a replay ------
+
+
+def test_task_with_expires_that_kills_its_worker_runs_the_full_delivery_cap(start_worker, store,
+                                                                           key):
+    # Given a worker, and a task sent with `expires` (as beat entries are) that kills its
+    # pool child every time: Celery asks such a request whether it is revoked twice per
+    # delivery (on receipt, because it may have expired, and again before it runs)
+    start_worker()
+    result = t.kills_its_worker.apply_async((key,), expires=600)
+    # When the crash loop runs its course
+    letter = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first(), 90,
+                      message="poison letter")
+    # Then it is parked only after MAX_DELIVERIES (3) real deliveries ran, not after half
+    assert runs(store, key) == 3
+    assert letter.kind == "poison"
+    assert "delivered 4 times" in letter.reason
+    time.sleep(3)
+    assert runs(store, key) == 3
+
+
+def _held_by(worker_name: str, task_ids: list[str]) -> dict[str, str]:
+    """Task id -> state ('reserved', 'scheduled', 'active') of what the worker holds."""
+    replies = app.control.inspect(timeout=1, destination=[worker_name]).query_task(task_ids) or {}
+    return {task_id: state for reply in replies.values() for task_id, (state, _) in reply.items()}
+
+
+def test_messages_handed_back_on_clean_shutdowns_are_not_counted_as_losses(start_worker, store,
+                                                                          key):
+    # Given prefetched and countdown (ETA) messages, sent with `expires` (checked on every
+    # receipt), behind one running task per worker (priority 9 is served after priority 0)
+    waiting = [t.long_running.apply_async((f"{key}-p{i}", 0), priority=9, expires=900)
+               for i in range(2)]
+    eta = t.long_running.apply_async((f"{key}-eta", 0), countdown=75, priority=9, expires=900)
+    held = [r.id for r in (*waiting, eta)]
+    cap = 3  # MAX_DELIVERIES in the test settings
+    # When a worker receives them and is stopped cleanly (SIGTERM: warm shutdown) while it
+    # holds them, MAX_DELIVERIES + 1 times in a row (a few deploys)
+    for deploy in range(cap + 1):
+        blocker = t.long_running.delay(f"{key}-b{deploy}", 3)
+        worker = start_worker(f"deploy{deploy}", concurrency=1)
+        name = f"deploy{deploy}@{socket.gethostname()}"
+        wait_for(lambda: runs(store, f"{key}-b{deploy}") == 1, 30, message="the blocker to run")
+
+        def held_or_parked():
+            if DeadLetter.objects.exists():
+                return "parked"
+            states = _held_by(name, held)
+            return states if len(states) == 3 else None
+        states = wait_for(held_or_parked, 30, message="the worker to hold the three messages")
+        assert states != "parked", (f"deploy {deploy}: "
+                                    f"{list(DeadLetter.objects.values_list('reason', flat=True))}")
+        assert states[eta.id] == "scheduled"
+        assert {states[r.id] for r in waiting} == {"reserved"}
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(timeout=30) == 0
+        assert blocker.get(timeout=10) == 1
+        assert "Restoring 3 unacknowledged message(s)" in worker.log()
+        assert not DeadLetter.objects.exists(), worker.log()[-3000:]
+    # Then on the next worker every one of them runs, once, and none is parked
+    start_worker("after")
+    for result in (*waiting, eta):
+        assert result.get(timeout=90) == 1
+    assert [runs(store, f"{key}-{n}") for n in ("p0", "p1", "eta")] == [1, 1, 1]
+    assert not DeadLetter.objects.exists()
+
