@@ -219,7 +219,7 @@ class RecoveryRequest(Request):
         try:
             park_poison(
                 task_id=self.id, task_name=self.name, body=self._body,
-                content_type=self._content_type, headers=self._request_dict,
+                content_type=self._content_type, headers=self._replay_options(),
                 delivery_info=self.delivery_info,
                 exc=TimeLimitExceeded(last_failure) if timed_out else WorkerLostError(reason),
                 reason=reason, kind=FailureKind.TIMEOUT if timed_out else FailureKind.POISON,
@@ -240,6 +240,12 @@ class RecoveryRequest(Request):
             logger.exception("recovery: could not store FAILURE for %s", self.id)
         self.acknowledge()
         return True
+
+    def _replay_options(self) -> dict:
+        """What a replay republishes with (the letter's ``headers``), as RecoveryTask parks
+        it; the raw request would hand the replay its own args twice."""
+        options = getattr(self.task, "_replay_options", None)
+        return options(self._context) if options is not None else {}
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if soft or not self.task.acks_late:

@@ -288,3 +288,22 @@ def test_messages_handed_back_on_clean_shutdowns_are_not_counted_as_losses(start
     assert [runs(store, f"{key}-{n}") for n in ("p0", "p1", "eta")] == [1, 1, 1]
     assert not DeadLetter.objects.exists()
 
+
+def test_replayed_crash_loop_letter_counts_its_deliveries_from_zero(start_worker, store, key):
+    # Given a letter parked by the delivery cap: its task killed its worker on every
+    # delivery (MAX_DELIVERIES = 3)
+    start_worker()
+    result = t.kills_its_worker_on_first_runs.delay(key, 4)
+    letter = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first(), 90,
+                      message="poison letter")
+    assert "delivered 4 times" in letter.reason and runs(store, key) == 3
+    # When the operator replays it and its first replayed run is lost once more (the
+    # crash's cause is fixed only from the next run on)
+    replay(letter, actor="alice")
+    # Then that first redelivery is not parked again: the replay runs again and succeeds
+    wait_for(lambda: runs(store, key) >= 5, 60, message="the replay's redelivery to run")
+    letter = wait_for(lambda: DeadLetter.objects.filter(
+        pk=letter.pk, status=DeadLetter.Status.RESOLVED).first(), 30,
+        message="the replayed letter to be resolved")
+    assert runs(store, key) == 5
+    assert letter.replay_count == 1
