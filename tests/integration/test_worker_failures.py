@@ -307,3 +307,29 @@ def test_replayed_crash_loop_letter_counts_its_deliveries_from_zero(start_worker
         message="the replayed letter to be resolved")
     assert runs(store, key) == 5
     assert letter.replay_count == 1
+
+
+def test_a_clean_shutdown_while_the_database_is_down_still_hands_its_messages_back(
+        start_worker, store, key, db_proxy, worker_env):
+    # Given a worker that reaches PostgreSQL through a proxy we can cut, holding a
+    # countdown message in its memory
+    db = worker_env["TEST_DATABASE_URL"].rsplit("@", 1)
+    via_proxy = f"{db[0]}@127.0.0.1:{db_proxy.port}/{db[1].split('/', 1)[1]}"
+    eta = t.long_running.apply_async((key, 0), countdown=20, expires=900)
+    worker = start_worker("cut", env={"TEST_DATABASE_URL": via_proxy})
+    name = f"cut@{socket.gethostname()}"
+    wait_for(lambda: _held_by(name, [eta.id]) == {eta.id: "scheduled"}, 30,
+             message="the worker to hold the countdown message")
+    # When the database drops off the network and the worker is stopped cleanly
+    db_proxy.cut()
+    worker.process.send_signal(signal.SIGTERM)
+    # Then the shutdown completes and still gives the message back to the broker; the
+    # log says its next delivery will count as a loss
+    assert worker.process.wait(timeout=30) == 0
+    assert "Restoring 1 unacknowledged message(s)" in worker.log()
+    assert "could not record 1 message(s) handed back unused" in worker.log()
+    # And the next worker runs it, once
+    start_worker("after")
+    assert eta.get(timeout=60) == 1
+    assert runs(store, key) == 1
+    assert not DeadLetter.objects.exists()
