@@ -215,3 +215,6 @@ def test_a_sweep_decides_nothing_while_a_live_worker_does_not_answer(start_worke
     assert (report.lost_replays, report.undecided) == (1, "")
     letter.refresh_from_db()
     assert letter.status == DeadLetter.Status.PARKED
+    # A worker stopped cleanly is no longer expected to answer
+    workers["a"].stop()
+    assert [name.split("@")[0] for name in presence.alive()] == ["b"]
