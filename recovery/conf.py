@@ -135,6 +135,10 @@ DEFAULTS: Mapping[str, Any] = {
         "REPLAYING_AFTER_SECONDS": 900.0,
         # An outbox message unsent this long after it was committed is escalated.
         "OUTBOX_AFTER_SECONDS": 300.0,
+        # How long a sweep waits for each worker's answer to what it holds (running,
+        # prefetched, waiting for a countdown/ETA). When a worker seen alive recently does
+        # not answer in time, the sweep takes nothing for lost.
+        "INSPECT_TIMEOUT_SECONDS": 1.0,
     },
     # Bounds on what is stored per letter.
     "MESSAGE_MAX_CHARS": 2000,

@@ -31,6 +31,7 @@ from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from . import headers as hdr, metrics
+from .deliveries import forget as forget_deliveries
 from .models import DeadLetter, DeadLetterEvent
 from .wiring import import_task_modules
 
@@ -142,6 +143,8 @@ def _prepare_replay(letter: DeadLetter, *, actor: str, app: Any, args: Any = Non
     letter.status = DeadLetter.Status.REPLAYING
     letter.replay_count += 1
     letter.save(update_fields=["args", "kwargs", "status", "replay_count", "updated_at"])
+    # The deliveries that parked it (a crash loop) must not park the replay at its first loss.
+    forget_deliveries([letter.task_id])
 
 
 def _publish_replay(letter: DeadLetter, *, actor: str, app: Any, queue: str | None,
@@ -381,6 +384,7 @@ def _prepare_replays(batch: list[DeadLetter], result: BulkResult, *, app: Any,
             letter.status = DeadLetter.Status.REPLAYING
             letter.replay_count += 1
             letter.updated_at = now
+        forget_deliveries([letter.task_id for letter in prepared])
     return prepared
 
 

@@ -31,6 +31,11 @@ checks, each in its own ``try`` (one that fails never stops the others):
    worker keeps trying, so the broker or the relays are broken; escalated with the
    count and the oldest age (``watchdog:outbox``).
 
+"A worker holds it" covers what it runs, what it prefetched and what waits in its memory
+for a countdown (``BrokerWorkers``). When that is not known (no worker answered, or a
+worker stamped alive by ``recovery.presence`` did not), checks 2 and 3 take nothing for
+lost this time, and the report says why (``Report.undecided``).
+
 Two sweeps never overlap: on PostgreSQL a sweep holds an advisory lock, and a sweep
 that cannot take it does nothing (``Report.skipped``).
 """
@@ -41,7 +46,7 @@ import hashlib
 import logging
 import math
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
@@ -53,7 +58,7 @@ from django.db import DatabaseError, connection, transaction
 from django.db.models import Count, Max, Min, Q
 from django.utils import timezone
 
-from . import conf, escalation, sagas
+from . import conf, escalation, presence, sagas
 from .models import (
     DeadLetter,
     DeadLetterEvent,
@@ -73,8 +78,6 @@ logger = logging.getLogger(__name__)
 TASK_NAME = "recovery.watchdog"
 ACTOR = "watchdog"
 RUNBOOK = "docs/runbooks/watchdog-stuck-work.md"
-#: how long a sweep waits for the workers' replies to one broadcast
-INSPECT_TIMEOUT_SECONDS = 1.0
 #: most stuck items an incident lists (its details also give the full count)
 LISTED = 50
 #: most saga steps or letters one sweep acts on; the next sweep takes the rest
@@ -110,6 +113,7 @@ class WatchdogPolicy:
     saga_step_max_redispatches: int = 3
     replaying_after_seconds: float | None = 900.0
     outbox_after_seconds: float | None = 300.0
+    inspect_timeout_seconds: float = 1.0
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "WatchdogPolicy":
@@ -130,6 +134,12 @@ class WatchdogPolicy:
                 raise ValueError(f"{key} must be a positive number of seconds, or None to turn "
                                  f"it off, not {value!r}")
             values[key.lower()] = None if value is None else float(value)
+        inspect_timeout = merged["INSPECT_TIMEOUT_SECONDS"]
+        if (isinstance(inspect_timeout, bool) or not isinstance(inspect_timeout, (int, float))
+                or inspect_timeout <= 0):
+            raise ValueError(f"INSPECT_TIMEOUT_SECONDS must be a positive number of seconds, "
+                             f"not {inspect_timeout!r}")
+        values["inspect_timeout_seconds"] = float(inspect_timeout)
         redispatches = merged["SAGA_STEP_MAX_REDISPATCHES"]
         if isinstance(redispatches, bool) or not isinstance(redispatches, int) or redispatches < 0:
             raise ValueError(f"SAGA_STEP_MAX_REDISPATCHES must be an integer >= 0 (0 escalates "
@@ -155,7 +165,10 @@ class Report:
         stuck_steps: saga steps escalated because their re-dispatches ran out.
         lost_replays: letters put back from ``replaying`` to ``parked``.
         unsent_outbox: outbox messages unsent past ``OUTBOX_AFTER_SECONDS``.
-        failed_checks: the checks that raised (logged with their traceback).
+        failed_checks: the checks that raised (logged with their traceback), or that
+            decided nothing because what the workers hold is not known.
+        undecided: why nothing was taken for lost this time (a live worker did not
+            answer, or none did); empty when the workers answered.
         skipped: another sweep was running; this one did nothing.
         dry_run: nothing was changed, dispatched or escalated.
     """
@@ -166,6 +179,7 @@ class Report:
     lost_replays: int = 0
     unsent_outbox: int = 0
     failed_checks: tuple[str, ...] = ()
+    undecided: str = ""
     skipped: bool = False
     dry_run: bool = False
 
@@ -190,6 +204,8 @@ class Report:
         text = f"{prefix} {', '.join(parts)}"
         if self.failed_checks:
             text += f"; checks that failed: {', '.join(self.failed_checks)}"
+        if self.undecided:
+            text += f"; took nothing for lost: {self.undecided}"
         return text
 
 
@@ -208,19 +224,38 @@ class Workers(Protocol):
 
 
 class WorkersUnreachable(RuntimeError):
-    """No worker answered: what they hold is unknown, so nothing is recovered this time."""
+    """What the workers hold is not known (none answered, or a live one did not): nothing
+    is recovered this time."""
+
+
+#: Celery's remote-control commands that list what a worker holds, in the order a request
+#: moves through them (waiting for its ETA, prefetched, running): asked in that order, a
+#: request that moves on between two questions is still seen by the later one.
+_HOLDING = ("scheduled", "reserved", "active")
 
 
 class BrokerWorkers:
-    """The workers asked over the broker (Celery's remote control). When some workers
-    answer, one that does not answer within ``timeout`` seconds is taken as holding
-    nothing; when none answers, :meth:`holding` raises :class:`WorkersUnreachable` and the
-    checks that would act on the answer do nothing this time (they count as failed)."""
+    """The workers asked over the broker (Celery's remote control).
 
-    def __init__(self, app: Any, timeout: float = INSPECT_TIMEOUT_SECONDS) -> None:
+    What a worker holds is what it runs (``active``), what it prefetched (``reserved``)
+    and what waits in its memory for a countdown or ETA (``scheduled``: retries and
+    deferrals up to ``BROKER_DELAY_MAX_SECONDS``). The three lists are read from the
+    worker's own sets and timer queue, not from its by-id index, which a retry's new
+    message can lose to its old one finishing. They are asked once per sweep.
+
+    A worker that does not answer within ``timeout`` seconds may still hold work. When
+    one that is alive (``recovery.presence``: stamped within the last few heartbeats) is
+    silent, or when none answers, :meth:`holding` raises :class:`WorkersUnreachable` and
+    the checks that would act on the answer decide nothing this time.
+    """
+
+    def __init__(self, app: Any, timeout: float = 1.0,
+                 alive: Callable[[], set[str]] | None = presence.alive) -> None:
         self.app = app
         self.timeout = timeout
+        self.alive = alive
         self._active: dict[str, list[dict]] | None = None
+        self._held: set[str] | None = None
 
     def active(self) -> Mapping[str, list[dict]]:
         if self._active is None:
@@ -228,19 +263,39 @@ class BrokerWorkers:
         return self._active
 
     def holding(self, task_ids: Iterable[str]) -> set[str]:
-        ids = sorted(set(task_ids))
+        wanted = set(task_ids)
+        if not wanted:
+            return set()
+        if self._held is None:
+            self._held = self._ask()
+        return self._held & wanted
+
+    def _ask(self) -> set[str]:
+        expected = set(self.alive() if self.alive is not None else ())
+        # Stop waiting once every live worker answered; a silent one costs ``timeout``.
+        limit = len(expected) or None
         held: set[str] = set()
-        for start in range(0, len(ids), 100):
-            wanted = ids[start:start + 100]
-            replies = self.app.control.inspect(timeout=self.timeout).query_task(wanted)
-            if not replies:
-                # No worker answered (a deploy, a broker hiccup, main processes too busy):
-                # "nobody holds it" is unknown, and acting on it could run work twice.
-                raise WorkersUnreachable(
-                    f"no worker answered query_task within {self.timeout:g}s")
-            for reply in replies.values():
-                if isinstance(reply, Mapping):
-                    held.update(task_id for task_id in reply if task_id in wanted)
+        answered_all: set[str] | None = None
+        answered_any: set[str] = set()
+        for command in _HOLDING:
+            inspect = self.app.control.inspect(timeout=self.timeout, limit=limit)
+            replies = dict(getattr(inspect, command)() or {})
+            answered_any |= set(replies)
+            answered_all = set(replies) if answered_all is None else answered_all & set(replies)
+            for entries in replies.values():
+                for entry in entries if isinstance(entries, list) else ():
+                    info = entry.get("request", entry) if isinstance(entry, Mapping) else {}
+                    if isinstance(info, Mapping) and info.get("id"):
+                        held.add(str(info["id"]))
+        if not answered_any:
+            # No worker answered (a deploy, a broker hiccup, main processes too busy):
+            # "nobody holds it" is unknown, and acting on it could run work twice.
+            raise WorkersUnreachable(f"no worker answered within {self.timeout:g}s")
+        silent = (expected | answered_any) - (answered_all or set())
+        if silent:
+            raise WorkersUnreachable(
+                f"{_plural(len(silent), 'live worker')} did not answer within "
+                f"{self.timeout:g}s ({', '.join(sorted(silent))}); what they hold is unknown")
         return held
 
 
@@ -265,9 +320,10 @@ def sweep(app: Any = None, now: datetime | None = None, *, dry_run: bool = False
     except ValueError as bad:
         logger.error("recovery: the watchdog is off, RECOVERY['WATCHDOG'] is invalid: %s", bad)
         return Report(failed_checks=("settings",), dry_run=dry_run)
-    workers = workers or BrokerWorkers(app)
+    workers = workers or BrokerWorkers(app, timeout=chosen.inspect_timeout_seconds)
     counts: dict[str, int] = {}
     failed: list[str] = []
+    undecided = ""
     try:
         with _exclusive() as acquired:
             if not acquired:
@@ -277,6 +333,11 @@ def sweep(app: Any = None, now: datetime | None = None, *, dry_run: bool = False
                                 ("replaying", _check_replaying), ("outbox", _check_outbox)):
                 try:
                     counts.update(check(app, chosen, workers, now, dry_run))
+                except WorkersUnreachable as unknown:
+                    logger.warning("recovery: watchdog check %r took nothing for lost: %s",
+                                   name, unknown)
+                    failed.append(name)
+                    undecided = str(unknown)
                 except Exception as exc:  # noqa: BLE001 - a broken check never stops the others
                     logger.exception("recovery: watchdog check %r failed", name)
                     failed.append(name)
@@ -286,7 +347,8 @@ def sweep(app: Any = None, now: datetime | None = None, *, dry_run: bool = False
         logger.error("recovery: watchdog sweep not run, the database is unavailable: %s", exc)
         _after_database_error()
         return Report(failed_checks=("database",), dry_run=dry_run)
-    report = Report(failed_checks=tuple(failed), dry_run=dry_run, **counts)
+    report = Report(failed_checks=tuple(failed), undecided=undecided, dry_run=dry_run,
+                    **counts)
     (logger.warning if report.found or failed else logger.info)("recovery: %s", report.summary())
     return report
 

@@ -19,11 +19,14 @@ from celery import Celery, signals
 __all__ = ["setup", "CONSUMER", "import_task_modules"]
 
 CONSUMER = "recovery.worker:RecoveryConsumer"
+HANDBACK = "recovery.handback:HandBack"
+PRESENCE = "recovery.presence:Presence"
 _REUSE_FOREVER = 2**31
 
 
 def setup(app: Celery) -> Celery:
-    """Install the poison-parking consumer, the housekeeping timers, the Redis
+    """Install the poison-parking consumer, the housekeeping timers, the hand-back of
+    unused deliveries on shutdown, the live-worker stamp the watchdog reads, the Redis
     visibility settings, database connection reuse and the watchdog's Celery beat entry.
     Returns ``app``."""
     from .worker import Housekeeping
@@ -38,6 +41,10 @@ def setup(app: Celery) -> Celery:
     )
     if Housekeeping not in app.steps["consumer"]:
         app.steps["consumer"].add(Housekeeping)
+    # By name: the steps' modules need Django's models, which are not ready yet here.
+    for step in (HANDBACK, PRESENCE):
+        if step not in app.steps["consumer"]:
+            app.steps["consumer"].add(step)
 
     def _transport_options(sender: Any = None, **kwargs: Any) -> None:
         from . import conf

@@ -178,29 +178,39 @@ class RecoveryRequest(Request):
 
     _recovery_parked = False
     _recovery_requeued = False
+    #: (deliveries so far, last loss) of a redelivered message, until checked against the cap
+    _recovery_count: tuple[int, str] | None = None
+
+    def __init__(self, message, *args, **kwargs):
+        super().__init__(message, *args, **kwargs)
+        # Counted on receipt, once per delivery: Celery asks revoked() on receipt too when
+        # the message has `expires`, and a message handed back unused on a clean shutdown
+        # takes its delivery back (recovery.handback) only if it was counted when received.
+        if (self.delivery_info or {}).get("redelivered") or self._request_dict.get("redelivered"):
+            self._recovery_count = self._count_delivery()
 
     def revoked(self) -> bool:
         if self._recovery_parked:
             return True
-        if self._exceeded_delivery_cap():
+        if self._recovery_count is not None and self._exceeded_delivery_cap():
             return True
         return super().revoked()
 
-    def _exceeded_delivery_cap(self) -> bool:
-        redelivered = (self.delivery_info or {}).get("redelivered") or \
-            self._request_dict.get("redelivered")
-        if not redelivered:
-            return False
+    def _count_delivery(self) -> tuple[int, str] | None:
         from django.db import Error as DatabaseError
 
         from .deliveries import count_redelivery
 
         try:
-            deliveries, last_failure = count_redelivery(self.id)
+            return count_redelivery(self.id)
         except DatabaseError:
             logger.warning("recovery: cannot count deliveries of %s[%s] (database down); running it",
                            self.name, self.id)
-            return False
+            return None
+
+    def _exceeded_delivery_cap(self) -> bool:
+        """Park the task if its deliveries passed the cap. Checked once per delivery."""
+        (deliveries, last_failure), self._recovery_count = self._recovery_count, None
         cap = int(conf.get("MAX_DELIVERIES"))
         if deliveries <= cap:
             return False
@@ -210,7 +220,7 @@ class RecoveryRequest(Request):
         try:
             park_poison(
                 task_id=self.id, task_name=self.name, body=self._body,
-                content_type=self._content_type, headers=self._request_dict,
+                content_type=self._content_type, headers=self._replay_options(),
                 delivery_info=self.delivery_info,
                 exc=TimeLimitExceeded(last_failure) if timed_out else WorkerLostError(reason),
                 reason=reason, kind=FailureKind.TIMEOUT if timed_out else FailureKind.POISON,
@@ -231,6 +241,12 @@ class RecoveryRequest(Request):
             logger.exception("recovery: could not store FAILURE for %s", self.id)
         self.acknowledge()
         return True
+
+    def _replay_options(self) -> dict:
+        """What a replay republishes with (the letter's ``headers``), as RecoveryTask parks
+        it; the raw request would hand the replay its own args twice."""
+        options = getattr(self.task, "_replay_options", None)
+        return options(self._context) if options is not None else {}
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if soft or not self.task.acks_late:

@@ -8,13 +8,26 @@ settings arrive as JSON in ``RECOVERY_TEST_WATCHDOG`` (``tests/settings.py``).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 from celery import current_app
+from django.utils import timezone
 
-from recovery.models import DeadLetter, Incident, OutboxMessage, SagaEvent, SagaRun, SagaStep
+from recovery import presence, watchdog
+from recovery.models import (
+    DeadLetter,
+    DeadLetterEvent,
+    Incident,
+    OutboxMessage,
+    SagaEvent,
+    SagaRun,
+    SagaStep,
+)
+from recovery.replay import replay
 
 from . import watchdog_tasks
 from .harness import wait_for
@@ -107,3 +120,101 @@ def test_a_saga_step_whose_message_was_lost_is_dispatched_again_and_the_run_fini
     assert [line.decode() for line in broker.lrange(f"t:lost:{key}", 0, -1)] == [
         f"one {first}.2", f"two saga-{run.pk}-1-step"]
     assert not Incident.objects.exists()
+
+
+# -- what the workers hold: countdown retries, and workers that do not answer ---------------
+
+# Retries up to 30 s (the default BROKER_DELAY_MAX_SECONDS) wait in the worker's memory.
+IN_MEMORY = {**ENV, "RECOVERY_BROKER_DELAY_MAX_SECONDS": "30"}
+
+
+def _scheduled_ids() -> set[str]:
+    replies = current_app.control.inspect(timeout=1).scheduled() or {}
+    return {entry["request"]["id"] for entries in replies.values() for entry in entries}
+
+
+def _watchdog_here(settings, **values) -> None:
+    """The watchdog settings of the sweeps this test runs in its own process."""
+    settings.RECOVERY = {**settings.RECOVERY, "WATCHDOG": {**WATCHDOG, **values}}
+
+
+def test_a_replay_waiting_for_its_countdown_retry_is_not_taken_for_lost(
+        start_worker, settings, store, key):
+    # Given a worker whose short retries wait in its memory, and a parked letter
+    start_worker(env=IN_MEMORY, extra=INCLUDE)
+    _watchdog_here(settings, REPLAYING_AFTER_SECONDS=1)
+    result = watchdog_tasks.declined_then_flaky.delay(key)
+    letter = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id, status="parked").first(),
+                      30, message="the letter to be parked")
+    # When its replay fails once and waits 12 s for its retry (an ETA in the worker's
+    # memory), and a sweep runs meanwhile, the letter replaying for longer than the limit
+    replay(letter, actor="alice")
+    wait_for(lambda: result.id in _scheduled_ids(), 20, message="the replay's retry to wait")
+    report = watchdog.sweep(now=timezone.now() + timedelta(seconds=2))
+    # Then the sweep does not take it for lost
+    assert report.lost_replays == 0 and not report.failed_checks, report
+    letter.refresh_from_db()
+    assert letter.status == DeadLetter.Status.REPLAYING
+    # And the retry runs, succeeds and resolves the letter, which was replayed once
+    wait_for(lambda: DeadLetter.objects.filter(pk=letter.pk, status="resolved").exists(), 30,
+             message="the letter to be resolved")
+    assert int(store.get(f"t:flaky:{key}")) == 3
+    assert not DeadLetterEvent.objects.filter(letter=letter, action="replay_lost").exists()
+    assert not Incident.objects.exists()
+
+
+def test_a_saga_step_waiting_for_its_countdown_retry_is_not_dispatched_again(
+        start_worker, settings, store, key):
+    # Given a worker whose short retries wait in its memory
+    start_worker(env=IN_MEMORY, extra=INCLUDE)
+    _watchdog_here(settings)
+    # When a step (timeout 2 s) fails once and waits 12 s for its retry, and a sweep runs
+    # past the step's timeout
+    run = watchdog_tasks.retrying_step_saga.start(key=key)
+    step_id = f"saga-{run.pk}-0-step"
+    wait_for(lambda: step_id in _scheduled_ids(), 20, message="the step's retry to wait")
+    report = watchdog.sweep(now=timezone.now() + timedelta(seconds=3))
+    # Then the step is not dispatched again
+    assert report.redispatched_steps == 0 and not report.failed_checks, report
+    # And the retry finishes the run, under the step's first and only dispatch
+
+    def finished():
+        run.refresh_from_db()
+        return run.status == SagaRun.Status.SUCCEEDED
+    wait_for(finished, 30, message=f"run {run.pk} to succeed")
+    step = SagaStep.objects.get(run=run, index=0, role="step")
+    assert (step.task_id, step.dispatches) == (step_id, 1)
+    assert int(store.get(f"t:step:{key}")) == 2
+    assert not SagaEvent.objects.filter(run=run, action=SagaEvent.Action.REDISPATCHED).exists()
+
+
+def test_a_sweep_decides_nothing_while_a_live_worker_does_not_answer(start_worker, settings,
+                                                                     caplog, key):
+    # Given two workers, both stamped alive, and a letter replaying for longer than the
+    # limit whose message no worker holds
+    workers = {name: start_worker(name, env=ENV, extra=INCLUDE) for name in ("a", "b")}
+    wait_for(lambda: len(presence.alive()) == 2, 10, message="both workers to be stamped alive")
+    _watchdog_here(settings, REPLAYING_AFTER_SECONDS=1)
+    letter = DeadLetter.objects.create(task_id=f"lost-{key}", task_name=HANG, status="replaying",
+                                       fingerprint="f" * 40, replay_count=1)
+    # When worker b's main process is stopped (alive, but silent) during a sweep
+    os.kill(workers["b"].process.pid, signal.SIGSTOP)
+    try:
+        report = watchdog.sweep(now=timezone.now() + timedelta(seconds=2))
+    finally:
+        os.kill(workers["b"].process.pid, signal.SIGCONT)
+    # Then the sweep takes nothing for lost, and says why
+    assert report.lost_replays == 0
+    assert "replaying" in report.failed_checks
+    assert "1 live worker did not answer" in report.undecided and "b@" in report.undecided
+    assert f"took nothing for lost: {report.undecided}" in caplog.text
+    letter.refresh_from_db()
+    assert letter.status == DeadLetter.Status.REPLAYING
+    # And once b answers again, the next sweep finds the replay lost
+    report = watchdog.sweep(now=timezone.now() + timedelta(seconds=2))
+    assert (report.lost_replays, report.undecided) == (1, "")
+    letter.refresh_from_db()
+    assert letter.status == DeadLetter.Status.PARKED
+    # A worker stopped cleanly is no longer expected to answer
+    workers["a"].stop()
+    assert [name.split("@")[0] for name in presence.alive()] == ["b"]

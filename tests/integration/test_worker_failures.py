@@ -453,3 +453,114 @@ def test_circuit_state_unreachable_after_a_success_keeps_the_success(start_worke
     assert result_state(result.id) == states.SUCCESS
     assert not DeadLetter.objects.filter(task_id=result.id).exists()
     assert "could not record a call" in worker.log()
+# -- counting deliveries: once per delivery, only real losses, from zero after a replay ------
+
+
+def test_task_with_expires_that_kills_its_worker_runs_the_full_delivery_cap(start_worker, store,
+                                                                           key):
+    # Given a worker, and a task sent with `expires` (as beat entries are) that kills its
+    # pool child every time: Celery asks such a request whether it is revoked twice per
+    # delivery (on receipt, because it may have expired, and again before it runs)
+    start_worker()
+    result = t.kills_its_worker.apply_async((key,), expires=600)
+    # When the crash loop runs its course
+    letter = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first(), 90,
+                      message="poison letter")
+    # Then it is parked only after MAX_DELIVERIES (3) real deliveries ran, not after half
+    assert runs(store, key) == 3
+    assert letter.kind == "poison"
+    assert "delivered 4 times" in letter.reason
+    time.sleep(3)
+    assert runs(store, key) == 3
+
+
+def _held_by(worker_name: str, task_ids: list[str]) -> dict[str, str]:
+    """Task id -> state ('reserved', 'scheduled', 'active') of what the worker holds."""
+    replies = app.control.inspect(timeout=1, destination=[worker_name]).query_task(task_ids) or {}
+    return {task_id: state for reply in replies.values() for task_id, (state, _) in reply.items()}
+
+
+def test_messages_handed_back_on_clean_shutdowns_are_not_counted_as_losses(start_worker, store,
+                                                                          key):
+    # Given prefetched and countdown (ETA) messages, sent with `expires` (checked on every
+    # receipt), behind one running task per worker (priority 9 is served after priority 0)
+    waiting = [t.long_running.apply_async((f"{key}-p{i}", 0), priority=9, expires=900)
+               for i in range(2)]
+    eta = t.long_running.apply_async((f"{key}-eta", 0), countdown=75, priority=9, expires=900)
+    held = [r.id for r in (*waiting, eta)]
+    cap = 3  # MAX_DELIVERIES in the test settings
+    # When a worker receives them and is stopped cleanly (SIGTERM: warm shutdown) while it
+    # holds them, MAX_DELIVERIES + 1 times in a row (a few deploys)
+    for deploy in range(cap + 1):
+        blocker = t.long_running.delay(f"{key}-b{deploy}", 3)
+        worker = start_worker(f"deploy{deploy}", concurrency=1)
+        name = f"deploy{deploy}@{socket.gethostname()}"
+        wait_for(lambda: runs(store, f"{key}-b{deploy}") == 1, 30, message="the blocker to run")
+
+        def held_or_parked():
+            if DeadLetter.objects.exists():
+                return "parked"
+            states = _held_by(name, held)
+            return states if len(states) == 3 else None
+        states = wait_for(held_or_parked, 30, message="the worker to hold the three messages")
+        assert states != "parked", (f"deploy {deploy}: "
+                                    f"{list(DeadLetter.objects.values_list('reason', flat=True))}")
+        assert states[eta.id] == "scheduled"
+        assert {states[r.id] for r in waiting} == {"reserved"}
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(timeout=30) == 0
+        assert blocker.get(timeout=10) == 1
+        assert "Restoring 3 unacknowledged message(s)" in worker.log()
+        assert not DeadLetter.objects.exists(), worker.log()[-3000:]
+    # Then on the next worker every one of them runs, once, and none is parked
+    start_worker("after")
+    for result in (*waiting, eta):
+        assert result.get(timeout=90) == 1
+    assert [runs(store, f"{key}-{n}") for n in ("p0", "p1", "eta")] == [1, 1, 1]
+    assert not DeadLetter.objects.exists()
+
+
+def test_replayed_crash_loop_letter_counts_its_deliveries_from_zero(start_worker, store, key):
+    # Given a letter parked by the delivery cap: its task killed its worker on every
+    # delivery (MAX_DELIVERIES = 3)
+    start_worker()
+    result = t.kills_its_worker_on_first_runs.delay(key, 4)
+    letter = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first(), 90,
+                      message="poison letter")
+    assert "delivered 4 times" in letter.reason and runs(store, key) == 3
+    # When the operator replays it and its first replayed run is lost once more (the
+    # crash's cause is fixed only from the next run on)
+    replay(letter, actor="alice")
+    # Then that first redelivery is not parked again: the replay runs again and succeeds
+    wait_for(lambda: runs(store, key) >= 5, 60, message="the replay's redelivery to run")
+    letter = wait_for(lambda: DeadLetter.objects.filter(
+        pk=letter.pk, status=DeadLetter.Status.RESOLVED).first(), 30,
+        message="the replayed letter to be resolved")
+    assert runs(store, key) == 5
+    assert letter.replay_count == 1
+
+
+def test_a_clean_shutdown_while_the_database_is_down_still_hands_its_messages_back(
+        start_worker, store, key, db_proxy, worker_env):
+    # Given a worker that reaches PostgreSQL through a proxy we can cut, holding a
+    # countdown message in its memory
+    db = worker_env["TEST_DATABASE_URL"].rsplit("@", 1)
+    via_proxy = f"{db[0]}@127.0.0.1:{db_proxy.port}/{db[1].split('/', 1)[1]}"
+    eta = t.long_running.apply_async((key, 0), countdown=20, expires=900)
+    worker = start_worker("cut", env={"TEST_DATABASE_URL": via_proxy})
+    name = f"cut@{socket.gethostname()}"
+    wait_for(lambda: _held_by(name, [eta.id]) == {eta.id: "scheduled"}, 30,
+             message="the worker to hold the countdown message")
+    # When the database drops off the network and the worker is stopped cleanly
+    db_proxy.cut()
+    worker.process.send_signal(signal.SIGTERM)
+    # Then the shutdown completes and still gives the message back to the broker; the
+    # log says its next delivery will count as a loss
+    assert worker.process.wait(timeout=30) == 0
+    assert "Restoring 1 unacknowledged message(s)" in worker.log()
+    assert "could not record 1 message(s) handed back unused" in worker.log()
+    # And the next worker runs it, once
+    start_worker("after")
+    assert eta.get(timeout=60) == 1
+    assert runs(store, key) == 1
+    assert not DeadLetter.objects.exists()

@@ -90,6 +90,16 @@ def kills_its_worker(self, key: str) -> None:
 
 
 @shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
+def kills_its_worker_on_first_runs(self, key: str, killing_runs: int) -> int:
+    """Kills its pool child on its first ``killing_runs`` runs (a crash loop whose cause is
+    then fixed), succeeds afterwards."""
+    runs = record_run(key)
+    if runs <= killing_runs:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return runs
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
 def long_running(self, key: str, seconds: float) -> int:
     runs = record_run(key)
     time.sleep(seconds)

@@ -97,10 +97,15 @@ def test_the_policy_merges_the_settings_over_the_defaults():
     assert chosen.outbox_after_seconds is None
     assert chosen.task_deadline_seconds == 3600.0
     assert chosen.saga_step_max_redispatches == 3
+    assert chosen.inspect_timeout_seconds == 1.0
+    assert WatchdogPolicy.from_dict({"INSPECT_TIMEOUT_SECONDS": 3}).inspect_timeout_seconds == 3.0
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"INTERVAL": 5}, "unknown RECOVERY['WATCHDOG'] keys: INTERVAL; known: INTERVAL_SECONDS"),
+    ({"INTERVAL": 5}, "unknown RECOVERY['WATCHDOG'] keys: INTERVAL; known: "
+                      "INSPECT_TIMEOUT_SECONDS, INTERVAL_SECONDS"),
+    ({"INSPECT_TIMEOUT_SECONDS": None}, "INSPECT_TIMEOUT_SECONDS must be a positive number "
+                                        "of seconds, not None"),
     ({"TASK_DEADLINE_SECONDS": 0}, "TASK_DEADLINE_SECONDS must be a positive number of seconds, "
                                    "or None to turn it off, not 0"),
     ({"REPLAYING_AFTER_SECONDS": "15m"}, "REPLAYING_AFTER_SECONDS must be a positive number"),
@@ -592,15 +597,84 @@ def test_a_letter_parked_again_for_its_own_reason_is_not_resolved_by_a_late_succ
     assert late.status == "parked"
 
 
-def test_when_no_worker_answers_nothing_is_taken_for_lost():
-    from types import SimpleNamespace
+class Broadcasts:
+    """An app whose ``control.inspect(...).<command>()`` returns ``replies[command]``, as
+    Celery's remote control hands back the workers' answers, and records what was asked."""
 
+    def __init__(self, **replies) -> None:
+        self.replies = replies
+        self.asked: list[tuple[str, dict]] = []
+        self.control = self
+
+    def inspect(self, **options):
+        broadcasts = self
+
+        class Inspect:
+            def __getattr__(self, command):
+                def ask():
+                    broadcasts.asked.append((command, options))
+                    return broadcasts.replies.get(command)
+                return ask
+
+        return Inspect()
+
+
+def test_when_no_worker_answers_nothing_is_taken_for_lost():
     from recovery.watchdog import BrokerWorkers, WorkersUnreachable
 
-    silent = SimpleNamespace(control=SimpleNamespace(
-        inspect=lambda timeout: SimpleNamespace(query_task=lambda ids: None)))
     with pytest.raises(WorkersUnreachable, match="no worker answered"):
-        BrokerWorkers(silent).holding(["task-1"])
+        BrokerWorkers(Broadcasts(), alive=lambda: set()).holding(["task-1"])
+
+
+def test_work_waiting_for_its_eta_prefetched_or_running_is_held_and_asked_once_per_sweep():
+    from recovery.watchdog import BrokerWorkers
+
+    app = Broadcasts(
+        scheduled={"a@h": [{"eta": "2026-12-05T08:00:00+00:00", "priority": 6,
+                            "request": info("retrying", started=None, worker="a@h")}],
+                   "b@h": []},
+        reserved={"a@h": [info("prefetched", started=None, worker="a@h")], "b@h": []},
+        active={"a@h": [], "b@h": [info("running", started=time.time(), worker="b@h")]},
+    )
+    workers = BrokerWorkers(app, timeout=2.5, alive=lambda: {"a@h", "b@h"})
+    assert workers.holding(["retrying", "prefetched", "running", "gone"]) == {
+        "retrying", "prefetched", "running"}
+    assert workers.holding(["gone", "running"]) == {"running"}
+    # Asked in the order a request moves (ETA, prefetched, running), each once; the
+    # broadcast stops waiting once both live workers answered
+    assert app.asked == [(command, {"timeout": 2.5, "limit": 2})
+                         for command in ("scheduled", "reserved", "active")]
+
+
+def test_a_live_worker_that_does_not_answer_leaves_what_it_holds_unknown():
+    from recovery.watchdog import BrokerWorkers, WorkersUnreachable
+
+    # b@h stamped itself alive, but only a@h answers (b's main process is stopped)
+    app = Broadcasts(scheduled={"a@h": []}, reserved={"a@h": []}, active={"a@h": []})
+    with pytest.raises(WorkersUnreachable, match=r"1 live worker did not answer within 1s "
+                                                 r"\(b@h\)"):
+        BrokerWorkers(app, timeout=1, alive=lambda: {"a@h", "b@h"}).holding(["task-1"])
+    # A worker that answered one question but not the next is not known either
+    app = Broadcasts(scheduled={"a@h": [], "c@h": []}, reserved={"a@h": []}, active={"a@h": []})
+    with pytest.raises(WorkersUnreachable, match=r"\(c@h\)"):
+        BrokerWorkers(app, timeout=1, alive=lambda: {"a@h"}).holding(["task-1"])
+
+
+def test_a_sweep_that_cannot_know_what_the_workers_hold_says_so_and_parks_nothing(
+        watchdog_settings, caplog):
+    from recovery.watchdog import BrokerWorkers
+
+    watchdog_settings(REPLAYING_AFTER_SECONDS=60)
+    waiting = letter(1)
+    app = Broadcasts(scheduled={"a@h": []}, reserved={"a@h": []}, active={"a@h": []})
+    report = watchdog.sweep(app=app, workers=BrokerWorkers(app, alive=lambda: {"a@h", "b@h"}),
+                            now=later(61))
+    assert report.lost_replays == 0 and "replaying" in report.failed_checks
+    assert report.undecided == "1 live worker did not answer within 1s (b@h); what they hold " \
+                               "is unknown"
+    assert "took nothing for lost: 1 live worker did not answer" in report.summary()
+    waiting.refresh_from_db()
+    assert waiting.status == "replaying"
 
 
 def test_unreachable_workers_fail_the_checks_that_act_and_recover_nothing(watchdog_settings):
