@@ -24,7 +24,14 @@ from typing import Any
 
 from billiard.exceptions import WorkerLostError
 from celery import bootsteps
-from celery.exceptions import Ignore, Reject, Retry, Terminated, TimeLimitExceeded
+from celery.exceptions import (
+    Ignore,
+    InvalidTaskError,
+    Reject,
+    Retry,
+    Terminated,
+    TimeLimitExceeded,
+)
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 from celery.worker.state import task_ready
@@ -177,6 +184,16 @@ class RecoveryRequest(Request):
 
     _recovery_parked = False
     _recovery_requeued = False
+
+    def __init__(self, message, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(message, *args, **kwargs)
+        except (TypeError, ValueError) as exc:
+            # A body that is not [args, kwargs, embed] cannot become a request. Celery's
+            # consumer parks (RecoveryConsumer.on_invalid_task) what it knows as invalid and
+            # lets anything else stop the worker: every worker in turn, as the message is
+            # redelivered to the next.
+            raise InvalidTaskError(f"invalid task message: {exc}") from exc
 
     def revoked(self) -> bool:
         if self._recovery_parked:

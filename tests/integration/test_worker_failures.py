@@ -219,3 +219,27 @@ def test_replay_that_fails_again_is_parked_again_on_the_same_row(start_worker, s
     assert letter.attempts == 2
     assert [entry["replay"] for entry in letter.history] == [0, 1]
     assert list(letter.events.values_list("action", flat=True)) == ["replayed"]
+
+
+def test_body_of_the_wrong_shape_is_parked_and_the_worker_keeps_running(start_worker, store, key):
+    # Given a running worker
+    worker = start_worker()
+    task_id = str(uuid.uuid4())
+    # When a message for a known task arrives whose JSON body is not [args, kwargs, embed]
+    with Connection(app.conf.broker_url) as conn:
+        Producer(conn).publish(
+            b'"just a string"', routing_key="celery", exchange="",
+            headers={"task": t.flaky_twice.name, "id": task_id, "lang": "py", "retries": 0,
+                     "root_id": task_id, "parent_id": None, "group": None, "eta": None,
+                     "expires": None, "timelimit": [None, None], "argsrepr": "", "kwargsrepr": "",
+                     "origin": "test"},
+            content_type="application/json", content_encoding="utf-8",
+        )
+    # Then it is parked as poison with its raw body, and the worker goes on running tasks
+    letter = wait_for(lambda: DeadLetter.objects.filter(task_id=task_id).first(), 30,
+                      message="poison letter")
+    assert letter.kind == "poison"
+    assert letter.raw_body == '"just a string"'
+    assert "invalid task message" in letter.reason
+    assert t.flaky_twice.delay(key).get(timeout=30) == 3
+    assert worker.process.poll() is None
