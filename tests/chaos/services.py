@@ -77,6 +77,12 @@ class Postgres:
         """A fast restart, as an operator or a package upgrade does it: sessions are cut."""
         self._pg_ctl("-m", "fast", "-o", self._options, "restart")
 
+    def postmaster_pid(self) -> int | None:
+        try:
+            return int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
     def url(self, port: int | None = None, database: str = "chaos") -> str:
         return f"postgres://postgres@127.0.0.1:{port or self.port}/{database}"
 
@@ -91,10 +97,8 @@ class Postgres:
             self._pg_ctl("-m", "immediate", "stop", timeout=30)
         except (subprocess.SubprocessError, OSError):
             pass
-        pid_file = self.data / "postmaster.pid"
-        try:
-            pid = int(pid_file.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
+        pid = self.postmaster_pid()
+        if pid is None:
             return
         children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
         for victim in [pid, *(int(p) for p in children.stdout.split())]:
@@ -132,6 +136,12 @@ class RedisServer:
         out = subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True,
                              text=True)
         return out.stdout.strip() == "PONG"
+
+    def run_id(self) -> str:
+        out = subprocess.run(["redis-cli", "-p", str(self.port), "info", "server"],
+                             capture_output=True, text=True)
+        return next((line.split(":", 1)[1].strip() for line in out.stdout.splitlines()
+                     if line.startswith("run_id:")), "")
 
     def restart(self) -> None:
         """SHUTDOWN (the append-only file is flushed), then start on the same files."""

@@ -104,6 +104,7 @@ class Storm:
         self.timeline: list[str] = []
         self.child_kills = 0
         self.killed: list = []
+        self.ineffective: list[str] = []
         self.publish_retries = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -201,28 +202,51 @@ class Storm:
                 pass
 
     def faults(self) -> None:
+        """Each fault, and proof that it took effect (else the run proves nothing)."""
         chaos = self.chaos
         self._at(0.15)
         self.note("PostgreSQL: restart (fast)")
+        before = chaos.pg.postmaster_pid()
         chaos.pg.restart()
+        self._took_effect("PostgreSQL restart", chaos.pg.postmaster_pid() not in (None, before))
         self.note("PostgreSQL: back")
         self._at(0.35)
         self.note(f"PostgreSQL: hangs (black hole) for {HANG_SECONDS:.0f}s")
+        hang_began = time.monotonic()
         chaos.proxy.hang()
-        time.sleep(HANG_SECONDS)
+        self._took_effect("PostgreSQL hang", self._connect_times_out())
+        time.sleep(max(0.0, HANG_SECONDS - (time.monotonic() - hang_began)))
         chaos.proxy.restore()
         self.note("PostgreSQL: answers again (hung connections reset)")
         self._at(0.60)
         self.note("Redis: restart (SHUTDOWN, append-only file kept)")
+        before = chaos.broker.run_id()
         chaos.broker.restart()
+        self._took_effect("Redis restart", chaos.broker.run_id() != before)
         self.note("Redis: back")
         self._at(0.80)
         victim = chaos.workers[-1]
         self.note(f"worker {victim.name}: SIGKILL, main process and children")
         self.killed.append(victim)
         victim.kill_everything()
+        self._took_effect("whole worker killed", victim.process.poll() is not None)
         replacement = chaos.start_worker("w3")
         self.note(f"worker {replacement.name}: started and ready")
+
+    def _took_effect(self, fault: str, effective: bool) -> None:
+        if not effective:
+            self.ineffective.append(fault)
+            self.note(f"{fault}: DID NOT TAKE EFFECT")
+
+    def _connect_times_out(self) -> bool:
+        """Through the hanging proxy a connection is accepted and then never answered:
+        the client's connect timeout fires (a refusal would be another fault)."""
+        began = time.monotonic()
+        try:
+            psycopg.connect(self.chaos.pg.url(self.chaos.proxy.port), connect_timeout=2).close()
+        except psycopg.OperationalError as exc:
+            return "timeout" in str(exc).lower() and time.monotonic() - began >= 1.5
+        return False
 
 
 def wait_quiet(chaos, conn, client, ids: list[str], timeout: float,
@@ -281,6 +305,11 @@ def test_every_task_is_accounted_for_through_kills_restarts_and_a_hanging_databa
     result.add("quiet within the bounded wait", "yes" if quiet else "no", "yes")
     result.add("seconds to quiesce after the faults", round(waited, 1))
     result.add("pool children SIGKILLed", storm.child_kills)
+    if storm.child_kills < SECONDS / 2:  # one a second was asked for
+        storm.ineffective.append(f"child kills ({storm.child_kills} in {SECONDS:.0f}s)")
+    result.add("faults that did not take effect", len(storm.ineffective), 0)
+    if storm.ineffective:
+        result.details.append(f"faults that did not take effect: {storm.ineffective}")
     result.add("publishes retried (broker restarting)", storm.publish_retries)
     result.add("workers that died on their own", sum(
         1 for w in chaos.workers if w.process.poll() is not None and w not in storm.killed), 0)
