@@ -175,8 +175,13 @@ def account(conn: psycopg.Connection, client: redis.Redis, submitted: list[Submi
 
     show("duplicated side effects (task id, replay, attempt, outcome: runs)",
          [f"{key}: {count}" for key, count in ran.items() if count > 1])
-    show("lost", [(t.task_id, t.outcome, "ran ok" if t.task_id in completed_ok else
-                   "never completed a run") for t in lost])
+    def runs(task_id: str) -> str:
+        done = Counter(outcome for (tid, _, _, outcome), count in ran.items()
+                       for _ in range(count) if tid == task_id)
+        return "body ran: " + (", ".join(f"{o} x{n}" for o, n in sorted(done.items()))
+                               or "never to its end")
+
+    show("lost", [(t.task_id, t.outcome, runs(t.task_id)) for t in lost])
     show("both succeeded and parked", [(t.task_id, t.outcome, letter) for t, letter in both])
     show("innocent tasks parked", [(t.task_id, t.outcome, letter,
                                     "body returned" if t.task_id in completed_ok else "")

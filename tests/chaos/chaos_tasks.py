@@ -20,7 +20,7 @@ from recovery import RecoveryTask, RetryPolicy
 from recovery import headers as hdr
 from recovery.errors import DependencyError, TransientError
 
-NAME = "chaos.scripted"
+from . import TASK_NAME
 
 _effects_fd: int | None = None
 _effects_pid: int | None = None
@@ -38,7 +38,7 @@ def _record(request, attempt: int, outcome: str) -> None:
     os.write(_effects_fd, line.encode("utf-8", "backslashreplace"))
 
 
-@shared_task(bind=True, base=RecoveryTask, name=NAME,
+@shared_task(bind=True, base=RecoveryTask, name=TASK_NAME,
              retry_policy=RetryPolicy(max_attempts=6, initial_delay_seconds=0.2,
                                       multiplier=2.0, max_delay_seconds=1.0))
 def scripted(self, key: str, outcome: str = "plain", failures: int = 0) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from kombu import Connection, Producer
 
-from .chaos_tasks import NAME
+from . import TASK_NAME as NAME
 
 FIVE_MB = 5 * 1024 * 1024
 

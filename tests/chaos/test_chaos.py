@@ -60,7 +60,7 @@ from celery import Celery
 from tests.integration.harness import ROOT
 
 from .accounting import Submitted, account, broker_backlog, spool_files, terminal
-from .chaos_tasks import NAME
+from . import TASK_NAME as NAME
 from .report import REPORTS
 from .hostile import catalogue, publish
 
