@@ -24,7 +24,14 @@ from typing import Any
 
 from billiard.exceptions import WorkerLostError
 from celery import bootsteps
-from celery.exceptions import Ignore, Reject, Retry, Terminated, TimeLimitExceeded
+from celery.exceptions import (
+    Ignore,
+    InvalidTaskError,
+    Reject,
+    Retry,
+    Terminated,
+    TimeLimitExceeded,
+)
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 from celery.worker.state import task_ready
@@ -188,6 +195,16 @@ class RecoveryRequest(Request):
         # takes its delivery back (recovery.handback) only if it was counted when received.
         if (self.delivery_info or {}).get("redelivered") or self._request_dict.get("redelivered"):
             self._recovery_count = self._count_delivery()
+
+    def __init__(self, message, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(message, *args, **kwargs)
+        except (TypeError, ValueError) as exc:
+            # A body that is not [args, kwargs, embed] cannot become a request. Celery's
+            # consumer parks (RecoveryConsumer.on_invalid_task) what it knows as invalid and
+            # lets anything else stop the worker: every worker in turn, as the message is
+            # redelivered to the next.
+            raise InvalidTaskError(f"invalid task message: {exc}") from exc
 
     def revoked(self) -> bool:
         if self._recovery_parked:

@@ -564,3 +564,25 @@ def test_a_clean_shutdown_while_the_database_is_down_still_hands_its_messages_ba
     assert eta.get(timeout=60) == 1
     assert runs(store, key) == 1
     assert not DeadLetter.objects.exists()
+def test_body_of_the_wrong_shape_is_parked_and_the_worker_keeps_running(start_worker, store, key):
+    # Given a running worker
+    worker = start_worker()
+    task_id = str(uuid.uuid4())
+    # When a message for a known task arrives whose JSON body is not [args, kwargs, embed]
+    with Connection(app.conf.broker_url) as conn:
+        Producer(conn).publish(
+            b'"just a string"', routing_key="celery", exchange="",
+            headers={"task": t.flaky_twice.name, "id": task_id, "lang": "py", "retries": 0,
+                     "root_id": task_id, "parent_id": None, "group": None, "eta": None,
+                     "expires": None, "timelimit": [None, None], "argsrepr": "", "kwargsrepr": "",
+                     "origin": "test"},
+            content_type="application/json", content_encoding="utf-8",
+        )
+    # Then it is parked as poison with its raw body, and the worker goes on running tasks
+    letter = wait_for(lambda: DeadLetter.objects.filter(task_id=task_id).first(), 30,
+                      message="poison letter")
+    assert letter.kind == "poison"
+    assert letter.raw_body == '"just a string"'
+    assert "invalid task message" in letter.reason
+    assert t.flaky_twice.delay(key).get(timeout=30) == 3
+    assert worker.process.poll() is None
