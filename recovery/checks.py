@@ -39,7 +39,7 @@ def check_recovery_settings(app_configs=None, **kwargs):
             hint="Each entry is a dotted path to a callable exception -> Failure | None.",
             id="recovery.E004",
         ))
-    for key in ("MAX_DELIVERIES",):
+    for key in ("MAX_DELIVERIES", "MAX_MESSAGE_BYTES"):
         value = user.get(key)
         if value is not None and (not isinstance(value, int) or value < 1):
             problems.append(Error(f"RECOVERY['{key}'] must be an integer >= 1.", id="recovery.E005"))

@@ -28,6 +28,9 @@ DEFAULTS: Mapping[str, Any] = {
     # Deliveries of one task id (redeliveries after a lost worker included) before it is
     # parked as a poison pill instead of run again.
     "MAX_DELIVERIES": 5,
+    # Largest task message body (bytes) a worker runs; a larger one is parked as poison
+    # before it runs. None: no limit.
+    "MAX_MESSAGE_BYTES": 4 * 1024 * 1024,
     # Where dead letters are spooled, fsynced, while the database is unreachable.
     "SPOOL_DIR": None,
     # How often each worker tries to drain the spool into the database.

@@ -37,7 +37,8 @@ from celery.worker.request import Request
 from celery.worker.state import task_ready
 from kombu.serialization import loads, prepare_accept_content
 
-from . import conf, metrics
+from . import conf, envelope, metrics
+from .envelope import EnvelopeError
 from .kinds import FailureKind
 
 __all__ = ["RecoveryConsumer", "RecoveryRequest", "Housekeeping", "park_poison"]
@@ -69,6 +70,15 @@ def _body_bytes(body: Any) -> bytes:
     if isinstance(body, memoryview):
         return body.tobytes()
     return _raw_text(body).encode("utf-8", "backslashreplace")
+
+
+def _size_of(body: Any) -> int:
+    """The size of an encoded body, without copying it."""
+    if isinstance(body, (bytes, bytearray, str)):
+        return len(body)
+    if isinstance(body, memoryview):
+        return body.nbytes
+    return 0
 
 
 def _decoded_args(body: Any, content_type: str) -> tuple[list, dict]:
@@ -155,7 +165,7 @@ class RecoveryConsumer(Consumer):
             super().on_unknown_message(body, message)
 
     def on_invalid_task(self, body, message, exc):
-        if self._park_undecodable(message, exc, "invalid task message"):
+        if self._park_undecodable(message, exc, f"invalid task message: {exc}"):
             super().on_invalid_task(body, message, exc)
 
     def on_decode_error(self, message, exc):
@@ -188,14 +198,6 @@ class RecoveryRequest(Request):
     #: (deliveries so far, last loss) of a redelivered message, until checked against the cap
     _recovery_count: tuple[int, str] | None = None
 
-    def __init__(self, message, *args, **kwargs):
-        super().__init__(message, *args, **kwargs)
-        # Counted on receipt, once per delivery: Celery asks revoked() on receipt too when
-        # the message has `expires`, and a message handed back unused on a clean shutdown
-        # takes its delivery back (recovery.handback) only if it was counted when received.
-        if (self.delivery_info or {}).get("redelivered") or self._request_dict.get("redelivered"):
-            self._recovery_count = self._count_delivery()
-
     def __init__(self, message, *args: Any, **kwargs: Any) -> None:
         try:
             super().__init__(message, *args, **kwargs)
@@ -204,7 +206,17 @@ class RecoveryRequest(Request):
             # consumer parks (RecoveryConsumer.on_invalid_task) what it knows as invalid and
             # lets anything else stop the worker: every worker in turn, as the message is
             # redelivered to the next.
-            raise InvalidTaskError(f"invalid task message: {exc}") from exc
+            raise InvalidTaskError(f"body is not [args, kwargs, embed]: {exc}") from exc
+        refused = envelope.problem(
+            task_id=self.id, headers=self._request_dict, body_bytes=_size_of(self._body),
+            max_body_bytes=conf.get("MAX_MESSAGE_BYTES"))
+        if refused:
+            raise EnvelopeError(refused)
+        # Counted on receipt, once per delivery: Celery asks revoked() on receipt too when
+        # the message has `expires`, and a message handed back unused on a clean shutdown
+        # takes its delivery back (recovery.handback) only if it was counted when received.
+        if (self.delivery_info or {}).get("redelivered") or self._request_dict.get("redelivered"):
+            self._recovery_count = self._count_delivery()
 
     def revoked(self) -> bool:
         if self._recovery_parked:

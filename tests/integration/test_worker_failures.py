@@ -170,27 +170,75 @@ def spool_files(spool: str, suffix: str) -> list[str]:
     return sorted(f for f in os.listdir(spool) if f.endswith(suffix)) if os.path.isdir(spool) else []
 
 
-def test_tasks_whose_ids_no_column_can_hold_are_parked_under_their_hash(start_worker, store, key,
-                                                                        settings):
+def publish_raw(body: bytes, task: str, task_id, **headers) -> None:
+    """Publish a task message as a client other than Celery might, headers and all."""
+    with Connection(app.conf.broker_url) as conn:
+        Producer(conn).publish(
+            body, routing_key="celery", exchange="",
+            headers={"task": task, "id": task_id, "lang": "py", "retries": 0,
+                     "root_id": task_id, "parent_id": None, "group": None, "eta": None,
+                     "expires": None, "timelimit": [None, None], "argsrepr": "",
+                     "kwargsrepr": "", "origin": "test", **headers},
+            content_type="application/json", content_encoding="utf-8",
+        )
+
+
+def task_body(*args) -> bytes:
+    return json.dumps([list(args), {}, {"callbacks": None, "errbacks": None, "chain": None,
+                                        "chord": None}]).encode()
+
+
+def test_tasks_whose_ids_no_column_can_hold_are_parked_as_poison_under_their_hash_unrun(
+        start_worker, store, key, settings):
     # Given a worker, and clients that sent a 300-character task id and one with a NUL in it
     worker = start_worker()
     long_id = f"import-{key}-" + "r" * (300 - len(f"import-{key}-"))
     nul_id = f"{key}\x00charge"
-    # When both tasks fail for good
-    t.declined.apply_async((key + "-long", 1), task_id=long_id)
-    t.declined.apply_async((key + "-nul", 2), task_id=nul_id)
-    # Then each is one letter under its id's hash, straight in the table, the id as sent kept
+    # When both messages arrive (for a task that would succeed)
+    t.flaky_twice.apply_async((key + "-long",), task_id=long_id)
+    t.flaky_twice.apply_async((key + "-nul",), task_id=nul_id)
+    # Then neither runs (its result could never be stored, so it would run again and again):
+    # each is one poison letter under its id's hash, the reason naming the id, the id as
+    # sent kept, straight in the table
     parked = DeadLetter.objects.filter(task_id__in=[hashed(long_id), hashed(nul_id)])
     wait_for(lambda: parked.count() == 2, 30, message="two letters under hashed ids")
     letters = [parked.get(task_id=hashed(long_id)), parked.get(task_id=hashed(nul_id))]
+    assert [letter.kind for letter in letters] == ["poison", "poison"]
+    assert "task id is 300 characters long" in letters[0].reason
+    assert "task id contains a NUL character" in letters[1].reason
     assert [letter.headers["recovery_original_task_id"] for letter in letters] == \
         [long_id, nul_id.replace("\x00", "\\x00")]
-    assert [letter.args for letter in letters] == [[key + "-long", 1], [key + "-nul", 2]]
+    assert [letter.args for letter in letters] == [[key + "-long"], [key + "-nul"]]
     assert spool_files(settings.RECOVERY["SPOOL_DIR"], ".json") == []
-    # ... each ran once, its message acknowledged, its FAILURE kept beside the letter
-    assert runs(store, key + "-long") == 1 and runs(store, key + "-nul") == 1
+    assert runs(store, key + "-long") == 0 and runs(store, key + "-nul") == 0
+    # ... their messages are gone from the broker, and the worker keeps working
     wait_for(lambda: store.hlen("unacked") == 0, 10, message="messages acknowledged")
-    assert result_state(hashed(long_id)) == states.FAILURE
+    assert t.flaky_twice.delay(key).get(timeout=30) == 3
+    assert worker.process.poll() is None
+
+
+def test_forged_history_and_oversized_bodies_are_parked_as_poison_before_they_run(
+        start_worker, store, key):
+    # Given a worker
+    worker = start_worker()
+    forged, nested, huge = (str(uuid.uuid4()) for _ in range(3))
+    # When messages arrive with a recovery_history header that is not a list of attempts
+    # (a string; a list of non-objects) and with a body over MAX_MESSAGE_BYTES (4 MiB)
+    publish_raw(task_body(key + "-forged"), t.flaky_twice.name, forged,
+                recovery_history="'; DROP TABLE recovery_deadletter; --")
+    publish_raw(task_body(key + "-nested"), t.flaky_twice.name, nested,
+                recovery_history=[1, "two", None])
+    publish_raw(task_body(key + "-huge" + "x" * (5 * 1024 * 1024)), t.flaky_twice.name, huge)
+    # Then each is a poison letter whose reason names what is wrong, and none ran
+    letters = DeadLetter.objects.filter(task_id__in=[forged, nested, huge])
+    wait_for(lambda: letters.count() == 3, 60, message="three poison letters")
+    reasons = {letter.task_id: letter.reason for letter in letters}
+    assert {letter.kind for letter in letters} == {"poison"}
+    assert "forged or corrupt recovery_history header" in reasons[forged]
+    assert "forged or corrupt recovery_history header" in reasons[nested]
+    assert "message body is too large: 5.0 MiB, over the limit of 4.0 MiB" in reasons[huge]
+    assert letters.get(task_id=huge).args[0].startswith(key + "-huge")
+    assert [runs(store, key + s) for s in ("-forged", "-nested", "-huge")] == [0, 0, 0]
     # ... and the worker keeps working
     assert t.flaky_twice.delay(key).get(timeout=30) == 3
     assert worker.process.poll() is None
