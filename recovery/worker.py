@@ -138,8 +138,45 @@ def park_poison(*, task_id: str | None, task_name: str, body: Any, content_type:
     return outcome
 
 
+def _tolerant_close(close):
+    def close_broken_connection():
+        try:
+            return close()
+        except AttributeError as exc:
+            logger.warning("recovery: closing the broken broker connection failed (%r); the "
+                           "messages this worker held return after the visibility timeout",
+                           exc)
+            return None
+    return close_broken_connection
+
+
 class RecoveryConsumer(Consumer):
-    """Celery's consumer, parking what it would otherwise drop."""
+    """Celery's consumer, parking what it would otherwise drop, and surviving a broker
+    restart while it holds messages."""
+
+    def on_connection_error_after_connected(self, exc):
+        # Celery 5.7 first collect()s the broken connection, which detaches its transport,
+        # then close()s it; closing the still-attached Redis channel restores the messages
+        # this worker held and reads the detached transport's client: an AttributeError
+        # that ignore_errors() does not ignore, and the whole worker stops ("Unrecoverable
+        # error"). Restoring is best effort there anyway (the broker just went away): the
+        # held messages stay in Redis's unacked set and come back after the visibility
+        # timeout, so a failed close is logged and the consumer reconnects as usual.
+        #
+        # The tasks still running hold messages of the old channel: their acks, once the
+        # broker is back, go through that channel's transport too. Re-attaching the
+        # connection info to it lets them open a fresh client and acknowledge (instead of
+        # stopping the worker the same way, and leaving the message to run a second time).
+        connection = self.connection
+        transport = getattr(connection, "_transport", None)
+        conninfo = getattr(transport, "client", None)
+        if connection is not None:
+            connection.close = _tolerant_close(connection.close)
+        try:
+            return super().on_connection_error_after_connected(exc)
+        finally:
+            if transport is not None and conninfo is not None and transport.client is None:
+                transport.client = conninfo
 
     def on_unknown_task(self, body, message, exc):
         headers = message.headers or {}
