@@ -52,6 +52,13 @@ def check_recovery_settings(app_configs=None, **kwargs):
         if value is not None and (not isinstance(value, (int, float)) or value <= 0):
             problems.append(Error(f"RECOVERY['{key}'] must be a positive number.",
                                   id="recovery.E006"))
+    for key in ("DB_CONNECT_TIMEOUT_SECONDS", "DB_NETWORK_TIMEOUT_SECONDS",
+                "DB_STATEMENT_TIMEOUT_SECONDS"):
+        value = user.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or value <= 0):
+            problems.append(Error(f"RECOVERY['{key}'] must be a positive number of seconds, "
+                                  f"or None for no bound.", id="recovery.E006"))
     for key in ("ADMIN_BULK_MAX", "DELIVERY_COUNT_RETENTION_DAYS"):
         value = user.get(key)
         if value is not None and (not isinstance(value, (int, float)) or value <= 0):

@@ -1,0 +1,185 @@
+"""What every worker does besides running tasks, arranged so nothing waits on the database.
+
+``Housekeeping`` (a consumer bootstep, installed by ``recovery.setup``) starts:
+
+* the ``recovery-visibility`` thread: refreshes the Redis visibility of every message the
+  worker holds (``recovery.visibility``). Redis only, never the database: if it stopped,
+  held tasks would pass the visibility timeout and run a second time elsewhere;
+* the ``recovery-housekeeping`` thread: publishes due retries, drains the dead-letter
+  spool, relays the outbox and reconciles saga runs, on its own database connection
+  with recovery's timeouts (``recovery.db_timeouts``). A database that hangs holds up
+  this thread only, and each job resumes on its next tick once the database answers;
+* the heartbeat metric, on the consumer's timer: it stops when the consumer stops;
+* the thread that delivers incident notifications (``recovery.notify``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from celery import bootsteps
+from django.db import Error as DatabaseError
+from django.db import connection
+
+from . import conf, db_timeouts, metrics, notify, visibility
+from .due import publish_due
+from .outbox import relay
+from .parking import discard_broken_connections, drain_spool
+from .sagas import reconcile
+
+__all__ = ["Housekeeping", "Ticker", "STOP_WAIT_SECONDS"]
+
+logger = logging.getLogger(__name__)
+
+# How long stopping a worker waits for a housekeeping thread stuck on a hung database
+# before leaving it (it is a daemon thread: it ends with the process).
+STOP_WAIT_SECONDS = 5.0
+
+Job = tuple[float, Callable[[], None]]
+
+
+class Ticker:
+    """A daemon thread that calls each job every ``interval`` seconds. A job that blocks
+    delays only the jobs of its own thread."""
+
+    def __init__(self, name: str, jobs: Sequence[Job], *,
+                 on_start: Callable[[], None] | None = None,
+                 on_exit: Callable[[], None] | None = None) -> None:
+        self.name = name
+        self._jobs = list(jobs)
+        self._on_start = on_start
+        self._on_exit = on_exit
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "Ticker":
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = STOP_WAIT_SECONDS) -> bool:
+        """Ask the thread to end and wait at most ``timeout``; returns whether it ended."""
+        self._stop.set()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning("recovery: %s thread still busy after %.0fs (database hung?); "
+                           "leaving it", self.name, timeout)
+            return False
+        return True
+
+    def _run(self) -> None:
+        try:
+            if self._on_start is not None:
+                self._on_start()
+            due = [time.monotonic()] * len(self._jobs)
+            while not self._stop.is_set():
+                for index, (interval, job) in enumerate(self._jobs):
+                    if self._stop.is_set():
+                        break
+                    if time.monotonic() >= due[index]:
+                        try:
+                            job()
+                        except Exception:  # noqa: BLE001 - the thread outlives any one failure
+                            logger.exception("recovery: %s job failed", self.name)
+                        due[index] = time.monotonic() + interval
+                self._stop.wait(max(0.0, min(due) - time.monotonic()))
+        finally:
+            if self._on_exit is not None:
+                self._on_exit()
+
+
+def _close_connection() -> None:
+    try:
+        connection.close()
+    except Exception:  # noqa: BLE001 - closing a broken connection may fail too
+        pass
+
+
+def _database_job(what: str, work: Callable[[], object]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            work()
+        except DatabaseError as exc:
+            logger.info("recovery: %s not done yet (database: %s)", what, exc)
+            discard_broken_connections()
+        except Exception:  # noqa: BLE001
+            logger.exception("recovery: %s failed", what)
+    return run
+
+
+class Housekeeping(bootsteps.StartStopStep):
+    """The threads and timer above, per worker."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c, **kwargs):
+        super().__init__(c, **kwargs)
+        self._timers: list = []
+        self._tickers: list[Ticker] = []
+        self._deliverer: notify.Deliverer | None = None
+
+    def start(self, c):
+        # The consumer's own queries (delivery counts, poison parking) get the network
+        # bounds; pool children forked later get the project's settings back (wiring).
+        db_timeouts.bound_thread_connection(statement=False)
+        vis = float(conf.get("VISIBILITY_TIMEOUT_SECONDS"))
+        self._tickers = [
+            Ticker("recovery-visibility", [(max(1.0, vis / 4), lambda: self._extend(c))]).start(),
+            Ticker("recovery-housekeeping", self.database_jobs(c),
+                   on_start=lambda: db_timeouts.bound_thread_connection(statement=True),
+                   on_exit=_close_connection).start(),
+        ]
+        self._timers = [
+            c.timer.call_repeatedly(float(conf.get("HEARTBEAT_INTERVAL_SECONDS")),
+                                    self._heartbeat, (c,), priority=10),
+        ]
+        self._heartbeat(c)
+        self._deliverer = notify.Deliverer().start()
+
+    def stop(self, c):
+        deliverer, self._deliverer = self._deliverer, None
+        if deliverer is not None:
+            deliverer.stop()
+        tickers, self._tickers = self._tickers, []
+        for ticker in tickers:
+            ticker.stop()
+        for entry in self._timers:
+            try:
+                entry.cancel()
+            except Exception:  # noqa: BLE001
+                pass
+        self._timers = []
+
+    shutdown = stop
+
+    @staticmethod
+    def database_jobs(c) -> list[Job]:
+        saga_interval = float(conf.get("SAGA_RECONCILE_INTERVAL_SECONDS"))
+        return [
+            (float(conf.get("DUE_POLL_INTERVAL_SECONDS")),
+             _database_job("due retries", lambda: publish_due(c.app))),
+            (float(conf.get("SPOOL_DRAIN_INTERVAL_SECONDS")),
+             _database_job("spool drain", lambda: drain_spool(backend=c.app.backend))),
+            (float(conf.get("OUTBOX_RELAY_INTERVAL_SECONDS")),
+             _database_job("outbox relay", lambda: relay(c.app))),
+            (saga_interval,
+             _database_job("saga reconcile", lambda: reconcile(
+                 older_than_seconds=2 * saga_interval, check_results=False, app=c.app))),
+        ]
+
+    @staticmethod
+    def _heartbeat(c) -> None:
+        metrics.worker_heartbeat(c.hostname)
+        notify.flush_counts()
+
+    @staticmethod
+    def _extend(c) -> None:
+        try:
+            visibility.extend_held_messages(c)
+        except Exception:  # noqa: BLE001 - a failed extension is retried next tick
+            logger.warning("recovery: could not extend message visibility", exc_info=True)

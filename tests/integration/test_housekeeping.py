@@ -1,0 +1,62 @@
+"""A worker's housekeeping (recovery.housekeeping) under a database that hangs: what the
+worker holds stays its own, and the database work picks up again when the database answers."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from django.utils import timezone
+
+from recovery.due import hold
+from recovery.models import DueRetry
+
+from . import worker_tasks as t
+from .harness import wait_for
+from .test_retry_and_park import runs
+
+pytestmark = pytest.mark.integration
+
+
+def _via(proxy, worker_env) -> str:
+    user, rest = worker_env["TEST_DATABASE_URL"].rsplit("@", 1)
+    return f"{user}@127.0.0.1:{proxy.port}/{rest.split('/', 1)[1]}"
+
+
+def test_a_hung_database_never_lets_a_held_task_run_twice(start_worker, store, key, db_proxy,
+                                                          worker_env, settings):
+    visibility = float(settings.RECOVERY["VISIBILITY_TIMEOUT_SECONDS"])
+    # The outage outlasts the visibility timeout and the next scan for stranded messages
+    # (every 10 s, recovery.wiring), so a message left unrefreshed would be given to b.
+    outage = visibility + 14
+    # Given worker "a", which reaches PostgreSQL through a proxy, running a task that lasts
+    # longer than the outage
+    holder = start_worker("a", env={"TEST_DATABASE_URL": _via(db_proxy, worker_env)})
+    result = t.long_running.delay(key, outage + 15)
+    wait_for(lambda: runs(store, key) == 1, 30, message="the task to start on a")
+    (tag, _), = wait_for(lambda: store.zrange("unacked_index", 0, -1, withscores=True), 10,
+                         message="the held message")
+    # and worker "b" competing for messages, straight to the database
+    rival = start_worker("b")
+    # When the database hangs (accepts, reads, never answers)
+    db_proxy.hang()
+    hung_at = time.time()
+    refreshed = []
+    while time.time() - hung_at < outage:
+        refreshed.append(store.zscore("unacked_index", tag) or 0.0)
+        time.sleep(1)
+    db_proxy.restore()
+    # Then the task runs exactly once: a kept its message invisible to b the whole time
+    assert result.get(timeout=90) == 1
+    time.sleep(3)
+    assert runs(store, key) == 1
+    assert max(refreshed) > hung_at + visibility / 2, \
+        f"visibility not refreshed during the hang: {refreshed} (hang at {hung_at})"
+    # And once the database answers again, a's housekeeping works again: with b gone, a
+    # publishes a retry that fell due
+    rival.stop()
+    due = hold(t.add_one.s(41).set(task_id=f"due-{key}"), timezone.now())
+    wait_for(lambda: not DueRetry.objects.filter(pk=due.pk).exists(), 30,
+             message="a to publish the due retry")
+    assert "due-" + key in wait_for(lambda: holder.log().count(f"due-{key}") and holder.log(),
+                                    30, message="a to run the due retry")
