@@ -11,6 +11,9 @@
   this thread only, and each job resumes on its next tick once the database answers;
 * the heartbeat metric, on the consumer's timer: it stops when the consumer stops;
 * the thread that delivers incident notifications (``recovery.notify``).
+
+Before the consumer takes any work it checks that the private internals of kombu and
+django-celery-results it relies on are there, and refuses to start if not.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from celery import bootsteps
 from django.db import Error as DatabaseError
 from django.db import connection
 
-from . import conf, db_timeouts, metrics, notify, visibility
+from . import conf, db_timeouts, metrics, notify, pg_fastpath, visibility
 from .due import publish_due
 from .outbox import relay
 from .parking import discard_broken_connections, drain_spool
@@ -124,6 +127,7 @@ class Housekeeping(bootsteps.StartStopStep):
         self._deliverer: notify.Deliverer | None = None
 
     def start(self, c):
+        self.require_internals(c)
         # The consumer's own queries (delivery counts, poison parking) get the network
         # bounds; pool children forked later get the project's settings back (wiring).
         db_timeouts.bound_thread_connection(statement=False)
@@ -156,6 +160,17 @@ class Housekeeping(bootsteps.StartStopStep):
         self._timers = []
 
     shutdown = stop
+
+    @staticmethod
+    def require_internals(c) -> None:
+        """Refuse to start on a kombu or django-celery-results whose private parts moved:
+        without them held tasks would silently run twice, or parking silently slow down."""
+        channel = getattr(getattr(c, "task_consumer", None), "channel", None)
+        problems = [p for p in (visibility.missing_internals(channel),
+                                pg_fastpath.missing_internals(c.app.backend)) if p]
+        if problems:
+            raise RuntimeError("celery-recovery cannot run on this worker: " +
+                               " ".join(problems))
 
     @staticmethod
     def database_jobs(c) -> list[Job]:
