@@ -103,15 +103,17 @@ def _close_connection() -> None:
         pass
 
 
-def _database_job(what: str, work: Callable[[], object]) -> Callable[[], None]:
+def _database_job(not_yet: str, failed: str, work: Callable[[], object]) -> Callable[[], None]:
+    """``work`` whose database errors are logged at INFO (the next tick retries, on a fresh
+    connection if this one broke) and whose other errors are logged with the traceback."""
     def run() -> None:
         try:
             work()
         except DatabaseError as exc:
-            logger.info("recovery: %s not done yet (database: %s)", what, exc)
+            logger.info("recovery: %s (database: %s)", not_yet, exc)
             discard_broken_connections()
         except Exception:  # noqa: BLE001
-            logger.exception("recovery: %s failed", what)
+            logger.exception("recovery: %s", failed)
     return run
 
 
@@ -177,14 +179,18 @@ class Housekeeping(bootsteps.StartStopStep):
         saga_interval = float(conf.get("SAGA_RECONCILE_INTERVAL_SECONDS"))
         return [
             (float(conf.get("DUE_POLL_INTERVAL_SECONDS")),
-             _database_job("due retries", lambda: publish_due(c.app))),
+             _database_job("due retries not published yet", "publishing due retries failed",
+                           lambda: publish_due(c.app))),
             (float(conf.get("SPOOL_DRAIN_INTERVAL_SECONDS")),
-             _database_job("spool drain", lambda: drain_spool(backend=c.app.backend))),
+             _database_job("spool not drained yet", "draining the spool failed",
+                           lambda: drain_spool(backend=c.app.backend))),
             (float(conf.get("OUTBOX_RELAY_INTERVAL_SECONDS")),
-             _database_job("outbox relay", lambda: relay(c.app))),
+             _database_job("outbox not relayed yet", "outbox relay failed",
+                           lambda: relay(c.app))),
             (saga_interval,
-             _database_job("saga reconcile", lambda: reconcile(
-                 older_than_seconds=2 * saga_interval, check_results=False, app=c.app))),
+             _database_job("saga runs not reconciled yet", "reconciling saga runs failed",
+                           lambda: reconcile(older_than_seconds=2 * saga_interval,
+                                             check_results=False, app=c.app))),
         ]
 
     @staticmethod
