@@ -12,9 +12,10 @@ project left unset:
   (``DB_CONNECT_TIMEOUT_SECONDS``);
 * ``keepalives*`` and ``tcp_user_timeout``: an established connection whose peer
   vanished; the kernel gives up after about ``DB_NETWORK_TIMEOUT_SECONDS``;
-* ``statement_timeout``, on the housekeeping thread only: a server that is reachable but
-  stuck (a lock, overload), ``DB_STATEMENT_TIMEOUT_SECONDS``. It is enforced by the
-  server, so it cannot end a wait on a server that is unreachable.
+* ``statement_timeout``: a server that is reachable but stuck (a lock, overload),
+  ``DB_STATEMENT_TIMEOUT_SECONDS``; on the housekeeping thread, and on the consumer's
+  when tasks run elsewhere (prefork, threads). It is enforced by the server, so it
+  cannot end a wait on a server that is unreachable.
 
 Pool children get the project's settings unchanged (``unbound_thread_connection`` runs
 in each new child): a task's own queries are the project's business.

@@ -43,6 +43,8 @@ STOP_WAIT_SECONDS = 5.0
 
 Job = tuple[float, Callable[[], None]]
 
+_POOLS_OFF_THE_CONSUMER_THREAD = ("celery.concurrency.prefork", "celery.concurrency.thread")
+
 
 class Ticker:
     """A daemon thread that calls each job every ``interval`` seconds. A job that blocks
@@ -130,9 +132,9 @@ class Housekeeping(bootsteps.StartStopStep):
 
     def start(self, c):
         self.require_internals(c)
-        # The consumer's own queries (delivery counts, poison parking) get the network
-        # bounds; pool children forked later get the project's settings back (wiring).
-        db_timeouts.bound_thread_connection(statement=False)
+        # The consumer's own queries (delivery counts, poison parking) get the bounds too;
+        # pool children forked later get the project's settings back (recovery.wiring).
+        db_timeouts.bound_thread_connection(statement=self.tasks_run_elsewhere(c))
         vis = float(conf.get("VISIBILITY_TIMEOUT_SECONDS"))
         self._tickers = [
             Ticker("recovery-visibility", [(max(1.0, vis / 4), lambda: self._extend(c))]).start(),
@@ -173,6 +175,13 @@ class Housekeeping(bootsteps.StartStopStep):
         if problems:
             raise RuntimeError("celery-recovery cannot run on this worker: " +
                                " ".join(problems))
+
+    @staticmethod
+    def tasks_run_elsewhere(c) -> bool:
+        """Whether the pool runs tasks outside the consumer's thread (prefork processes or
+        threads): only then may the consumer's connection get recovery's statement_timeout,
+        which a task's own long query must never meet (solo, gevent, eventlet)."""
+        return type(getattr(c, "pool", None)).__module__ in _POOLS_OFF_THE_CONSUMER_THREAD
 
     @staticmethod
     def database_jobs(c) -> list[Job]:

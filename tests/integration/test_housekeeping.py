@@ -11,6 +11,7 @@ from django.utils import timezone
 from recovery.due import hold
 from recovery.models import DueRetry
 
+from . import db_settings_tasks
 from . import worker_tasks as t
 from .harness import wait_for
 from .test_retry_and_park import runs
@@ -60,3 +61,20 @@ def test_a_hung_database_never_lets_a_held_task_run_twice(start_worker, store, k
              message="a to publish the due retry")
     assert "due-" + key in wait_for(lambda: holder.log().count(f"due-{key}") and holder.log(),
                                     30, message="a to run the due retry")
+
+
+def test_tasks_run_on_the_projects_database_settings_not_on_recoverys_bounds(start_worker):
+    # Given a worker whose consumer bounded its own connection, and whose pool children
+    # are forked again after every task (so the second child is forked after the bounds)
+    start_worker("a", concurrency=1, extra=(
+        "-I", "tests.integration.worker_tasks,tests.integration.db_settings_tasks",
+        "--max-tasks-per-child", "1"))
+    # When two tasks report their connection's settings
+    first = db_settings_tasks.connection_settings.delay().get(timeout=30)
+    second = db_settings_tasks.connection_settings.delay().get(timeout=30)
+    # Then both ran on the project's DATABASES as written: no statement timeout, no
+    # network options recovery gives only its own connections
+    assert first["pid"] != second["pid"]
+    for seen in (first, second):
+        assert seen["statement_timeout"] == "0"
+        assert seen["options"] == ["connect_timeout"]

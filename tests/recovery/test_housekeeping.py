@@ -1,5 +1,6 @@
-"""recovery.housekeeping.Ticker: a blocked job delays only its own thread, a failing one
-never ends it, and stopping never waits forever (pure thread logic, no database)."""
+"""recovery.housekeeping: a blocked job delays only its own thread, a failing one
+never ends it, stopping never waits forever, and which consumer may get a statement timeout
+(pure logic, no database)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,19 @@ def test_a_failing_job_is_run_again_and_the_exit_hook_runs_once_stopped():
         time.sleep(0.01)
     assert ticker.stop(5)
     assert len(calls) >= 3 and exited.is_set()
+
+
+def test_the_consumers_connection_gets_a_statement_timeout_only_when_tasks_run_elsewhere():
+    from types import SimpleNamespace
+
+    from celery.concurrency import prefork, solo, thread
+
+    from recovery.housekeeping import Housekeeping
+
+    def consumer(pool_class):
+        return SimpleNamespace(pool=object.__new__(pool_class))
+
+    assert Housekeeping.tasks_run_elsewhere(consumer(prefork.TaskPool))
+    assert Housekeeping.tasks_run_elsewhere(consumer(thread.TaskPool))
+    assert not Housekeeping.tasks_run_elsewhere(consumer(solo.TaskPool))
+    assert not Housekeeping.tasks_run_elsewhere(SimpleNamespace())
