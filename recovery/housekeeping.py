@@ -65,6 +65,9 @@ class Ticker:
         self._thread.start()
         return self
 
+    def request_stop(self) -> None:
+        self._stop.set()
+
     def stop(self, timeout: float = STOP_WAIT_SECONDS) -> bool:
         """Ask the thread to end and wait at most ``timeout``; returns whether it ended."""
         self._stop.set()
@@ -150,12 +153,17 @@ class Housekeeping(bootsteps.StartStopStep):
         self._deliverer = notify.Deliverer().start()
 
     def stop(self, c):
-        deliverer, self._deliverer = self._deliverer, None
-        if deliverer is not None:
-            deliverer.stop()
+        # Every thread is told at once and all share one wait: a hung database delays a
+        # worker's stop by STOP_WAIT_SECONDS at most, not by that per thread.
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
         tickers, self._tickers = self._tickers, []
         for ticker in tickers:
-            ticker.stop()
+            ticker.request_stop()
+        deliverer, self._deliverer = self._deliverer, None
+        if deliverer is not None:
+            deliverer.stop(timeout=STOP_WAIT_SECONDS)
+        for ticker in tickers:
+            ticker.stop(max(0.0, deadline - time.monotonic()))
         for entry in self._timers:
             try:
                 entry.cancel()

@@ -78,3 +78,22 @@ def test_tasks_run_on_the_projects_database_settings_not_on_recoverys_bounds(sta
     for seen in (first, second):
         assert seen["statement_timeout"] == "0"
         assert seen["options"] == ["connect_timeout"]
+
+
+def test_stopping_a_worker_while_the_database_hangs_takes_seconds(start_worker, db_proxy,
+                                                                  worker_env):
+    # Given a worker whose database connections go through a proxy, warmed up
+    worker = start_worker("a", env={"TEST_DATABASE_URL": _via(db_proxy, worker_env)})
+    assert t.add_one.delay(1).get(timeout=30) == 2
+    # and the database hangs, so its housekeeping is stuck in a query
+    db_proxy.hang()
+    time.sleep(3)
+    # When the worker is asked to stop (warm shutdown)
+    stopping = time.monotonic()
+    worker.process.terminate()
+    # Then it exits within seconds instead of waiting for the database (its threads
+    # share one 5 s wait; before, the consumer itself hung in the query and never exited)
+    worker.process.wait(timeout=60)
+    took = time.monotonic() - stopping
+    assert took < 15, f"stopping took {took:.1f}s"
+    assert "thread still busy" in worker.log()
