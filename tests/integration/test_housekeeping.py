@@ -4,6 +4,7 @@ worker holds stays its own, and the database work picks up again when the databa
 from __future__ import annotations
 
 import time
+from importlib.metadata import version
 
 import pytest
 from django.utils import timezone
@@ -13,7 +14,7 @@ from recovery.models import DueRetry
 
 from . import db_settings_tasks
 from . import worker_tasks as t
-from .harness import wait_for
+from .harness import Worker, wait_for
 from .test_retry_and_park import runs
 
 pytestmark = pytest.mark.integration
@@ -97,3 +98,28 @@ def test_stopping_a_worker_while_the_database_hangs_takes_seconds(start_worker, 
     took = time.monotonic() - stopping
     assert took < 15, f"stopping took {took:.1f}s"
     assert "thread still busy" in worker.log()
+
+
+# kombu's own Redis transport uses the attributes recovery.visibility needs, so deleting
+# one breaks kombu before recovery looks (tests/recovery/test_visibility.py checks that
+# side on a real channel); django-celery-results' private methods are only ours to miss.
+@pytest.mark.parametrize("removed, named", [
+    ("django_celery_results.backends.database.DatabaseBackend._get_meta_from_request",
+     f"django-celery-results {version('django-celery-results')} has no "
+     "DatabaseBackend._get_meta_from_request"),
+], ids=["django-celery-results"])
+def test_a_worker_refuses_to_start_when_private_internals_moved(worker_env, tmp_path, removed,
+                                                                named):
+    # Given a kombu or django-celery-results release without an internal recovery uses
+    env = {**worker_env, "RECOVERY_TEST_REMOVE": removed}
+    # When a worker starts
+    worker = Worker("moved", tmp_path, env, app="tests.integration.moved_internals_app:app")
+    try:
+        # Then it exits before taking work, naming the package and its version
+        worker.process.wait(timeout=60)
+        log = worker.log()
+        assert worker.process.returncode != 0, log[-3000:]
+        assert named in log and "celery-recovery cannot run on this worker" in log
+        assert " ready." not in log
+    finally:
+        worker.stop()
