@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from importlib.util import find_spec
+
+from django.apps import apps
 from django.conf import settings
 from django.core.checks import Error, Warning, register
+from kombu.transport import redis as kombu_redis
 
-from . import conf
+from . import conf, pg_fastpath, visibility
 
 
 @register()
@@ -52,6 +56,13 @@ def check_recovery_settings(app_configs=None, **kwargs):
         if value is not None and (not isinstance(value, (int, float)) or value <= 0):
             problems.append(Error(f"RECOVERY['{key}'] must be a positive number.",
                                   id="recovery.E006"))
+    for key in ("DB_CONNECT_TIMEOUT_SECONDS", "DB_NETWORK_TIMEOUT_SECONDS",
+                "DB_STATEMENT_TIMEOUT_SECONDS"):
+        value = user.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or value <= 0):
+            problems.append(Error(f"RECOVERY['{key}'] must be a positive number of seconds, "
+                                  f"or None for no bound.", id="recovery.E006"))
     for key in ("ADMIN_BULK_MAX", "DELIVERY_COUNT_RETENTION_DAYS"):
         value = user.get(key)
         if value is not None and (not isinstance(value, (int, float)) or value <= 0):
@@ -161,6 +172,22 @@ def _check_shared_state(user: dict) -> list:
             hint="Give each worker on a host its own port, e.g. 9808 (docs/metrics.md).",
             id="recovery.E014",
         ))
+    return problems
+
+
+@register()
+def check_private_internals(app_configs=None, **kwargs):
+    """The kombu and django-celery-results internals recovery relies on; a worker also
+    refuses to start without them (recovery.housekeeping), this says so before a deploy."""
+    problems = []
+    if find_spec("redis") is not None and (problem := visibility.missing_internals(
+            kombu_redis.Channel)):
+        problems.append(Error(problem, id="recovery.E017"))
+    if apps.is_installed("django_celery_results"):
+        from django_celery_results.backends.database import DatabaseBackend
+
+        if problem := pg_fastpath.missing_internals(DatabaseBackend):
+            problems.append(Error(problem, id="recovery.E018"))
     return problems
 
 

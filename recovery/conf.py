@@ -143,6 +143,16 @@ DEFAULTS: Mapping[str, Any] = {
         # not answer in time, the sweep takes nothing for lost.
         "INSPECT_TIMEOUT_SECONDS": 1.0,
     },
+    # Bounds on how long recovery's own database work in a worker's main process waits on
+    # a database that hangs (recovery.db_timeouts): libpq options added to the connections
+    # of the consumer and housekeeping threads where DATABASES sets none. None: no bound.
+    # Seconds to establish a connection (libpq connect_timeout).
+    "DB_CONNECT_TIMEOUT_SECONDS": 5.0,
+    # Seconds before an established connection whose peer stopped answering is dropped
+    # (TCP keepalives and tcp_user_timeout).
+    "DB_NETWORK_TIMEOUT_SECONDS": 15.0,
+    # Longest statement of the housekeeping thread (server-side statement_timeout).
+    "DB_STATEMENT_TIMEOUT_SECONDS": 30.0,
     # Bounds on what is stored per letter.
     "MESSAGE_MAX_CHARS": 2000,
     "TRACEBACK_MAX_CHARS": 20000,

@@ -12,14 +12,46 @@ general path in :mod:`recovery.parking` handles it.
 from __future__ import annotations
 
 import json
+import logging
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from django.db import connection
 from django.utils import timezone
 
-__all__ = ["insert_new_letter"]
+__all__ = ["insert_new_letter", "missing_internals"]
+
+logger = logging.getLogger(__name__)
 
 _LETTER_JSON = ("args", "kwargs", "headers", "history")
+# django-celery-results' parts the fast path builds the FAILURE row with; the private
+# ones are how its DatabaseBackend.store_result builds it.
+_BACKEND_ATTRIBUTES = ("TaskModel", "encode_result", "encode_content", "current_task_children",
+                       "_get_meta_from_request", "_get_extended_properties")
+
+
+def _is_django_celery_results(backend: Any) -> bool:
+    cls = backend if isinstance(backend, type) else type(backend)
+    return cls.__module__.startswith("django_celery_results.")
+
+
+def missing_internals(backend: Any) -> str | None:
+    """What is missing, for a django-celery-results backend (instance or class), of the
+    internals the fast path uses; None when all are there or it is another backend.
+    Without them every letter would silently take the six-round-trip general path."""
+    if backend is None or not _is_django_celery_results(backend):
+        return None
+    missing = [name for name in _BACKEND_ATTRIBUTES if not hasattr(backend, name)]
+    if not missing:
+        return None
+    try:
+        release = version("django-celery-results")
+    except PackageNotFoundError:
+        release = "(unknown version)"
+    return (f"django-celery-results {release} has no DatabaseBackend.{', '.join(missing)}: "
+            f"recovery.pg_fastpath cannot store a letter's FAILURE result with the letter. "
+            f"Install a django-celery-results release celery-recovery is tested with (2.6), "
+            f"or upgrade celery-recovery.")
 
 
 def applicable(backend: Any) -> bool:
@@ -27,7 +59,7 @@ def applicable(backend: Any) -> bool:
         return False
     if backend is None:
         return True
-    return type(backend).__module__.startswith("django_celery_results.")
+    return _is_django_celery_results(backend)
 
 
 def _result_row(backend: Any, record: Any, request: Any) -> dict[str, Any] | None:
@@ -62,6 +94,11 @@ def insert_new_letter(values: dict[str, Any], record: Any, backend: Any, request
     try:
         result_row = _result_row(backend, record, request)
     except (AttributeError, TypeError):
+        # The worker refuses to start without these internals (recovery.housekeeping);
+        # here, outside a worker, park on the general path, but say so.
+        logger.warning("recovery: fast path unavailable, parking %s on the general path: %s",
+                     record.task_id, missing_internals(backend) or "see traceback",
+                     exc_info=True)
         return None
     if record.result is not None and result_row is None:
         return None

@@ -13,28 +13,59 @@ from __future__ import annotations
 
 import logging
 import time
+from importlib.metadata import version
+from typing import Any
 
-__all__ = ["extend_held_messages"]
+from kombu.transport import redis as kombu_redis
+
+__all__ = ["extend_held_messages", "missing_internals"]
 
 logger = logging.getLogger(__name__)
+
+# kombu's private parts this module relies on (kombu.transport.redis / virtual).
+_CHANNEL_ATTRIBUTES = ("unacked_index_key", "conn_or_acquire", "qos")
+
+
+def missing_internals(channel: Any) -> str | None:
+    """What is missing, for a Redis channel (or kombu's Redis ``Channel`` class), of the
+    kombu internals the extension needs; None when all are there or the transport is not
+    Redis. A kombu upgrade that renamed them would otherwise let held tasks run twice."""
+    cls = channel if isinstance(channel, type) else type(channel)
+    if channel is None or not issubclass(cls, kombu_redis.Channel):
+        return None
+    missing = [f"Channel.{name}" for name in _CHANNEL_ATTRIBUTES if not hasattr(channel, name)]
+    qos = getattr(cls, "QoS", None) if isinstance(channel, type) else getattr(channel, "qos", None)
+    if qos is None or not hasattr(qos, "_delivered"):
+        missing.append("QoS._delivered")
+    if not missing:
+        return None
+    return (f"kombu {version('kombu')} has no {', '.join(missing)} (kombu.transport.redis): "
+            f"recovery.visibility cannot keep held messages invisible, so long tasks would "
+            f"run twice. Install a kombu release celery-recovery is tested with (5.7), or upgrade celery-recovery.")
 
 
 def extend_held_messages(consumer) -> int:
     """Refresh the visibility of every unacknowledged message on this worker's channel.
 
     Returns how many were extended. Transports other than Redis are left alone:
-    AMQP brokers redeliver on connection loss and need no lease.
+    AMQP brokers redeliver on connection loss and need no lease. Raises RuntimeError if
+    kombu's Redis internals are missing, rather than silently extending nothing.
     """
     task_consumer = getattr(consumer, "task_consumer", None)
     channel = getattr(task_consumer, "channel", None)
-    qos = getattr(channel, "qos", None)
-    key = getattr(channel, "unacked_index_key", None)
-    if channel is None or qos is None or key is None or not hasattr(channel, "conn_or_acquire"):
+    if channel is None or not isinstance(channel, kombu_redis.Channel):
         return 0
-    tags = list(getattr(qos, "_delivered", {}) or {})
+    problem = missing_internals(channel)
+    if problem:
+        raise RuntimeError(problem)
+    # Called from the recovery-visibility thread: list() copies the keys without
+    # releasing the GIL, so the consumer cannot change the dict midway.
+    tags = list(channel.qos._delivered or {})
     if not tags:
         return 0
+    key = channel.unacked_index_key
     now = time.time()
+    # A client of its own from the channel's pool (thread-safe), not the consumer's.
     with channel.conn_or_acquire() as client:
         pipe = client.pipeline()
         for start in range(0, len(tags), 500):

@@ -21,6 +21,8 @@ __all__ = ["setup", "CONSUMER", "import_task_modules"]
 CONSUMER = "recovery.worker:RecoveryConsumer"
 HANDBACK = "recovery.handback:HandBack"
 PRESENCE = "recovery.presence:Presence"
+# By name: the steps' modules import the models, and setup() may run before Django is.
+HOUSEKEEPING = "recovery.housekeeping:Housekeeping"
 _REUSE_FOREVER = 2**31
 
 
@@ -29,8 +31,6 @@ def setup(app: Celery) -> Celery:
     unused deliveries on shutdown, the live-worker stamp the watchdog reads, the Redis
     visibility settings, database connection reuse and the watchdog's Celery beat entry.
     Returns ``app``."""
-    from .worker import Housekeeping
-
     app.conf.update(
         worker_consumer=CONSUMER,
         # Celery's Django fixup closes the database connection around every task
@@ -39,10 +39,7 @@ def setup(app: Celery) -> Celery:
         # checks, broken connections) decide when to reconnect: see _reuse_connection.
         CELERY_DB_REUSE_MAX=_REUSE_FOREVER,
     )
-    if Housekeeping not in app.steps["consumer"]:
-        app.steps["consumer"].add(Housekeeping)
-    # By name: the steps' modules need Django's models, which are not ready yet here.
-    for step in (HANDBACK, PRESENCE):
+    for step in (HOUSEKEEPING, HANDBACK, PRESENCE):
         if step not in app.steps["consumer"]:
             app.steps["consumer"].add(step)
 
@@ -65,6 +62,8 @@ def setup(app: Celery) -> Celery:
         app.on_after_configure.connect(_transport_options, weak=False)
         app.on_after_configure.connect(_watchdog_schedule, weak=False)
     signals.task_prerun.connect(_reuse_connection, weak=False, dispatch_uid="recovery-db-reuse")
+    signals.worker_process_init.connect(_unbound_child_connection, weak=False,
+                                        dispatch_uid="recovery-db-unbound-child")
     signals.worker_init.connect(_metrics_worker_init, weak=False,
                                 dispatch_uid="recovery-metrics-init")
     signals.worker_process_shutdown.connect(_metrics_child_exit, weak=False,
@@ -105,6 +104,14 @@ def _watchdog_schedule(sender: Any = None, **kwargs: Any) -> None:
         "options": {"expires": float(interval)},
     })
     sender.conf.beat_schedule = schedule
+
+
+def _unbound_child_connection(sender: Any = None, **kwargs: Any) -> None:
+    """A pool child forked after the consumer bounded its connection (recovery.db_timeouts)
+    runs the project's tasks on the project's database settings, unchanged."""
+    from .db_timeouts import unbound_thread_connection
+
+    unbound_thread_connection()
 
 
 def _metrics_worker_init(sender: Any = None, **kwargs: Any) -> None:

@@ -6,9 +6,9 @@
 * ``RecoveryRequest`` counts redeliveries per task id and parks a task that
   keeps killing its worker (or hitting the hard time limit) instead of running
   it forever; it also parks bodies the pool child could not decode.
-* ``Housekeeping`` (a consumer bootstep) extends the Redis visibility of every
-  message this worker holds, publishes due retries from the due-table and
-  drains the dead-letter spool.
+* ``Housekeeping`` (a consumer bootstep, in :mod:`recovery.housekeeping`) extends the
+  Redis visibility of every message this worker holds and, on a thread of its own,
+  publishes due retries, drains the dead-letter spool, relays the outbox.
 
 ``recovery.setup(app)`` installs all three.
 """
@@ -23,7 +23,6 @@ import time
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
-from celery import bootsteps
 from celery.exceptions import (
     Ignore,
     InvalidTaskError,
@@ -402,120 +401,11 @@ class RecoveryRequest(Request):
             logger.warning("recovery: cannot record loss of %s (database down)", self.id)
 
 
-class Housekeeping(bootsteps.StartStopStep):
-    """Timers in each worker: visibility extension, due retries, spool draining, outbox relay,
-    saga reconciliation, and the heartbeat metric; and the thread that delivers incident
-    notifications (recovery.notify), which may wait seconds on a webhook."""
+def __getattr__(name: str) -> Any:
+    # Housekeeping lives in recovery.housekeeping, which imports the models: imported on
+    # first use, so that recovery.setup() can import this module before Django is set up.
+    if name == "Housekeeping":
+        from .housekeeping import Housekeeping
 
-    requires = ("celery.worker.consumer.tasks:Tasks",)
-
-    def __init__(self, c, **kwargs):
-        super().__init__(c, **kwargs)
-        self._timers: list = []
-
-    def start(self, c):
-        visibility = float(conf.get("VISIBILITY_TIMEOUT_SECONDS"))
-        self._timers = [
-            c.timer.call_repeatedly(max(1.0, visibility / 4), self._extend_visibility, (c,),
-                                    priority=10),
-            c.timer.call_repeatedly(float(conf.get("DUE_POLL_INTERVAL_SECONDS")),
-                                    self._publish_due, (c,), priority=10),
-            c.timer.call_repeatedly(float(conf.get("SPOOL_DRAIN_INTERVAL_SECONDS")),
-                                    self._drain_spool, (c,), priority=10),
-            c.timer.call_repeatedly(float(conf.get("OUTBOX_RELAY_INTERVAL_SECONDS")),
-                                    self._relay_outbox, (c,), priority=10),
-            c.timer.call_repeatedly(float(conf.get("SAGA_RECONCILE_INTERVAL_SECONDS")),
-                                    self._reconcile_sagas, (c,), priority=10),
-            c.timer.call_repeatedly(float(conf.get("HEARTBEAT_INTERVAL_SECONDS")),
-                                    self._heartbeat, (c,), priority=10),
-        ]
-        self._heartbeat(c)
-        from .notify import Deliverer
-
-        self._deliverer = Deliverer().start()
-
-    def stop(self, c):
-        deliverer, self._deliverer = getattr(self, "_deliverer", None), None
-        if deliverer is not None:
-            deliverer.stop()
-        for entry in self._timers:
-            try:
-                entry.cancel()
-            except Exception:  # noqa: BLE001
-                pass
-        self._timers = []
-
-    shutdown = stop
-
-    @staticmethod
-    def _heartbeat(c) -> None:
-        from . import metrics
-
-        metrics.worker_heartbeat(c.hostname)
-        from .notify import flush_counts
-
-        flush_counts()
-
-    @staticmethod
-    def _extend_visibility(c) -> None:
-        from .visibility import extend_held_messages
-
-        try:
-            extend_held_messages(c)
-        except Exception:  # noqa: BLE001 - a failed extension is retried next tick
-            logger.warning("recovery: could not extend message visibility", exc_info=True)
-
-    @staticmethod
-    def _publish_due(c) -> None:
-        from django.db import Error as DatabaseError
-
-        from .due import publish_due
-        from .parking import discard_broken_connections
-
-        try:
-            publish_due(c.app)
-        except DatabaseError as exc:
-            logger.info("recovery: due retries not published yet (database: %s)", exc)
-            discard_broken_connections()
-        except Exception:  # noqa: BLE001
-            logger.exception("recovery: publishing due retries failed")
-
-    @staticmethod
-    def _relay_outbox(c) -> None:
-        from django.db import Error as DatabaseError
-
-        from .outbox import relay
-        from .parking import discard_broken_connections
-
-        try:
-            relay(c.app)
-        except DatabaseError as exc:
-            logger.info("recovery: outbox not relayed yet (database: %s)", exc)
-            discard_broken_connections()
-        except Exception:  # noqa: BLE001
-            logger.exception("recovery: outbox relay failed")
-
-    @staticmethod
-    def _reconcile_sagas(c) -> None:
-        from django.db import Error as DatabaseError
-
-        from .parking import discard_broken_connections
-        from .sagas import reconcile
-
-        try:
-            reconcile(older_than_seconds=2 * float(conf.get("SAGA_RECONCILE_INTERVAL_SECONDS")),
-                      check_results=False, app=c.app)
-        except DatabaseError as exc:
-            logger.info("recovery: saga runs not reconciled yet (database: %s)", exc)
-            discard_broken_connections()
-        except Exception:  # noqa: BLE001
-            logger.exception("recovery: reconciling saga runs failed")
-
-    @staticmethod
-    def _drain_spool(c) -> None:
-        from .parking import drain_spool
-
-        try:
-            drain_spool(backend=c.app.backend)
-        except Exception:  # noqa: BLE001
-            logger.exception("recovery: draining the spool failed")
+        return Housekeeping
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

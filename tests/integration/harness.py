@@ -84,7 +84,14 @@ class Worker:
 
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to a target; ``cut()`` drops every connection and
-    refuses new ones until ``restore()``, like a database host falling off the network."""
+    refuses new ones until ``restore()``, like a database host falling off the network.
+
+    ``hang()`` is the other outage: a black hole. Connections stay open and what is sent
+    is read and discarded, never answered; new connections are accepted and never
+    answered either. No error ever reaches the client: only its own timeouts end a wait.
+    ``restore()`` ends the hang: connections that lost bytes are closed (their protocol
+    stream is broken, as after a server restart), the untouched ones forward again.
+    """
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
@@ -96,9 +103,26 @@ class TcpProxy:
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._listener: socket.socket | None = None
         self._stopped = False
+        self._hung = False
+        self._lost: set[socket.socket] = set()
+        self._unanswered: list[socket.socket] = []
         self.restore()
 
+    def hang(self) -> None:
+        self._hung = True
+
     def restore(self) -> None:
+        if self._hung:
+            with self._lock:
+                self._hung = False
+                broken = [pair for pair in self._pairs if pair[0] in self._lost]
+                self._pairs = [pair for pair in self._pairs if pair[0] not in self._lost]
+                broken_sockets = [sock for pair in broken for sock in pair] + self._unanswered
+                self._lost, self._unanswered = set(), []
+            for sock in broken_sockets:
+                self._close(sock)
+        if self._listener is not None:
+            return
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
@@ -112,6 +136,10 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return
+            if self._hung:
+                with self._lock:
+                    self._unanswered.append(client)
+                continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
             except OSError:
@@ -130,6 +158,10 @@ class TcpProxy:
                     data = sock.recv(65536)
                     if not data:
                         return
+                    if self._hung:
+                        with self._lock:
+                            self._lost.add(a)
+                        continue
                     (b if sock is a else a).sendall(data)
         except OSError:
             return
@@ -151,13 +183,18 @@ class TcpProxy:
             self._listener = None
         with self._lock:
             pairs, self._pairs = self._pairs, []
-        for pair in pairs:
-            for sock in pair:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                sock.close()
+            unanswered, self._unanswered = self._unanswered, []
+            self._hung, self._lost = False, set()
+        for sock in [sock for pair in pairs for sock in pair] + unanswered:
+            self._close(sock)
+
+    @staticmethod
+    def _close(sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
 
     def close(self) -> None:
         self.cut()

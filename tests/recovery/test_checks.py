@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 import pytest
 from django.core.checks import Error, Warning, run_checks
 
-from recovery.checks import check_celery_serialization, check_recovery_settings
+from recovery.checks import (check_celery_serialization, check_private_internals,
+                             check_recovery_settings)
 
 
 def ids(messages):
@@ -285,4 +288,56 @@ def test_the_heartbeat_interval_must_be_a_positive_number(recovery, value):
     assert ids(problems) == ["recovery.E006"]
     assert "HEARTBEAT_INTERVAL_SECONDS" in problems[0].msg
     recovery(HEARTBEAT_INTERVAL_SECONDS=5)
+    assert check_recovery_settings() == []
+
+
+# -- private internals of kombu and django-celery-results --------------------------------------
+
+
+def test_the_installed_kombu_and_django_celery_results_have_the_internals_recovery_uses():
+    assert check_private_internals() == []
+
+
+def test_a_kombu_without_the_redis_internals_is_an_error_naming_its_version(monkeypatch):
+    from kombu.transport import redis as kombu_redis
+
+    monkeypatch.delattr(kombu_redis.Channel, "unacked_index_key")
+    problems = check_private_internals()
+    assert [p.id for p in problems] == ["recovery.E017"]
+    assert f"kombu {version('kombu')} has no Channel.unacked_index_key" in problems[0].msg
+    assert "run twice" in problems[0].msg
+
+
+def test_a_kombu_qos_without_its_delivered_map_is_an_error(monkeypatch):
+    from kombu.transport.virtual.base import QoS
+
+    monkeypatch.delattr(QoS, "_delivered")
+    problems = check_private_internals()
+    assert [p.id for p in problems] == ["recovery.E017"]
+    assert "QoS._delivered" in problems[0].msg
+
+
+def test_a_django_celery_results_without_its_internals_is_an_error_naming_its_version(
+        monkeypatch):
+    from django_celery_results.backends.database import DatabaseBackend
+
+    monkeypatch.delattr(DatabaseBackend, "_get_meta_from_request")
+    problems = check_private_internals()
+    assert [p.id for p in problems] == ["recovery.E018"]
+    assert (f"django-celery-results {version('django-celery-results')} has no "
+            f"DatabaseBackend._get_meta_from_request") in problems[0].msg
+
+
+@pytest.mark.parametrize("key", ["DB_CONNECT_TIMEOUT_SECONDS", "DB_NETWORK_TIMEOUT_SECONDS",
+                                 "DB_STATEMENT_TIMEOUT_SECONDS"])
+@pytest.mark.parametrize("value", [0, -1, "5", True])
+def test_database_timeouts_must_be_positive_seconds(recovery, key, value):
+    recovery(**{key: value})
+    assert "recovery.E006" in [p.id for p in check_recovery_settings()]
+
+
+@pytest.mark.parametrize("key", ["DB_CONNECT_TIMEOUT_SECONDS", "DB_NETWORK_TIMEOUT_SECONDS",
+                                 "DB_STATEMENT_TIMEOUT_SECONDS"])
+def test_a_database_timeout_of_none_is_valid(recovery, key):
+    recovery(**{key: None})
     assert check_recovery_settings() == []

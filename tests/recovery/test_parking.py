@@ -14,8 +14,9 @@ from datetime import datetime, timezone
 
 import pytest
 from celery.app.task import Context
-from django.db import transaction
+from django.db import connection, transaction
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 from django_celery_results.models import TaskResult
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -642,3 +643,21 @@ def test_an_unreachable_database_stops_the_drain_and_quarantines_nothing(unreach
     assert time.monotonic() - started < 6
     assert len(pending) == 3
     assert pending.quarantined() == 0
+
+
+@db
+def test_a_first_park_with_its_result_really_takes_the_single_statement_fast_path():
+    # The row alone would exist after the general path too: count the statements.
+    backend = celery_app.backend
+    record = make_record(result={"result": backend.prepare_exception(ValueError("declined")),
+                                 "traceback": "Traceback: declined"})
+    with CaptureQueriesContext(connection) as queries:
+        park(record, backend=backend, request=celery_request(record))
+    tables = (DeadLetter._meta.db_table, TaskResult._meta.db_table)
+    writes = [q["sql"] for q in queries.captured_queries
+              if any(f'{verb} "{table}"' in q["sql"] for verb in ("INSERT INTO", "UPDATE")
+                     for table in tables)]
+    assert len(writes) == 1, writes
+    assert writes[0].startswith("WITH letter AS (INSERT INTO")
+    assert f'INSERT INTO "{TaskResult._meta.db_table}"' in writes[0]
+    assert TaskResult.objects.get(task_id=record.task_id).status == "FAILURE"

@@ -4,10 +4,16 @@ Starts a worker, sends every workflow in ``tasks.tasks.EXAMPLES``, waits for
 each to succeed or be parked, prints a table, then serves the admin (unless
 ``--no-serve``). Works on the embedded default (SQLite + file broker) and on
 PostgreSQL/Redis when DATABASE_URL/CELERY_BROKER_URL are set.
+
+The worker runs in a session of its own (a Ctrl-C in the terminal reaches the demo only)
+and is stopped however the demo ends: Ctrl-C, SIGTERM or SIGHUP (``kill``, a CI timeout,
+a closed terminal) unwind through the ``finally`` that stops it, and on Linux the kernel
+sends it SIGTERM if the demo dies without unwinding (SIGKILL).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import signal
@@ -23,6 +29,19 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from recovery.models import DeadLetter
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: have Linux send it SIGTERM when the demo dies, even by
+    SIGKILL, which runs no ``finally``. Elsewhere a no-op."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 class Command(BaseCommand):
@@ -45,8 +64,10 @@ class Command(BaseCommand):
             f"Database: {'SQLite (embedded)' if embedded else settings.DATABASES['default']['ENGINE']}"
             f" | broker: {settings.CELERY_BROKER_URL.split('@')[-1]}"
         )
-        worker = self._start_worker(embedded)
+        worker = None
+        self._stop_on_signals()
         try:
+            worker = self._start_worker(embedded)
             sent = [(task, args, kwargs, task.apply_async(args, kwargs))
                     for task, args, kwargs in EXAMPLES]
             self._wait(sent, options["timeout"], worker)
@@ -64,7 +85,20 @@ class Command(BaseCommand):
             ))
             call_command("runserver", options["addrport"], use_reloader=False)
         finally:
-            self._stop_worker(worker)
+            # A second signal must not cut the worker's stop short.
+            for signum in _STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
+            if worker is not None:
+                self._stop_worker(worker)
+
+    @staticmethod
+    def _stop_on_signals() -> None:
+        """SIGTERM and SIGHUP end the demo as Ctrl-C does: through ``finally``."""
+        def stop(signum, frame):
+            raise SystemExit(128 + signum)
+
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, stop)
 
     def _demo_user(self) -> str:
         password = os.environ.get("DEMO_ADMIN_PASSWORD") or secrets.token_urlsafe(9)
@@ -79,14 +113,15 @@ class Command(BaseCommand):
         # SQLite has one writer: a threads pool shares one process and its lock nicely.
         pool = ["-P", "threads", "-c", "4"] if embedded else ["-P", "prefork", "-c", "2"]
         log = Path(settings.VAR_DIR) / "demo-worker.log"
-        self.stdout.write(f"Starting a worker ({pool[1]} pool); its log: {log}")
         handle = open(log, "ab")
         process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "config.celery:app", "worker", "-l", "INFO",
              "--without-gossip", "--without-mingle", "--without-heartbeat", *pool],
             cwd=settings.BASE_DIR, stdout=handle, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_die_with_parent,
         )
+        self.stdout.write(f"Started a worker (pid {process.pid}, {pool[1]} pool); its log: {log}")
+        self.stdout.flush()
         process.log_path = log  # type: ignore[attr-defined]
         return process
 
