@@ -114,16 +114,7 @@ def test_unknown_task_name_becomes_a_poison_dead_letter(start_worker, store, key
 def test_undecodable_body_becomes_a_poison_dead_letter(start_worker, store, key):
     worker = start_worker()
     task_id = str(uuid.uuid4())
-    with Connection(app.conf.broker_url) as conn:
-        Producer(conn).publish(
-            b'{"this is": not json',
-            routing_key="celery", exchange="",
-            headers={"task": t.flaky_twice.name, "id": task_id, "lang": "py", "retries": 0,
-                     "root_id": task_id, "parent_id": None, "group": None, "eta": None,
-                     "expires": None, "timelimit": [None, None], "argsrepr": "", "kwargsrepr": "",
-                     "origin": "test"},
-            content_type="application/json", content_encoding="utf-8",
-        )
+    publish_raw(b'{"this is": not json', t.flaky_twice.name, task_id)
     letter = wait_for(lambda: DeadLetter.objects.filter(task_id=task_id).first(), 30,
                       message="poison letter")
     assert letter.kind == "poison"
@@ -617,15 +608,7 @@ def test_body_of_the_wrong_shape_is_parked_and_the_worker_keeps_running(start_wo
     worker = start_worker()
     task_id = str(uuid.uuid4())
     # When a message for a known task arrives whose JSON body is not [args, kwargs, embed]
-    with Connection(app.conf.broker_url) as conn:
-        Producer(conn).publish(
-            b'"just a string"', routing_key="celery", exchange="",
-            headers={"task": t.flaky_twice.name, "id": task_id, "lang": "py", "retries": 0,
-                     "root_id": task_id, "parent_id": None, "group": None, "eta": None,
-                     "expires": None, "timelimit": [None, None], "argsrepr": "", "kwargsrepr": "",
-                     "origin": "test"},
-            content_type="application/json", content_encoding="utf-8",
-        )
+    publish_raw(b'"just a string"', t.flaky_twice.name, task_id)
     # Then it is parked as poison with its raw body, and the worker goes on running tasks
     letter = wait_for(lambda: DeadLetter.objects.filter(task_id=task_id).first(), 30,
                       message="poison letter")
