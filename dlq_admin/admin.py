@@ -31,6 +31,7 @@ from recovery.sagas import saga_of_letter
 from . import groups as failure_groups
 from .changelist import ChangeListAtScale, TaskNameFilter
 from .forms import ReplayForm
+from .lookups import SafeLookupsMixin
 from . import resilience_admin  # noqa: F401 - registers the circuits/degraded/fallback admin
 
 #: operation -> (permission codename, past tense)
@@ -88,7 +89,10 @@ def _pretty(value) -> str:
 
 
 @admin.register(DeadLetter)
-class DeadLetterAdmin(ChangeListAtScale, admin.ModelAdmin):  # indexed change list: see .changelist
+class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
+    # indexed change list: see .changelist; what it may be filtered by: see .lookups
+    payload_fields = ("args", "kwargs", "headers", "raw_body", "traceback", "history", "events")
+    filter_fields = ("fingerprint",)  # the failure group's "list them all" links
     list_display = ("task_name", "status", "kind", "exception_type", "attempts", "replay_count",
                     "last_failed_at", "age")
     list_filter = ("status", "kind", TaskNameFilter, "last_failed_at")

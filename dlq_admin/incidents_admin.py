@@ -31,6 +31,8 @@ from django.utils.translation import ngettext
 from recovery import escalation
 from recovery.models import Incident, IncidentNotification
 
+from .lookups import SafeLookupsMixin
+
 #: operation -> (permission codename, past tense, statuses it acts on, explanation)
 #: Incidents one bulk action acts on; more are refused with a message (act again).
 BULK_MAX = 500
@@ -89,7 +91,8 @@ class IncidentNotificationInline(admin.TabularInline):
 
 
 @admin.register(Incident)
-class IncidentAdmin(admin.ModelAdmin):
+class IncidentAdmin(SafeLookupsMixin, admin.ModelAdmin):
+    payload_fields = ("details", "letters", "notifications")
     list_display = ("status", "severity", "reason", "title", "task_name", "count",
                     "first_seen_at", "last_seen_at")
     list_display_links = ("title",)

@@ -25,6 +25,8 @@ from django.utils.translation import ngettext
 from recovery import sagas
 from recovery.models import SagaEvent, SagaRun, SagaStep
 
+from .lookups import SafeLookupsMixin
+
 #: operation -> (permission codename, past tense, which statuses it acts on, explanation)
 OPERATIONS = {
     "resume": (
@@ -125,7 +127,8 @@ class WaitingFilter(admin.SimpleListFilter):
 
 
 @admin.register(SagaRun)
-class SagaRunAdmin(admin.ModelAdmin):
+class SagaRunAdmin(SafeLookupsMixin, admin.ModelAdmin):
+    payload_fields = ("context", "error", "definition", "steps", "events")
     list_display = ("id", "name", "status", "step_shown", "version", "age", "updated_at")
     list_filter = ("status", WaitingFilter, "name")
     search_fields = ("=id", "=idempotency_key", "name")
