@@ -32,6 +32,7 @@ from . import groups as failure_groups
 from .changelist import ChangeListAtScale, TaskNameFilter
 from .forms import ReplayForm
 from .lookups import SafeLookupsMixin
+from .reveals import record_reveals, reveals_anything
 from . import resilience_admin  # noqa: F401 - registers the circuits/degraded/fallback admin
 
 #: operation -> (permission codename, past tense)
@@ -402,6 +403,8 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
             raise PermissionDenied
         can_reveal = request.user.has_perm("recovery.reveal_deadletter_secrets")
         form = ReplayForm(request.POST or None, letter=letter, can_reveal=can_reveal)
+        if request.method == "GET" and form.reveals:
+            record_reveals([letter.pk], actor=request.user.get_username(), via="admin replay form")
         if request.method == "POST" and form.is_valid():
             if form.edited and not request.user.has_perm("recovery.change_deadletter"):
                 raise PermissionDenied
@@ -473,7 +476,11 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
             "can_compensate": parked and self.has_compensate_permission(request)
                               and self._compensation(letter) is not None,
         }
-        return super().change_view(request, object_id, form_url, extra_context)
+        response = super().change_view(request, object_id, form_url, extra_context)
+        if (letter is not None and response.status_code == 200 and request.GET.get("reveal") == "1"
+                and self.may_reveal(request) and reveals_anything(letter)):
+            record_reveals([letter.pk], actor=request.user.get_username(), via="admin change page")
+        return response
 
     @staticmethod
     def _compensation(letter: DeadLetter) -> str | None:

@@ -25,8 +25,10 @@ class ReplayForm(forms.Form):
         super().__init__(*args, **kwargs)
         # A payload with secrets is shown masked to users who may not reveal them; they
         # can replay it as stored but not edit it (a masked value must never be saved).
-        self.locked = not can_reveal and redaction.has_secrets(letter.task_name, letter.args,
-                                                                letter.kwargs)
+        secrets = redaction.has_secrets(letter.task_name, letter.args, letter.kwargs)
+        self.locked = not can_reveal and secrets
+        #: the unlocked form shows the stored secrets: a reveal, for the audit trail
+        self.reveals = can_reveal and secrets
         shown_args, shown_kwargs = (redaction.masked_payload(letter.task_name, letter.args,
                                                              letter.kwargs)
                                     if self.locked else (letter.args, letter.kwargs))
