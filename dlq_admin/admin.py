@@ -14,7 +14,6 @@ from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count
 from django.http import Http404, HttpResponseRedirect
-from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
@@ -31,6 +30,7 @@ from recovery.sagas import saga_of_letter
 from . import groups as failure_groups
 from .changelist import ChangeListAtScale, TaskNameFilter
 from .forms import ReplayForm
+from .hostile import NUL_REFUSED, has_nul
 from .lookups import SafeLookupsMixin
 from .reveals import record_reveals, reveals_anything
 from . import resilience_admin  # noqa: F401 - registers the circuits/degraded/fallback admin
@@ -301,6 +301,9 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
         return "The letters are marked resolved (the work was done some other way); nothing is run."
 
     def _run(self, request, queryset, operation: str, note: str = "") -> None:
+        if has_nul(note):
+            self.message_user(request, f"The note {NUL_REFUSED}.", messages.ERROR)
+            return
         result = service.bulk(operation, queryset, actor=request.user.get_username(), note=note)
         past = OPERATIONS[operation][1]
         message = ngettext("%(count)d dead letter was %(past)s.",
@@ -354,6 +357,8 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
         """One group: what it is, and (POST) replay / discard / resolve / compensate it all."""
         if not self.has_view_permission(request):
             raise PermissionDenied
+        if has_nul(fingerprint) or len(fingerprint) > DeadLetter._meta.get_field("fingerprint").max_length:
+            raise Http404("no dead letters have this fingerprint")
         letters = failure_groups.group_letters(fingerprint)
         parked = letters.filter(status=DeadLetter.Status.PARKED)
         operation = request.POST.get("operation") or request.GET.get("operation")
@@ -395,7 +400,10 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
     def _letter_or_404(self, request, object_id) -> DeadLetter:
         if not self.has_view_permission(request):
             raise PermissionDenied
-        return get_object_or_404(DeadLetter, pk=object_id)
+        letter = self.object_or_none(request, str(object_id))
+        if letter is None:
+            raise Http404(f"no dead letter {object_id}")
+        return letter
 
     def replay_view(self, request, object_id):
         letter = self._letter_or_404(request, object_id)
@@ -442,6 +450,8 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
             raise PermissionDenied
         if request.method == "POST":
             try:
+                if has_nul(request.POST.get("note", "")):
+                    raise service.ReplayError(f"The note {NUL_REFUSED}.")
                 getattr(service, operation)(letter, actor=request.user.get_username(),
                                             note=request.POST.get("note", ""))
             except service.ReplayError as exc:
@@ -463,7 +473,7 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
         return TemplateResponse(request, "admin/recovery/deadletter/confirm_action.html", context)
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
-        letter = DeadLetter.objects.filter(pk=object_id).first()
+        letter = self.object_or_none(request, object_id)
         parked = letter is not None and letter.status == DeadLetter.Status.PARKED
         extra_context = {
             **(extra_context or {}),

@@ -9,6 +9,8 @@ from django import forms
 from recovery import redaction
 from recovery import replay as service
 
+from .hostile import has_nul
+
 
 class ReplayForm(forms.Form):
     """Replay one letter, optionally with an edited payload and another queue."""
@@ -43,10 +45,14 @@ class ReplayForm(forms.Form):
     def _json(self, name: str):
         text = self.cleaned_data[name]
         try:
-            return json.loads(text)
+            value = json.loads(text)
         except json.JSONDecodeError as exc:
             raise forms.ValidationError(f"Not valid JSON: {exc.msg} (line {exc.lineno}, "
                                         f"column {exc.colno}).") from None
+        if has_nul(value):
+            raise forms.ValidationError("Holds a NUL character (\\u0000), which cannot be "
+                                        "stored; remove it.")
+        return value
 
     def clean_args(self):
         if self.locked:

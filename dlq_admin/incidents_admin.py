@@ -31,6 +31,7 @@ from django.utils.translation import ngettext
 from recovery import escalation
 from recovery.models import Incident, IncidentNotification
 
+from .hostile import NUL_REFUSED, has_nul
 from .lookups import SafeLookupsMixin
 
 #: operation -> (permission codename, past tense, statuses it acts on, explanation)
@@ -256,6 +257,9 @@ class IncidentAdmin(SafeLookupsMixin, admin.ModelAdmin):
 
     def _apply(self, request, incidents, operation: str, note: str) -> None:
         """Run the operation on each incident it applies to; one message for all."""
+        if has_nul(note):
+            self.message_user(request, f"The note {NUL_REFUSED}.", messages.ERROR)
+            return
         codename, past, statuses, _ = OPERATIONS[operation]
         done = 0
         for incident in incidents:

@@ -12,16 +12,20 @@ request. ``SafeLookupsMixin`` allows instead only:
 - any lookup into the admin's ``payload_fields`` (arguments, headers, bodies, tracebacks,
   saga context...) for a user who may see them anyway (``recovery.reveal_deadletter_secrets``).
 
-Anything else is refused the way Django refuses a lookup: ``DisallowedModelAdminLookup``,
-a 400. Searching (``?q=``) never looks into ``payload_fields`` for a user who may not
-reveal them either.
+Anything else, and any value holding a NUL (which PostgreSQL cannot compare), is refused
+the way Django refuses a lookup: ``DisallowedModelAdminLookup``, a 400. Searching (``?q=``)
+never looks into ``payload_fields`` for a user who may not reveal them either (a search
+term holding a NUL Django's own search form refuses with a message).
 """
 
 from __future__ import annotations
 
 from django.contrib.admin import SimpleListFilter
+from django.contrib.admin.utils import unquote
 from django.db.models.constants import LOOKUP_SEP
 from django.http import HttpRequest
+
+from .hostile import has_nul
 
 __all__ = ["SafeLookupsMixin", "COMPARISONS", "REVEAL_PERMISSION"]
 
@@ -61,6 +65,8 @@ class SafeLookupsMixin:
         return exact, fields
 
     def lookup_allowed(self, lookup: str, value, request: HttpRequest | None = None) -> bool:
+        if has_nul(str(value)):
+            return False
         exact, fields = self._filter_parameters(request)
         if lookup in exact:
             return True
@@ -70,6 +76,12 @@ class SafeLookupsMixin:
         if field not in fields or (rest and rest not in COMPARISONS):
             return False
         return super().lookup_allowed(lookup, value, request)
+
+    def object_or_none(self, request: HttpRequest, object_id: str):
+        """The object an admin URL names, or None for an id that names none (not a
+        number, a NUL, out of range): Django's own tolerant ``get_object``, so an extra
+        view answers as the change page does, never with a database error."""
+        return self.get_object(request, unquote(object_id))
 
     def get_search_fields(self, request: HttpRequest) -> tuple[str, ...]:
         fields = super().get_search_fields(request)

@@ -25,6 +25,7 @@ from django.utils.translation import ngettext
 from recovery import sagas
 from recovery.models import SagaEvent, SagaRun, SagaStep
 
+from .hostile import NUL_REFUSED, has_nul
 from .lookups import SafeLookupsMixin
 
 #: operation -> (permission codename, past tense, which statuses it acts on, explanation)
@@ -195,6 +196,9 @@ class SagaRunAdmin(SafeLookupsMixin, admin.ModelAdmin):
 
     def _apply(self, request, runs, operation: str, note: str) -> None:
         """Run the operation on each run; one message for all."""
+        if has_nul(note):
+            self.message_user(request, f"The note {NUL_REFUSED}.", messages.ERROR)
+            return
         done, errors = 0, []
         for run in runs:
             try:
@@ -259,7 +263,7 @@ class SagaRunAdmin(SafeLookupsMixin, admin.ModelAdmin):
         return self._bulk(request, queryset, "compensate")
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
-        run = SagaRun.objects.filter(pk=object_id).first()
+        run = self.object_or_none(request, object_id)
         status = run.status if run is not None else None
         extra_context = {
             **(extra_context or {}),
