@@ -74,7 +74,7 @@ class SagaStepInline(_ReadOnlyInline):
     def _moment(value) -> str:
         if not value:
             return "—"
-        return format_html('<span style="white-space:nowrap">{}</span>',
+        return format_html('<span class="nowrap">{}</span>',
                            timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S"))
 
     @admin.display(description="dispatched")

@@ -121,3 +121,18 @@ def test_a_hostile_url_gets_a_clear_answer_not_a_500(operator, method, url, para
     assert 500 not in codes and ended == expected, (ended, codes)
     assert list(DeadLetter.objects.values_list("pk", "status", "replay_count")) == before
     assert letter.pk and not SagaRun.objects.exists() and not Incident.objects.exists()
+
+
+@pytest.mark.parametrize("url", [DL, f"{DL}{{pk}}/change/", f"{DL}{{pk}}/replay/", f"{DL}groups/",
+                                 "/admin/recovery/dashboard/", "/admin/", "/admin/recovery/incident/"])
+def test_admin_pages_carry_a_content_security_policy_without_inline_script(operator, url):
+    letter = DeadLetter.objects.create(task_id="h-1", task_name="tasks.tasks.fetch_exchange_rate",
+                                       args=["EUR"], fingerprint="a" * 40)
+    response = operator.get(url.format(pk=letter.pk))
+    assert response.status_code == 200
+    policy = dict(part.strip().split(" ", 1)
+                  for part in response.headers["Content-Security-Policy"].split(";"))
+    assert policy["script-src"] == "'self'" and policy["style-src"] == "'self'"
+    assert "unsafe-inline" not in response.headers["Content-Security-Policy"]
+    assert (policy["object-src"], policy["frame-ancestors"], policy["base-uri"]) == \
+        ("'none'", "'none'", "'self'")
