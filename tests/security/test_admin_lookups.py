@@ -12,6 +12,8 @@ from django.urls import reverse
 
 from recovery.models import DeadLetter, FallbackUse, Incident, SagaRun, SagaStep
 
+from .staff_users import staff  # noqa: F401 - the fixture
+
 pytestmark = pytest.mark.django_db
 
 TOKEN = "tok_live_c0ffee"

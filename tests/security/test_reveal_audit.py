@@ -16,6 +16,8 @@ from dlq_admin.management.actor import cli_actor
 from recovery.models import DeadLetter, DeadLetterEvent
 from recovery.redaction import MASK
 
+from .staff_users import staff  # noqa: F401 - the fixture
+
 pytestmark = pytest.mark.django_db
 
 SECRET = "hunter2"

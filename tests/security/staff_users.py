@@ -1,4 +1,5 @@
-"""Attackers of the operator surface: staff users holding only the permissions named."""
+"""The attackers of the admin tests: staff users holding only the permissions named
+(a fixture module of its own, so the parts of issue 11 do not collide on conftest.py)."""
 
 from __future__ import annotations
 
