@@ -357,8 +357,9 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
         """One group: what it is, and (POST) replay / discard / resolve / compensate it all."""
         if not self.has_view_permission(request):
             raise PermissionDenied
-        if has_nul(fingerprint) or len(fingerprint) > DeadLetter._meta.get_field("fingerprint").max_length:
-            raise Http404("no dead letters have this fingerprint")
+        longest = DeadLetter._meta.get_field("fingerprint").max_length
+        if has_nul(fingerprint) or len(fingerprint) > longest:  # no letter has it; PostgreSQL
+            raise Http404("no dead letters have this fingerprint")  # would refuse a NUL
         letters = failure_groups.group_letters(fingerprint)
         parked = letters.filter(status=DeadLetter.Status.PARKED)
         operation = request.POST.get("operation") or request.GET.get("operation")
