@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import io
 import json
+from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
 from django.urls import reverse
+from django.utils import timezone
 
 from dlq_admin.management.actor import cli_actor
 from recovery.models import DeadLetter, DeadLetterEvent
 from recovery.redaction import MASK
+from recovery.replay import mark_replay_succeeded
 
 from .staff_users import staff  # noqa: F401 - the fixture
 
@@ -126,3 +129,18 @@ def test_dlq_export_masked_writes_no_event():
     call_command("dlq", "export", stdout=out, stderr=io.StringIO())
     assert SECRET not in out.getvalue()
     assert reveals() == []
+
+
+def test_a_reveal_changes_nothing_in_the_letters_lifecycle():
+    """A letter the watchdog gave up for lost is resolved when its replay reports back late,
+    if nothing happened to it since: an operator reading it (a reveal) is not something
+    happening to it."""
+    letter = secret_letter()
+    DeadLetter.objects.filter(pk=letter.pk).update(
+        last_failed_at=timezone.now() - timedelta(minutes=5))
+    DeadLetterEvent.objects.create(letter=letter, action=DeadLetterEvent.Action.REPLAY_LOST,
+                                   actor="watchdog", at=timezone.now() - timedelta(minutes=1))
+    call_command("dlq", "show", str(letter.pk), "--reveal", stdout=io.StringIO())
+    assert mark_replay_succeeded(letter.task_id) == 1
+    letter.refresh_from_db()
+    assert letter.status == DeadLetter.Status.RESOLVED
