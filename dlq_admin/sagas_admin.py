@@ -25,6 +25,9 @@ from django.utils.translation import ngettext
 from recovery import sagas
 from recovery.models import SagaEvent, SagaRun, SagaStep
 
+from .hostile import NUL_REFUSED, has_nul
+from .lookups import SafeLookupsMixin
+
 #: operation -> (permission codename, past tense, which statuses it acts on, explanation)
 OPERATIONS = {
     "resume": (
@@ -71,7 +74,7 @@ class SagaStepInline(_ReadOnlyInline):
     def _moment(value) -> str:
         if not value:
             return "—"
-        return format_html('<span style="white-space:nowrap">{}</span>',
+        return format_html('<span class="nowrap">{}</span>',
                            timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S"))
 
     @admin.display(description="dispatched")
@@ -125,7 +128,8 @@ class WaitingFilter(admin.SimpleListFilter):
 
 
 @admin.register(SagaRun)
-class SagaRunAdmin(admin.ModelAdmin):
+class SagaRunAdmin(SafeLookupsMixin, admin.ModelAdmin):
+    payload_fields = ("context", "error", "definition", "steps", "events")
     list_display = ("id", "name", "status", "step_shown", "version", "age", "updated_at")
     list_filter = ("status", WaitingFilter, "name")
     search_fields = ("=id", "=idempotency_key", "name")
@@ -192,6 +196,9 @@ class SagaRunAdmin(admin.ModelAdmin):
 
     def _apply(self, request, runs, operation: str, note: str) -> None:
         """Run the operation on each run; one message for all."""
+        if has_nul(note):
+            self.message_user(request, f"The note {NUL_REFUSED}.", messages.ERROR)
+            return
         done, errors = 0, []
         for run in runs:
             try:
@@ -256,7 +263,7 @@ class SagaRunAdmin(admin.ModelAdmin):
         return self._bulk(request, queryset, "compensate")
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
-        run = SagaRun.objects.filter(pk=object_id).first()
+        run = self.object_or_none(request, object_id)
         status = run.status if run is not None else None
         extra_context = {
             **(extra_context or {}),

@@ -428,7 +428,9 @@ def _resolve_late_replay(task_id: str, now) -> int:
                   .filter(task_id=task_id, status=DeadLetter.Status.PARKED).first())
         if letter is None:
             return 0
-        last = letter.events.order_by("-at", "-pk").first()
+        # A reveal only read the letter: it is not something that happened to it.
+        last = (letter.events.exclude(action=DeadLetterEvent.Action.REVEALED)
+                .order_by("-at", "-pk").first())
         if (last is None or last.action != DeadLetterEvent.Action.REPLAY_LOST
                 or letter.last_failed_at > last.at):
             return 0  # parked for a reason of its own since

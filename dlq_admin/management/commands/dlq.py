@@ -28,6 +28,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
 from dlq_admin.management.actor import cli_actor
+from dlq_admin.reveals import BATCH_SIZE, record_reveals
 from recovery import replay as service
 from recovery.models import DeadLetter
 from recovery.parking import drain_spool, spool
@@ -158,6 +159,8 @@ class Command(BaseCommand):
             letter = DeadLetter.objects.get(pk=options["id"])
         except DeadLetter.DoesNotExist:
             raise CommandError(f"no dead letter with id {options['id']}") from None
+        if options.get("reveal"):
+            record_reveals([letter.pk], actor=cli_actor(), via="dlq show --reveal")
         data = letter_record(letter, reveal=options.get("reveal", False))
         self.stdout.write(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
@@ -259,6 +262,9 @@ class Command(BaseCommand):
             qs = qs[: options["limit"]]
         writer = export.write_csv if options["format"] == "csv" else export.write_jsonl
         kwargs = {} if options["format"] == "csv" else {"events": not options["no_events"]}
+        if options["reveal"]:  # audited before anything is written, streamed in batches
+            record_reveals(qs.values_list("pk", flat=True).iterator(chunk_size=BATCH_SIZE),
+                           actor=cli_actor(), via="dlq export --reveal")
         if options.get("output"):
             # Revealed secrets are readable by their owner only.
             mode = 0o600 if options["reveal"] else 0o644
