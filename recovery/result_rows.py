@@ -1,0 +1,76 @@
+"""Result rows hold no secret in clear: masked argument reprs, scrubbed failures.
+
+With ``result_extended``, django-celery-results stores a task's ``argsrepr`` and
+``kwargsrepr`` as the row's ``task_args``/``task_kwargs`` (its admin shows and searches
+them), and a FAILURE row keeps the exception text and the traceback. Celery documents
+``argsrepr``/``kwargsrepr`` as the way to hide sensitive arguments; they also reach worker
+logs and events. So recovery sets them masked, by the rules of dead letters
+(:mod:`recovery.redaction`, positional arguments bound to the task's signature):
+
+- when a RecoveryTask is published (``apply_async``), for the publisher's events;
+- when a worker receives the message (``RecoveryRequest``), since a plain ``send_task``
+  publishes Celery's clear repr: every row, log line and event of the worker then shows
+  the masked one;
+- and the values masking hid are scrubbed from the FAILURE (and RETRY) result and
+  traceback before they are stored, on the fast and the general park path alike.
+
+The dead letter keeps the real payload: a replay needs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from celery.utils.saferepr import saferepr
+
+from . import redaction
+
+__all__ = ["masked_reprs", "hidden_in_request", "scrubbed_failure"]
+
+#: Celery's own bound on ``argsrepr``/``kwargsrepr`` (``celery.app.amqp.AMQP``).
+REPR_MAX_CHARS = 1024
+
+
+def masked_reprs(task_name: str, args: Any, kwargs: Any, app: Any = None) -> tuple[str, str] | None:
+    """``(argsrepr, kwargsrepr)`` with secrets masked; None when nothing is secret.
+
+    None lets Celery's own repr stand, so a task without secrets costs no new repr.
+    """
+    if not isinstance(args, (list, tuple)) or not isinstance(kwargs, (Mapping, type(None))):
+        return None
+    raw_args, raw_kwargs = list(args), dict(kwargs or {})
+    shown_args, shown_kwargs = redaction.masked_payload(task_name, raw_args, raw_kwargs, app)
+    if shown_args == raw_args and shown_kwargs == raw_kwargs:
+        return None
+    shown = tuple(shown_args) if isinstance(args, tuple) else shown_args
+    return saferepr(shown, REPR_MAX_CHARS), saferepr(shown_kwargs, REPR_MAX_CHARS)
+
+
+def hidden_in_request(request: Any, app: Any = None) -> list:
+    """The secret values of the task call ``request`` describes (see
+    :func:`recovery.redaction.hidden_values`); empty without a request or secrets."""
+    task_name = getattr(request, "task", None) or getattr(request, "name", None)
+    args, kwargs = getattr(request, "args", None), getattr(request, "kwargs", None)
+    if not task_name or not isinstance(args, (list, tuple)) or not isinstance(kwargs, Mapping):
+        return []
+    raw = (list(args), dict(kwargs))
+    masked = redaction.masked_payload(str(task_name), raw[0], raw[1], app)
+    return redaction.hidden_values(list(raw), list(masked))
+
+
+def scrubbed_failure(backend: Any, exc: Any, traceback: str | None,
+                     values: list) -> tuple[Any, str | None]:
+    """The exception (ready for ``backend.store_result``) and traceback to store, with
+    ``values`` scrubbed from their text. Unchanged when there is nothing to scrub.
+
+    The exception becomes the backend's JSON form (type, message, module), which
+    ``store_result`` stores as it is; a backend that pickles exceptions keeps the object.
+    """
+    if not values:
+        return exc, traceback
+    prepared = backend.prepare_exception(exc) if isinstance(exc, BaseException) else exc
+    if isinstance(prepared, Mapping):
+        prepared = redaction.scrub_strings(dict(prepared), values)
+    shown_traceback = redaction.scrub_text(traceback, values) if traceback else traceback
+    return prepared, shown_traceback
