@@ -141,7 +141,7 @@ class _ParkAwareBackend:
         if not conf.get("STORE_RETRY_STATE"):
             return None
         values = result_rows.hidden_in_request(request)
-        if not values or not kwargs.get("store_result", True):
+        if values == [] or not kwargs.get("store_result", True):
             return self._backend.mark_as_retry(task_id, exc, traceback=traceback,
                                                request=request, **kwargs)
         shown_exc, shown_traceback = result_rows.scrubbed_failure(
@@ -156,7 +156,7 @@ class _ParkAwareBackend:
         if request is not None and getattr(request, "_recovery_result_stored", False):
             store_result = False
         values = result_rows.hidden_in_request(request) if store_result else []
-        if values:
+        if values != []:
             shown_exc, shown_traceback = result_rows.scrubbed_failure(
                 self._backend, exc, traceback, values)
             self._backend.store_result(task_id, shown_exc, state or states.FAILURE,

@@ -18,7 +18,7 @@ from django.contrib.auth.models import Permission
 from django.urls import reverse
 from django_celery_results.models import TaskResult
 
-from recovery import deferred
+from recovery import deferred, result_rows
 from recovery.models import DeadLetter
 from recovery.parking import drain_spool
 from recovery.replay import replay
@@ -141,3 +141,30 @@ def test_a_deferred_success_result_is_spooled_and_stored_masked(transactional_db
     assert row.status == states.SUCCESS and json.loads(row.result) == "charged o-5"
     assert "o-5" in row.task_args
     assert_no_secret_anywhere(result_viewer(client), row)
+
+
+class Hostile:
+    """An argument whose comparison raises: masking it fails."""
+
+    def __eq__(self, other):
+        raise RuntimeError("no comparing me")
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return f"Hostile({CARD_TOKEN})"
+
+
+def test_arguments_that_cannot_be_masked_are_hidden_whole_and_never_stop_the_task():
+    # Given arguments the masking rules fail on
+    args, kwargs = ["o-6", Hostile()], {"api_key": API_KEY}
+    # When their reprs are masked, and the values to scrub are collected
+    reprs = result_rows.masked_reprs(rt.charge.name, args, kwargs)
+    request = Context(task=rt.charge.name, args=args, kwargs=kwargs)
+    values = result_rows.hidden_in_request(request)
+    shown_exc, shown_tb = result_rows.scrubbed_failure(
+        current_app.backend, ValueError(f"bad {CARD_TOKEN}"), f"Traceback: {CARD_TOKEN}", values)
+    # Then no repr shows them, and the failure text is hidden whole
+    assert reprs == (result_rows.UNMASKABLE, result_rows.UNMASKABLE)
+    assert CARD_TOKEN not in str(shown_exc) and CARD_TOKEN not in shown_tb
+    assert shown_exc["exc_type"] == "ValueError"
