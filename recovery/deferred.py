@@ -140,6 +140,8 @@ def _apply_result(data: dict, backend: Any) -> None:
     content_type = data["content_type"]
     result = loads(payload, content_type, data["content_encoding"], accept={content_type})
     request = Context(id=task_id, **data.get("request") or {})
+    # A record spooled by an older release carries the raw arguments: mask them here.
+    request.update(_masked_reprs(request))
     backend.store_result(task_id, result, states.SUCCESS, request=request)
     logger.warning("recovery: stored the deferred SUCCESS result of %s", task_id)
 

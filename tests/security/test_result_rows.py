@@ -168,3 +168,18 @@ def test_arguments_that_cannot_be_masked_are_hidden_whole_and_never_stop_the_tas
     assert reprs == (result_rows.UNMASKABLE, result_rows.UNMASKABLE)
     assert CARD_TOKEN not in str(shown_exc) and CARD_TOKEN not in shown_tb
     assert shown_exc["exc_type"] == "ValueError"
+
+
+def test_a_success_result_spooled_before_masking_is_stored_masked(transactional_db, client):
+    # Given a deferred SUCCESS record spooled by an older release: raw arguments, no reprs
+    payload = json.dumps("charged o-7")
+    deferred.defer(deferred.RESULT, task_id="deferred-2", state=states.SUCCESS,
+                   content_type="application/json", content_encoding="utf-8", payload=payload,
+                   request={"task": rt.charge.name, "args": ["o-7", CARD_TOKEN],
+                            "kwargs": {"api_key": API_KEY}, "hostname": "w1@host"})
+    # When the spool is drained
+    drain_spool(backend=current_app.backend)
+    # Then the row holds the arguments masked
+    row = TaskResult.objects.get(task_id="deferred-2")
+    assert row.status == states.SUCCESS and "o-7" in row.task_args
+    assert_no_secret_anywhere(result_viewer(client), row)
