@@ -186,11 +186,14 @@ class Command(BaseCommand):
             self.stderr.write(f"  {result.done + result.failed}/{count} "
                               f"({result.done} ok, {result.failed} failed)")
 
-        result = service.bulk(
-            verb, qs, actor=cli_actor(), batch_size=options["batch_size"],
-            rate=options.get("rate"), queue=options.get("queue"), note=options["note"],
-            progress=progress,
-        )
+        try:
+            result = service.bulk(
+                verb, qs, actor=cli_actor(), batch_size=options["batch_size"],
+                rate=options.get("rate"), queue=options.get("queue"), note=options["note"],
+                progress=progress,
+            )
+        except service.ReplayError as exc:  # e.g. --queue names a queue the app does not know
+            raise CommandError(f"{exc}; nothing changed") from None
         past = {"replay": "replayed", "discard": "discarded", "resolve": "resolved",
                 "compensate": "compensated"}[verb]
         self.stdout.write(f"{past.capitalize()} {result.done} letter{'s' if result.done != 1 else ''}"
