@@ -50,6 +50,21 @@ def _moment(text: str) -> datetime:
     return timezone.make_aware(parsed) if timezone.is_naive(parsed) else parsed
 
 
+def _create_private(path: str) -> int:
+    """A new file at ``path`` readable by its owner only (even masked, an export holds
+    payloads), opened for writing: never an existing file, never through a symlink
+    someone planted there (``O_EXCL | O_NOFOLLOW``)."""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise CommandError(f"{path} already exists (a file or a symlink); export to a new "
+                           f"path, nothing was written") from None
+    except OSError as exc:
+        raise CommandError(f"cannot create {path}: {exc.strerror}") from None
+    os.fchmod(descriptor, 0o600)  # whatever the umask
+    return descriptor
+
+
 class Command(BaseCommand):
     help = "Inspect, replay, discard and resolve dead letters (see the module docstring)."
 
@@ -263,11 +278,7 @@ class Command(BaseCommand):
         writer = export.write_csv if options["format"] == "csv" else export.write_jsonl
         kwargs = {} if options["format"] == "csv" else {"events": not options["no_events"]}
         if options.get("output"):
-            # Revealed secrets are readable by their owner only.
-            mode = 0o600 if options["reveal"] else 0o644
-            descriptor = os.open(options["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-            if options["reveal"]:
-                os.fchmod(descriptor, 0o600)
+            descriptor = _create_private(options["output"])
             with open(descriptor, "w", encoding="utf-8", newline="") as out:
                 written = writer(qs, out, reveal=options["reveal"], **kwargs)
         else:
