@@ -33,7 +33,7 @@ from typing import Any
 from . import conf
 
 __all__ = ["bounded", "HISTORY_KEEP_FIRST", "HISTORY_KEEP_LAST", "OVERSIZED_BODY_KEPT_CHARS",
-           "HEADER_VALUE_MAX_CHARS", "cut", "bounded_history", "bounded_payload",
+           "HEADER_VALUE_MAX_CHARS", "cut", "delay_seconds", "bounded_history", "bounded_payload",
            "bounded_headers", "attempt_count"]
 
 #: attempts kept from the start and the end of a letter's history
@@ -76,7 +76,9 @@ def _integer(value: Any) -> int | None:
     return None
 
 
-def _seconds(value: Any) -> float | None:
+def delay_seconds(value: Any) -> float | None:
+    """An attempt record's ``delay_seconds`` as a finite number of seconds, or None (a
+    forged record may hold ``"5"``, ``"NaN"`` or an object there)."""
     if isinstance(value, bool) or value is None:
         return None
     try:
@@ -108,7 +110,7 @@ def _attempt(entry: Any, message_max_chars: int) -> dict:
     if "exception_message" in entry:
         clean["exception_message"] = _text(entry["exception_message"], message_max_chars)
     if "delay_seconds" in entry:
-        clean["delay_seconds"] = _seconds(entry["delay_seconds"])
+        clean["delay_seconds"] = delay_seconds(entry["delay_seconds"])
     return clean
 
 

@@ -7,9 +7,9 @@ import json
 
 from celery import shared_task
 
-from recovery import RecoveryTask
+from recovery import RecoveryTask, RetryPolicy
 from recovery import headers as hdr
-from recovery.errors import PermanentError
+from recovery.errors import PermanentError, TransientError
 from tests.integration.worker_tasks import QUICK, store
 
 
@@ -39,3 +39,13 @@ def refuses(self, key: str, payload=None) -> None:
     store().incr(f"sec:runs:{key}")
     message = payload if isinstance(payload, str) else "refused"
     raise PermanentError(message)
+
+
+@shared_task(base=RecoveryTask, bind=True,
+             retry_policy=RetryPolicy(max_attempts=3, initial_delay_seconds=0.1,
+                                      max_delay_seconds=0.3, jitter="decorrelated"))
+def always_busy(self, key: str) -> None:
+    """Fails transiently every time: its policy reads the history's delays (decorrelated
+    jitter grows from the previous delay)."""
+    store().incr(f"sec:runs:{key}")
+    raise TransientError("partner busy")

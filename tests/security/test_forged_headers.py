@@ -81,6 +81,21 @@ def test_a_history_with_the_wrong_types_is_parked_cleanly_and_its_page_renders(
         assert len(json.dumps(entry)) < 10_000
 
 
+def test_a_numeric_string_delay_in_the_history_never_breaks_the_retry_policy(
+        start_worker, store, key, viewer):  # noqa: F811
+    # Given a task whose policy grows each delay from the previous one, sent a history
+    # whose delay is a numeric string (the envelope lets "5" through as a number)
+    start_worker(extra=WITH_HOSTILE_TASKS)
+    task_id = send(hostile.always_busy, key, [{"attempt": 1, "delay_seconds": "0.2"}])
+    # Then it retries by its policy and is parked when it gives up, never lost
+    parked = letter(task_id)
+    assert not parked.permanent and "gave up after 3 attempts" in parked.reason
+    assert int(store.get(f"sec:runs:{key}")) == 2
+    assert [e["delay_seconds"] for e in parked.history][:1] == [0.2]
+    assert viewer.get(reverse("admin:recovery_deadletter_change",
+                              args=[parked.pk])).status_code == 200
+
+
 def test_a_history_that_is_not_a_list_is_parked_as_poison_with_the_reason(
         start_worker, store, key, viewer):  # noqa: F811
     start_worker(extra=WITH_HOSTILE_TASKS)
