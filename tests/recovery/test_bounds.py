@@ -1,8 +1,10 @@
-"""recovery.bounds: pure functions, no database."""
+"""recovery.bounds: pure functions, no database; and who reads a bounded letter."""
 
 from __future__ import annotations
 
 from recovery import bounds
+from recovery.escalation import letter_diagnostics
+from recovery.parking import ParkRecord
 
 
 def test_cut_keeps_short_text_and_says_how_much_it_cut_from_long_text():
@@ -49,3 +51,10 @@ def test_an_oversized_option_or_header_value_is_replaced_by_its_size():
     assert headers["queue"] == "celery" and headers["headers"]["recovery_saga"] == {"run": 1}
     assert headers["recovery_history"].endswith("chars not stored: over 8192]")
     assert headers["headers"]["x"].startswith("[50000 chars")
+
+
+def test_escalations_count_the_attempts_a_bounded_history_left_out():
+    record = ParkRecord(task_id="t-1", task_name="shop.charge", kind="dependency", reason="r",
+                        history=[{"attempt": n} for n in range(1, 501)])
+    assert len(record.history) == bounds.HISTORY_KEEP_FIRST + 1 + bounds.HISTORY_KEEP_LAST
+    assert letter_diagnostics(record, None)["attempts"] == 500
