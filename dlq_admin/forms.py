@@ -74,6 +74,11 @@ class ReplayForm(forms.Form):
         cleaned = super().clean()
         if "args" in cleaned and "kwargs" in cleaned:
             try:
+                edited = (cleaned["args"], cleaned["kwargs"]) != (self.letter.args,
+                                                                  self.letter.kwargs)
+                # Why the letter cannot be replayed at all comes before what its payload lacks.
+                service.require_replayable(self.letter, queue=cleaned.get("queue") or None,
+                                           edited=edited)
                 service.validate_payload(self.letter.task_name, cleaned["args"], cleaned["kwargs"])
             except service.ReplayError as exc:
                 raise forms.ValidationError(str(exc)) from None

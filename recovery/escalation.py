@@ -30,6 +30,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from . import conf, headers as hdr, metrics
+from .bounds import attempt_count
 from .models import DeadLetter, Incident, IncidentNotification
 
 if TYPE_CHECKING:
@@ -195,7 +196,7 @@ def letter_diagnostics(record: "ParkRecord", letter_id: int | None, base: str = 
                       "message": scrub_text(record.exception_message, hidden)},
         "traceback": scrub_text(record.traceback, hidden),
         "history": scrub_strings(mask(record.history), hidden),
-        "attempts": max(len(record.history), 1),
+        "attempts": attempt_count(record.history),  # a bounded history counts its cut
         "classification": {"kind": record.kind, "permanent": record.permanent,
                            "reason": record.reason},
         "replay": record.replay,

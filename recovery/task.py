@@ -47,6 +47,7 @@ from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from . import conf, headers as hdr, metrics, result_rows
+from .bounds import delay_seconds
 from .classification import Failure, Rule, classify
 from .errors import TransientError
 from .policy import Attempt, RetryPolicy, Verdict
@@ -569,7 +570,8 @@ class RecoveryTask(Task):
         policy = self.effective_policy()
         verdict = policy.decide(
             failure,
-            [Attempt(entry.get("delay_seconds")) for entry in history],
+            # A forged header may hold "5" where a number belongs: read it as one.
+            [Attempt(delay_seconds(entry.get("delay_seconds"))) for entry in history],
             exception=exc,
             elapsed_seconds=max(0.0, time.time() - started_at),
         )
