@@ -13,10 +13,12 @@ spooled for ever), and a copy of whatever the client chose. So before the first 
   :data:`HISTORY_KEEP_LAST` attempts, with one ``{"dropped": N}`` record between them;
   each attempt reduced to its known fields with plain types (a forged header cannot put
   objects where numbers or text belong); ``attempts`` still counts them all;
-* payload (args and kwargs) and raw body: kept whole up to the envelope limit,
+* payload (args and kwargs): kept whole up to the envelope limit,
   ``RECOVERY["MAX_MESSAGE_BYTES"]``, because a replay needs them; a larger message was
-  refused before it ran and cannot be replayed as it is, so its arguments are not kept
-  and its body only as its first :data:`OVERSIZED_BODY_KEPT_CHARS` characters;
+  refused before it ran, so its decoded arguments are not stored a second time;
+* raw body: always kept whole. It is the only copy of a message the worker refused, and
+  the broker already bounded its size; an operator who raises ``MAX_MESSAGE_BYTES`` can
+  replay it. Pages show only its beginning;
 * execution options (``headers``): any one value longer than
   :data:`HEADER_VALUE_MAX_CHARS` once encoded is replaced by a note of its size.
 
@@ -32,15 +34,13 @@ from typing import Any
 
 from . import conf
 
-__all__ = ["bounded", "HISTORY_KEEP_FIRST", "HISTORY_KEEP_LAST", "OVERSIZED_BODY_KEPT_CHARS",
+__all__ = ["bounded", "HISTORY_KEEP_FIRST", "HISTORY_KEEP_LAST",
            "HEADER_VALUE_MAX_CHARS", "cut", "delay_seconds", "bounded_history", "bounded_payload",
            "bounded_headers", "attempt_count"]
 
 #: attempts kept from the start and the end of a letter's history
 HISTORY_KEEP_FIRST = 10
 HISTORY_KEEP_LAST = 90
-#: characters kept of a body over ``MAX_MESSAGE_BYTES`` (enough to recognise it)
-OVERSIZED_BODY_KEPT_CHARS = 4096
 #: longest single execution option or header value stored, encoded as JSON
 HEADER_VALUE_MAX_CHARS = 8192
 #: text fields of an attempt record and their longest stored length
@@ -151,13 +151,10 @@ def _encoded_size(value: Any) -> int:
 
 def bounded_payload(args: Any, kwargs: Any, raw_body: str,
                     max_bytes: int | None) -> tuple[Any, Any, str]:
-    """``(args, kwargs, raw_body)`` as stored: whole up to ``max_bytes``; over it, the
-    arguments are left out and the body cut to its first characters."""
+    """``(args, kwargs, raw_body)`` as stored: the body whole (the only copy of a refused
+    message); the decoded arguments whole up to ``max_bytes``, left out over it."""
     if max_bytes is None:
         return args, kwargs, raw_body
-    why = "over RECOVERY['MAX_MESSAGE_BYTES']"
-    if len(raw_body or "") > max_bytes:
-        raw_body = cut(raw_body, OVERSIZED_BODY_KEPT_CHARS + _MARKER_ROOM + len(why) + 2, why)
     if _encoded_size([args, kwargs]) > max_bytes:
         args, kwargs = [], {}
     return args, kwargs, raw_body
