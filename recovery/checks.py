@@ -191,17 +191,37 @@ def check_private_internals(app_configs=None, **kwargs):
     return problems
 
 
+_PICKLE_NAMES = ("pickle", "python-serialize")  # kombu takes names and content types
+_SERIALIZER_SETTINGS = ("CELERY_TASK_SERIALIZER", "CELERY_RESULT_SERIALIZER",
+                        "CELERY_EVENT_SERIALIZER")
+_ACCEPT_SETTINGS = ("CELERY_ACCEPT_CONTENT", "CELERY_RESULT_ACCEPT_CONTENT")
+
+
+def _is_pickle(value: object) -> bool:
+    return any(name in str(value) for name in _PICKLE_NAMES)
+
+
 @register()
 def check_celery_serialization(app_configs=None, **kwargs):
-    accept = getattr(settings, "CELERY_ACCEPT_CONTENT", None)
-    # kombu accepts names and content types; pickle's is application/x-python-serialize.
-    if accept is not None and any(
-        "pickle" in str(item) or "python-serialize" in str(item) for item in accept
-    ):
-        return [Error(
-            "CELERY_ACCEPT_CONTENT accepts pickle: a message can run arbitrary code, and "
-            "dead letters must be JSON to be inspected and edited.",
-            hint="Set CELERY_ACCEPT_CONTENT = ['json'] and CELERY_TASK_SERIALIZER = 'json'.",
-            id="recovery.E010",
-        )]
-    return []
+    """Pickle anywhere is code execution for whoever can write a message, a result row or an
+    event, and makes dead letters opaque: refuse it in what is accepted and what is written."""
+    problems = []
+    for name in _ACCEPT_SETTINGS:
+        accept = getattr(settings, name, None)
+        if accept is not None and any(_is_pickle(item) for item in accept):
+            problems.append(Error(
+                f"{name} accepts pickle: a message or a stored result can run arbitrary code, "
+                f"and dead letters must be JSON to be inspected and edited.",
+                hint=f"Set {name} = ['json'] and CELERY_TASK_SERIALIZER = 'json'.",
+                id="recovery.E010",
+            ))
+    for name in _SERIALIZER_SETTINGS:
+        value = getattr(settings, name, None)
+        if value is not None and _is_pickle(value):
+            problems.append(Error(
+                f"{name} is pickle: what it writes is code execution for whoever reads it "
+                f"back, and the workers (accepting JSON only) refuse it.",
+                hint=f"Set {name} = 'json'.",
+                id="recovery.E010",
+            ))
+    return problems
