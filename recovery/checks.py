@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from importlib.util import find_spec
 
 from django.apps import apps
@@ -84,6 +85,7 @@ def check_recovery_settings(app_configs=None, **kwargs):
                 id="recovery.E011",
             ))
     problems.extend(_check_shared_state(user))
+    problems.extend(_check_metrics_access(user))
     if "ESCALATION" in user:
         from .escalation import EscalationRules
 
@@ -173,6 +175,47 @@ def _check_shared_state(user: dict) -> list:
             id="recovery.E014",
         ))
     return problems
+
+
+_METRICS_TOKEN_MIN_CHARS = 32
+
+
+def _check_metrics_access(user: dict) -> list:
+    """Who may scrape /metrics (recovery.views): a guessable token or an allow-list entry that
+    is not a network would open it, or shut out Prometheus, without a word."""
+    problems = []
+    token = user.get("METRICS_TOKEN")
+    if token is not None and (not isinstance(token, str)
+                              or len(token) < _METRICS_TOKEN_MIN_CHARS):
+        problems.append(Error(
+            f"RECOVERY['METRICS_TOKEN'] must be a string of at least {_METRICS_TOKEN_MIN_CHARS} "
+            f"characters, or None.",
+            hint="Generate one: python -c 'import secrets; print(secrets.token_urlsafe(32))', "
+                 "and give Prometheus the same as its bearer token (docs/metrics.md).",
+            id="recovery.E025",
+        ))
+    networks = user.get("METRICS_ALLOWED_IPS")
+    if networks is not None:
+        # A bare string would be read character by character: it must be a list too.
+        bad = ([n for n in networks if not _is_network(n)]
+               if isinstance(networks, (list, tuple)) else [networks])
+        if bad:
+            problems.append(Error(
+                f"RECOVERY['METRICS_ALLOWED_IPS'] has entries that are not IP networks: "
+                f"{', '.join(map(repr, bad))}.",
+                hint='A list of addresses or CIDRs, e.g. ["127.0.0.1/32", "10.0.0.0/8"]; an '
+                     "empty list allows the bearer token only (docs/metrics.md).",
+                id="recovery.E025",
+            ))
+    return problems
+
+
+def _is_network(value: object) -> bool:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, str)
 
 
 @register()

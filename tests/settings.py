@@ -47,6 +47,9 @@ RECOVERY = {
     "METRICS_PORT": int(os.environ["RECOVERY_METRICS_PORT"])
     if os.environ.get("RECOVERY_METRICS_PORT") else None,
     "METRICS_ADDRESS": "127.0.0.1",
+    # Each test reads the backlogs it just wrote (tests/security/test_metrics_endpoint.py
+    # turns the cache on).
+    "METRICS_CACHE_SECONDS": 0,
     # Escalation rules and channels of the worker processes of the escalation tests
     # (tests/integration/test_escalation.py), as JSON.
     "ESCALATION": json.loads(os.environ.get("RECOVERY_TEST_ESCALATION") or "{}"),
