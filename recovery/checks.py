@@ -10,7 +10,7 @@ from django.conf import settings
 from django.core.checks import Error, Warning, register
 from kombu.transport import redis as kombu_redis
 
-from . import conf, pg_fastpath, visibility
+from . import conf, pg_fastpath, visibility, webhook_signing
 
 
 @register()
@@ -90,13 +90,19 @@ def check_recovery_settings(app_configs=None, **kwargs):
         from .escalation import EscalationRules
 
         try:
-            EscalationRules.from_dict(user["ESCALATION"])
+            escalation = EscalationRules.from_dict(user["ESCALATION"])
         except (TypeError, ValueError) as bad:
             problems.append(Error(
                 f"RECOVERY['ESCALATION'] is invalid: {bad}.",
                 hint="See docs/escalation.md for the keys and their defaults.",
                 id="recovery.E015",
             ))
+        else:
+            # Refused at delivery too (recovery.notify): say so before incidents pile up.
+            problems.extend(Error(message, hint=hint, id="recovery.E026")
+                            for message, hint in webhook_signing.problems(
+                                escalation.webhook_url, escalation.webhook_secret,
+                                debug=settings.DEBUG))
     if "WATCHDOG" in user:
         from .watchdog import WatchdogPolicy
 
