@@ -8,6 +8,7 @@ concurrency and prefetch, so a ratio measures only what recovery adds.
 import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+os.environ.setdefault("DJANGO_SECRET_KEY", "bench-only-key-" + "x" * 50)  # DEBUG is off
 
 import django  # noqa: E402
 from celery import Celery, Task  # noqa: E402

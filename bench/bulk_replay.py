@@ -59,6 +59,7 @@ os.environ["DATABASE_URL"] = DB_URL
 os.environ["CELERY_BROKER_URL"] = BROKER_URL
 os.environ["DJANGO_SETTINGS_MODULE"] = "config.settings"
 os.environ["DJANGO_DEBUG"] = "0"  # DEBUG would keep every SQL statement in memory
+os.environ.setdefault("DJANGO_SECRET_KEY", "bench-only-key-" + "x" * 50)  # DEBUG is off
 os.environ.setdefault("RECOVERY_LOG_LEVEL", "WARNING")
 
 TASK = "bench.fail_recovery"

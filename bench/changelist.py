@@ -58,6 +58,8 @@ os.environ.setdefault("CELERY_BROKER_URL", "memory://")  # the admin never publi
 os.environ["DJANGO_SETTINGS_MODULE"] = "config.settings"
 os.environ["DJANGO_DEBUG"] = "0"  # DEBUG would log every query and render debug pages
 os.environ["DJANGO_ALLOWED_HOSTS"] = "testserver"
+os.environ.setdefault("DJANGO_SECRET_KEY", "bench-only-key-" + "x" * 50)  # DEBUG is off
+os.environ["DJANGO_SECURE_SSL_REDIRECT"] = "0"  # the test client speaks plain HTTP
 os.environ.setdefault("RECOVERY_LOG_LEVEL", "WARNING")
 
 URL = "/admin/recovery/deadletter/"

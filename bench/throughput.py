@@ -34,6 +34,7 @@ BROKER_URL = os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/12")
 os.environ["DATABASE_URL"] = DB_URL
 os.environ["CELERY_BROKER_URL"] = BROKER_URL
 os.environ["DJANGO_SETTINGS_MODULE"] = "config.settings"
+os.environ.setdefault("DJANGO_SECRET_KEY", "bench-only-key-" + "x" * 50)  # DEBUG is off
 os.environ.setdefault("RECOVERY_LOG_LEVEL", "WARNING")
 
 SCENARIOS = {

@@ -9,14 +9,42 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("RECOVERY_VAR_DIR", BASE_DIR / "var"))
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "insecure-demo-key-change-me")
-DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
+# --- Production safety (docs/production.md) ---------------------------------------------
+# Off unless asked for: `manage.py demo` asks (manage.py), a deployment never has to remember to.
+DEBUG = os.environ.get("DJANGO_DEBUG", "0") == "1"
+_DEMO_SECRET_KEY = "insecure-demo-key-change-me"
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or (_DEMO_SECRET_KEY if DEBUG else "")
+if not DEBUG and SECRET_KEY in ("", _DEMO_SECRET_KEY):
+    # Sessions, password resets and signed values are forged with a known key: refuse to start.
+    raise ImproperlyConfigured(
+        "DJANGO_SECRET_KEY is not set (or is the published demo key) and DEBUG is off. Set it "
+        "to a long random value, e.g. DJANGO_SECRET_KEY=$(python -c 'import secrets; "
+        "print(secrets.token_urlsafe(50))'), the same for the web and worker processes; for "
+        "the local demo run `make demo` (DJANGO_DEBUG=1). See docs/production.md.")
 ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost").split(",")
+# Outside DEBUG the admin is served over HTTPS only; each can be turned off where a proxy in
+# front does the same (docs/production.md).
+_HTTPS = not DEBUG
+SECURE_SSL_REDIRECT = os.environ.get("DJANGO_SECURE_SSL_REDIRECT", "1" if _HTTPS else "0") == "1"
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = _HTTPS
+SECURE_HSTS_SECONDS = int(os.environ.get("DJANGO_SECURE_HSTS_SECONDS",
+                                         31536000 if _HTTPS else 0))
+SECURE_HSTS_INCLUDE_SUBDOMAINS = os.environ.get("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", "1") == "1"
+SECURE_HSTS_PRELOAD = os.environ.get("DJANGO_SECURE_HSTS_PRELOAD", "1") == "1"
+# Trust X-Forwarded-Proto only when a proxy that sets it (and strips the client's) is in
+# front: otherwise any client could claim HTTPS.
+SECURE_PROXY_SSL_HEADER = (("HTTP_X_FORWARDED_PROTO", "https")
+                           if os.environ.get("DJANGO_SECURE_PROXY_SSL_HEADER") == "1" else None)
+# An operator's session ends after a working day (Django's default is two weeks).
+SESSION_COOKIE_AGE = int(os.environ.get("DJANGO_SESSION_COOKIE_AGE", 8 * 3600))
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
 
 INSTALLED_APPS = [
     "django.contrib.admin",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from importlib.util import find_spec
 
 from django.apps import apps
@@ -9,7 +10,7 @@ from django.conf import settings
 from django.core.checks import Error, Warning, register
 from kombu.transport import redis as kombu_redis
 
-from . import conf, pg_fastpath, visibility
+from . import conf, pg_fastpath, visibility, webhook_signing
 
 
 @register()
@@ -84,17 +85,24 @@ def check_recovery_settings(app_configs=None, **kwargs):
                 id="recovery.E011",
             ))
     problems.extend(_check_shared_state(user))
+    problems.extend(_check_metrics_access(user))
     if "ESCALATION" in user:
         from .escalation import EscalationRules
 
         try:
-            EscalationRules.from_dict(user["ESCALATION"])
+            escalation = EscalationRules.from_dict(user["ESCALATION"])
         except (TypeError, ValueError) as bad:
             problems.append(Error(
                 f"RECOVERY['ESCALATION'] is invalid: {bad}.",
                 hint="See docs/escalation.md for the keys and their defaults.",
                 id="recovery.E015",
             ))
+        else:
+            # Refused at delivery too (recovery.notify): say so before incidents pile up.
+            problems.extend(Error(message, hint=hint, id="recovery.E026")
+                            for message, hint in webhook_signing.problems(
+                                escalation.webhook_url, escalation.webhook_secret,
+                                debug=settings.DEBUG))
     if "WATCHDOG" in user:
         from .watchdog import WatchdogPolicy
 
@@ -175,6 +183,47 @@ def _check_shared_state(user: dict) -> list:
     return problems
 
 
+_METRICS_TOKEN_MIN_CHARS = 32
+
+
+def _check_metrics_access(user: dict) -> list:
+    """Who may scrape /metrics (recovery.views): a guessable token or an allow-list entry that
+    is not a network would open it, or shut out Prometheus, without a word."""
+    problems = []
+    token = user.get("METRICS_TOKEN")
+    if token is not None and (not isinstance(token, str)
+                              or len(token) < _METRICS_TOKEN_MIN_CHARS):
+        problems.append(Error(
+            f"RECOVERY['METRICS_TOKEN'] must be a string of at least {_METRICS_TOKEN_MIN_CHARS} "
+            f"characters, or None.",
+            hint="Generate one: python -c 'import secrets; print(secrets.token_urlsafe(32))', "
+                 "and give Prometheus the same as its bearer token (docs/metrics.md).",
+            id="recovery.E025",
+        ))
+    networks = user.get("METRICS_ALLOWED_IPS")
+    if networks is not None:
+        # A bare string would be read character by character: it must be a list too.
+        bad = ([n for n in networks if not _is_network(n)]
+               if isinstance(networks, (list, tuple)) else [networks])
+        if bad:
+            problems.append(Error(
+                f"RECOVERY['METRICS_ALLOWED_IPS'] has entries that are not IP networks: "
+                f"{', '.join(map(repr, bad))}.",
+                hint='A list of addresses or CIDRs, e.g. ["127.0.0.1/32", "10.0.0.0/8"]; an '
+                     "empty list allows the bearer token only (docs/metrics.md).",
+                id="recovery.E025",
+            ))
+    return problems
+
+
+def _is_network(value: object) -> bool:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, str)
+
+
 @register()
 def check_private_internals(app_configs=None, **kwargs):
     """The kombu and django-celery-results internals recovery relies on; a worker also
@@ -191,17 +240,37 @@ def check_private_internals(app_configs=None, **kwargs):
     return problems
 
 
+_PICKLE_NAMES = ("pickle", "python-serialize")  # kombu takes names and content types
+_SERIALIZER_SETTINGS = ("CELERY_TASK_SERIALIZER", "CELERY_RESULT_SERIALIZER",
+                        "CELERY_EVENT_SERIALIZER")
+_ACCEPT_SETTINGS = ("CELERY_ACCEPT_CONTENT", "CELERY_RESULT_ACCEPT_CONTENT")
+
+
+def _is_pickle(value: object) -> bool:
+    return any(name in str(value) for name in _PICKLE_NAMES)
+
+
 @register()
 def check_celery_serialization(app_configs=None, **kwargs):
-    accept = getattr(settings, "CELERY_ACCEPT_CONTENT", None)
-    # kombu accepts names and content types; pickle's is application/x-python-serialize.
-    if accept is not None and any(
-        "pickle" in str(item) or "python-serialize" in str(item) for item in accept
-    ):
-        return [Error(
-            "CELERY_ACCEPT_CONTENT accepts pickle: a message can run arbitrary code, and "
-            "dead letters must be JSON to be inspected and edited.",
-            hint="Set CELERY_ACCEPT_CONTENT = ['json'] and CELERY_TASK_SERIALIZER = 'json'.",
-            id="recovery.E010",
-        )]
-    return []
+    """Pickle anywhere is code execution for whoever can write a message, a result row or an
+    event, and makes dead letters opaque: refuse it in what is accepted and what is written."""
+    problems = []
+    for name in _ACCEPT_SETTINGS:
+        accept = getattr(settings, name, None)
+        if accept is not None and any(_is_pickle(item) for item in accept):
+            problems.append(Error(
+                f"{name} accepts pickle: a message or a stored result can run arbitrary code, "
+                f"and dead letters must be JSON to be inspected and edited.",
+                hint=f"Set {name} = ['json'] and CELERY_TASK_SERIALIZER = 'json'.",
+                id="recovery.E010",
+            ))
+    for name in _SERIALIZER_SETTINGS:
+        value = getattr(settings, name, None)
+        if value is not None and _is_pickle(value):
+            problems.append(Error(
+                f"{name} is pickle: what it writes is code execution for whoever reads it "
+                f"back, and the workers (accepting JSON only) refuse it.",
+                hint=f"Set {name} = 'json'.",
+                id="recovery.E010",
+            ))
+    return problems

@@ -82,8 +82,18 @@ DEFAULTS: Mapping[str, Any] = {
     # Port on which each worker serves its Prometheus metrics (/metrics; its pool children's
     # counts summed, see docs/metrics.md); None serves none. One port per worker on a host.
     "METRICS_PORT": None,
-    # Address the worker's metrics endpoint listens on.
-    "METRICS_ADDRESS": "0.0.0.0",
+    # Address the worker's metrics endpoint listens on: this host only, unless a Prometheus
+    # elsewhere must reach it (then e.g. "0.0.0.0", behind a firewall).
+    "METRICS_ADDRESS": "127.0.0.1",
+    # Who may scrape the Django view (recovery.views.metrics): a request with
+    # "Authorization: Bearer <METRICS_TOKEN>" (at least 32 characters; None: no token), or
+    # one whose REMOTE_ADDR is in METRICS_ALLOWED_IPS (CIDRs); anyone else gets a 403.
+    "METRICS_TOKEN": None,
+    "METRICS_ALLOWED_IPS": ("127.0.0.1/32", "::1/128"),
+    # Seconds a scrape's database and shared-state readings are reused by the next scrapes of
+    # the process, so scrapes (several Prometheus replicas, a dashboard) cost one set of
+    # queries per window; 0 reads them at every scrape.
+    "METRICS_CACHE_SECONDS": 10.0,
     # How often each worker's main process sets recovery_worker_heartbeat_timestamp_seconds;
     # the shipped alert (deploy/prometheus/alerts.yml) fires after several missed beats.
     "HEARTBEAT_INTERVAL_SECONDS": 15.0,

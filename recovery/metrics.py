@@ -33,6 +33,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from celery import current_app
+
+from . import conf
+
 __all__ = [
     "task_failed", "retry_scheduled", "dead_letter_parked", "replay_outcome",
     "compensation_outcome", "fallback_used", "fallback_failed", "circuit_changed",
@@ -47,7 +51,11 @@ logger = logging.getLogger(__name__)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: recovery_circuit_state and recovery_circuit_status values
 CIRCUIT_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+#: The dead-letter statuses recovery_dead_letters counts (DeadLetter.Status values).
+OPEN_STATUSES = ("parked", "replaying")
 _LABEL_MAX_CHARS = 120
+#: The ``task`` label of every task name this process does not know (see _task_label).
+UNREGISTERED_TASK = "unregistered"
 
 # name (without _total), type, help, labels, gauge multiprocess mode
 _SPECS: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
@@ -108,6 +116,8 @@ _lock = threading.Lock()
 _metrics: dict[str, Any] = {}
 _local_registry: Any = None
 _warned: set[str] = set()
+#: Names of tasks that ran in this process (a RecoveryTask reports itself): registered ones.
+_ran_tasks: set[str] = set()
 
 
 def multiprocess_dir() -> str | None:
@@ -137,6 +147,27 @@ def _safe(func: Callable) -> Callable:
 def _label(value: Any) -> str:
     text = str(value if value is not None else "")
     return text[:_LABEL_MAX_CHARS]
+
+
+def _ran_task_label(name: str) -> str:
+    """The label of a task that is running here: a registered task, so a known name."""
+    text = _label(name)
+    _ran_tasks.add(text)
+    return text
+
+
+def _task_label(name: Any) -> str:
+    """The label of a task name read from a message or a row, which anyone who can publish
+    may forge: kept when the app knows the task, else ``unregistered``, so a flood of
+    made-up names adds one series, not one per name."""
+    text = _label(name)
+    if text in _ran_tasks:
+        return text
+    try:
+        known = text in current_app.tasks
+    except Exception:  # noqa: BLE001 - an app that cannot list its tasks knows none
+        known = False
+    return text if known else UNREGISTERED_TASK
 
 
 def _metric(key: str) -> Any:
@@ -185,18 +216,18 @@ def _reset() -> None:
 @_safe
 def task_failed(task: str, kind: str, transient: bool) -> None:
     """A task run raised; ``kind`` and ``transient`` are its classification."""
-    _metric("failures").labels(_label(task), _label(kind), "true" if transient else "false").inc()
+    _metric("failures").labels(_ran_task_label(task), _label(kind), "true" if transient else "false").inc()
 
 
 @_safe
 def retry_scheduled(task: str, kind: str) -> None:
-    _metric("retries").labels(_label(task), _label(kind)).inc()
+    _metric("retries").labels(_ran_task_label(task), _label(kind)).inc()
 
 
 @_safe
 def dead_letter_parked(task: str, kind: str, replay: int = 0) -> None:
     """A letter was parked; a replayed task parked again also counts as a replay outcome."""
-    _metric("parked").labels(_label(task), _label(kind)).inc()
+    _metric("parked").labels(_task_label(task), _label(kind)).inc()
     if replay:
         _metric("replays").labels("parked_again").inc()
 
@@ -205,7 +236,7 @@ def dead_letter_parked(task: str, kind: str, replay: int = 0) -> None:
 def internal_error(task: str, exception: str) -> None:
     """An error escaped the pool child outside the task's body and was not a decoding
     failure (see recovery.worker.RecoveryRequest)."""
-    _metric("internal_errors").labels(_label(task), _label(exception)).inc()
+    _metric("internal_errors").labels(_task_label(task), _label(exception)).inc()
 
 
 @_safe
@@ -227,12 +258,12 @@ def compensation_outcome(outcome: str) -> None:
 
 @_safe
 def fallback_used(task: str, reason: str) -> None:
-    _metric("fallbacks").labels(_label(task), _label(reason)).inc()
+    _metric("fallbacks").labels(_ran_task_label(task), _label(reason)).inc()
 
 
 @_safe
 def fallback_failed(task: str, reason: str) -> None:
-    _metric("fallback_failures").labels(_label(task), _label(reason)).inc()
+    _metric("fallback_failures").labels(_ran_task_label(task), _label(reason)).inc()
 
 
 @_safe
@@ -340,9 +371,11 @@ class DatabaseCollector:
                                "1 when the backlog source could be read at this scrape.",
                                labels=["source"])
         try:
-            letters = DeadLetter.objects.using(using)
-            by_status = dict.fromkeys(DeadLetter.Status.values, 0)
-            for row in letters.values("status").annotate(n=Count("id")).order_by():
+            # The open letters only, through their partial index (recovery_dl_open): closed
+            # ones grow without bound and a count of them would read the whole table.
+            letters = DeadLetter.objects.using(using).filter(status__in=OPEN_STATUSES)
+            by_status = dict.fromkeys(OPEN_STATUSES, 0)
+            for row in letters.values("status").annotate(n=Count("status")).order_by():
                 by_status[row["status"]] = row["n"]
             oldest = letters.filter(status=DeadLetter.Status.PARKED).aggregate(
                 oldest=Min("last_failed_at"))["oldest"]
@@ -350,7 +383,8 @@ class DatabaseCollector:
             due = DueRetry.objects.using(using).count()
             incidents = {(s, v): 0 for s in ("open", "acknowledged")
                          for v in Incident.Severity.values}
-            for row in (Incident.objects.using(using).exclude(status=Incident.Status.RESOLVED)
+            for row in (Incident.objects.using(using)
+                        .filter(status__in=(Incident.Status.OPEN, Incident.Status.ACKNOWLEDGED))
                         .values("status", "severity").annotate(n=Count("id")).order_by()):
                 incidents[(row["status"], row["severity"])] = row["n"]
             undelivered = (IncidentNotification.objects.using(using)
@@ -360,8 +394,8 @@ class DatabaseCollector:
             up.add_metric(["database"], 0)
             yield up
             return
-        family = GaugeMetricFamily("recovery_dead_letters", "Dead letters by status.",
-                                   labels=["status"])
+        family = GaugeMetricFamily("recovery_dead_letters", "Open dead letters (parked, "
+                                   "replaying) by status.", labels=["status"])
         for status, count in sorted(by_status.items()):
             family.add_metric([status], count)
         yield family
@@ -498,6 +532,33 @@ class _Merged:
             yield up
 
 
+_scrape_cache: dict[str, tuple[float, list[Any]]] = {}
+
+
+class _Cached:
+    """A scrape-time collector whose families the next scrapes of this process reuse for
+    ``RECOVERY["METRICS_CACHE_SECONDS"]``: several Prometheus replicas (or a dashboard)
+    scraping cost one set of database queries per window. A reading with a source down is
+    not kept, so the next scrape tries again."""
+
+    def __init__(self, key: str, collector: Any) -> None:
+        self.key, self.collector = key, collector
+
+    def collect(self) -> Iterator[Any]:
+        seconds = conf.get("METRICS_CACHE_SECONDS") or 0
+        now = time.monotonic()
+        kept = _scrape_cache.get(self.key)
+        if kept is not None and now - kept[0] < seconds:
+            yield from kept[1]
+            return
+        families = list(self.collector.collect())
+        if seconds > 0 and all(sample.value == 1 for family in families
+                               if family.name == "recovery_collector_up"
+                               for sample in family.samples):
+            _scrape_cache[self.key] = (now, families)
+        yield from families
+
+
 class _Events:
     """The event metrics: from the multiprocess files, or from this process's registry."""
 
@@ -520,7 +581,8 @@ def registry(*, database: bool = False) -> Any:
 
     collectors: list[Any] = [SpoolCollector()]
     if database:
-        collectors[:0] = [DatabaseCollector(), CircuitCollector()]
+        collectors[:0] = [_Cached("database", DatabaseCollector()),
+                          _Cached("shared_state", CircuitCollector())]
     result = CollectorRegistry(auto_describe=False)
     result.register(_Events())
     result.register(_Merged(*collectors))
@@ -592,8 +654,9 @@ def mark_process_dead(pid: int) -> None:
         logger.debug("recovery: could not mark metrics process %s dead", pid, exc_info=True)
 
 
-def start_worker_server(port: int, address: str = "0.0.0.0") -> Any:
-    """Serve this worker's metrics (all its pool children's, summed) on ``port``."""
+def start_worker_server(port: int, address: str = "127.0.0.1") -> Any:
+    """Serve this worker's metrics (all its pool children's, summed) on ``port``, on
+    loopback unless ``address`` says otherwise (``RECOVERY["METRICS_ADDRESS"]``)."""
     global _server
     from prometheus_client import start_http_server
 

@@ -110,6 +110,10 @@ class DeadLetter(models.Model):
             # Escalation's "N letters of one fingerprint in M minutes" and the failure
             # groups; it replaces the plain fingerprint index (same prefix).
             models.Index(fields=["fingerprint", "-last_failed_at"], name="recovery_dl_fp_last"),
+            # The backlog a metrics scrape counts (recovery.metrics.DatabaseCollector): as
+            # small as the open letters, however many closed ones the table keeps.
+            models.Index(fields=["status", "last_failed_at"], name="recovery_dl_open",
+                         condition=models.Q(status__in=["parked", "replaying"])),
         ]
 
     def __str__(self) -> str:

@@ -9,49 +9,45 @@ and that retries a failing channel with capped exponential backoff, up to
 answer, and the worker's event loop must not wait for it.
 
 Delivery is at least once: a worker killed between the receiver's 2xx and the row's
-commit sends it again. Receivers deduplicate on the body's ``delivery_id`` (also sent as
-the ``X-Recovery-Delivery`` header, which the signature does not cover), stable per
-(incident, channel, event).
+commit sends it again. Receivers deduplicate on the body's ``delivery_id``, also sent as
+the signed ``webhook-id`` header, stable per (incident, channel, event).
 
-The webhook body is JSON. The request carries ``X-Recovery-Timestamp`` (Unix seconds)
-and ``X-Recovery-Signature: sha256=<hex>``, the HMAC-SHA256 of ``"<timestamp>.<body>"``
-with ``WEBHOOK_SECRET``; :func:`verify_signature` is the receiver's side.
+The webhook body is JSON, signed per the Standard Webhooks specification
+(:mod:`recovery.webhook_signing`: ``webhook-id``, ``webhook-timestamp``,
+``webhook-signature``) with ``WEBHOOK_SECRET``; :func:`verify_signature` is the receiver's
+side, and any Standard Webhooks library verifies it too. A webhook that is ``http://``
+outside DEBUG, or whose secret is shorter than 32 bytes, is refused (and the system check
+``recovery.E026`` says so at start-up).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import http.client
 import json
 import logging
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections import deque
 from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import Error as DatabaseError
 from django.db import close_old_connections, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from . import metrics
+from . import metrics, webhook_signing
 from .backoff import Jitter, backoff_delay
 from .escalation import EscalationRules, incident_link, rules
 from .models import IncidentNotification
 
-__all__ = ["deliver_due", "payload", "sign", "verify_signature", "Deliverer", "DeliveryError",
-           "flush_counts",
-           "SIGNATURE_HEADER", "TIMESTAMP_HEADER", "DELIVERY_HEADER", "EVENT_HEADER"]
+__all__ = ["deliver_due", "payload", "verify_signature", "Deliverer", "DeliveryError",
+           "flush_counts", "EVENT_HEADER"]
 
 logger = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-Recovery-Signature"
-TIMESTAMP_HEADER = "X-Recovery-Timestamp"
-DELIVERY_HEADER = "X-Recovery-Delivery"
 EVENT_HEADER = "X-Recovery-Event"
 _LETTERS_IN_PAYLOAD = 50
 _ERROR_MAX_CHARS = 2000
@@ -67,24 +63,12 @@ class DeliveryError(Exception):
         self.retry_after = retry_after
 
 
-def sign(secret: str, timestamp: int, body: bytes) -> str:
-    digest = hmac.new(secret.encode("utf-8"), f"{timestamp}.".encode("ascii") + body,
-                      hashlib.sha256).hexdigest()
-    return f"sha256={digest}"
-
-
-def verify_signature(secret: str, body: bytes, timestamp: str | int, signature: str, *,
+def verify_signature(secret: str, body: bytes, headers: Any, *,
                      tolerance_seconds: float = 300.0, now: float | None = None) -> bool:
-    """The receiver's check: the body is ours and fresh (not replayed later)."""
-    try:
-        stamp = int(timestamp)
-    except (TypeError, ValueError):
-        return False
-    current = time.time() if now is None else now
-    if abs(current - stamp) > tolerance_seconds:
-        return False
-    return hmac.compare_digest(sign(secret, stamp, body).encode("ascii"),
-                               str(signature).encode("utf-8", "replace"))
+    """The receiver's check of a delivery: ``headers`` (the request's, any case) hold a
+    Standard Webhooks signature of ``body`` with ``secret``, made within the tolerance."""
+    return webhook_signing.verify(secret, body, headers, tolerance_seconds=tolerance_seconds,
+                                  now=now)
 
 
 def _iso(value: Any) -> str | None:
@@ -128,16 +112,18 @@ def _post_webhook(note: IncidentNotification, chosen: EscalationRules) -> None:
     if not chosen.webhook_url or not chosen.webhook_secret:
         raise DeliveryError("the webhook is no longer configured (RECOVERY['ESCALATION']"
                             "['WEBHOOK_URL'])", retry_after=None)
+    refused = webhook_signing.problems(chosen.webhook_url, chosen.webhook_secret,
+                                       debug=settings.DEBUG)
+    if refused:
+        # Kept pending and retried: fixing the setting delivers it (recovery.E026 at start-up).
+        raise DeliveryError("refused to send: " + " ".join(f"{msg} {hint}" for msg, hint in refused))
     body = json.dumps(payload(note, chosen), default=str, sort_keys=True).encode("utf-8")
-    stamp = int(time.time())
     try:
         request = urllib.request.Request(chosen.webhook_url, data=body, method="POST", headers={
             "Content-Type": "application/json",
             "User-Agent": "celery-recovery",
             EVENT_HEADER: f"incident.{note.event}",
-            DELIVERY_HEADER: str(note.pk),
-            TIMESTAMP_HEADER: str(stamp),
-            SIGNATURE_HEADER: sign(chosen.webhook_secret, stamp, body),
+            **webhook_signing.headers(chosen.webhook_secret, str(note.pk), body),
         })
         with urllib.request.urlopen(request, timeout=chosen.webhook_timeout_seconds) as response:
             response.read(1024)
@@ -196,7 +182,6 @@ def _email_text(note: IncidentNotification, chosen: EscalationRules) -> tuple[st
 
 
 def _send_email(note: IncidentNotification, chosen: EscalationRules) -> None:
-    from django.conf import settings
     from django.core.mail import get_connection, mail_admins
 
     if not getattr(settings, "ADMINS", None):

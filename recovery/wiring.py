@@ -125,7 +125,7 @@ def _metrics_worker_init(sender: Any = None, **kwargs: Any) -> None:
         metrics.ensure_multiprocess_dir()
         port = conf.get("METRICS_PORT")
         if port:
-            metrics.start_worker_server(int(port), conf.get("METRICS_ADDRESS") or "0.0.0.0")
+            metrics.start_worker_server(int(port), conf.get("METRICS_ADDRESS") or "127.0.0.1")
     except Exception:  # noqa: BLE001 - metrics never stop a worker from starting
         logging.getLogger(__name__).exception("recovery: could not set up worker metrics")
 

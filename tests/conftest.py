@@ -19,6 +19,16 @@ def broker():
 
 
 @pytest.fixture
+def receiver():
+    """A real webhook endpoint on localhost (tests.integration.harness.WebhookReceiver)."""
+    from tests.integration.harness import WebhookReceiver
+
+    server = WebhookReceiver()
+    yield server
+    server.close()
+
+
+@pytest.fixture
 def smtp_server():
     """A real SMTP server on localhost (aiosmtpd) that keeps every message it receives."""
     import socket

@@ -7,6 +7,8 @@ import os
 import dj_database_url
 
 os.environ.setdefault("CELERY_BROKER_URL", os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/11"))
+# DEBUG is off, as in production; the suite (and its workers, which inherit this) needs a key.
+os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-key-" + "x" * 50)
 
 from config.settings import *  # noqa: E402,F401,F403
 
@@ -19,6 +21,10 @@ DATABASES = {"default": dj_database_url.parse(TEST_DATABASE_URL, conn_max_age=60
 DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = 3
 
 CELERY_BROKER_URL = TEST_BROKER_URL
+
+# The test client, the live server of the browser tests and the workers speak plain HTTP.
+SECURE_SSL_REDIRECT = SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = False
+SECURE_HSTS_SECONDS = 0
 CELERY_BROKER_TRANSPORT_OPTIONS = {}
 
 RECOVERY = {
@@ -41,6 +47,9 @@ RECOVERY = {
     "METRICS_PORT": int(os.environ["RECOVERY_METRICS_PORT"])
     if os.environ.get("RECOVERY_METRICS_PORT") else None,
     "METRICS_ADDRESS": "127.0.0.1",
+    # Each test reads the backlogs it just wrote (tests/security/test_metrics_endpoint.py
+    # turns the cache on).
+    "METRICS_CACHE_SECONDS": 0,
     # Escalation rules and channels of the worker processes of the escalation tests
     # (tests/integration/test_escalation.py), as JSON.
     "ESCALATION": json.loads(os.environ.get("RECOVERY_TEST_ESCALATION") or "{}"),

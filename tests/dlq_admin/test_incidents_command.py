@@ -23,8 +23,9 @@ def run(*args) -> str:
 
 @pytest.fixture
 def incident(settings):
+    settings.DEBUG = True  # a plain-HTTP webhook on localhost is allowed only with DEBUG
     settings.RECOVERY = {**settings.RECOVERY, "ESCALATION": {
-        "WEBHOOK_URL": "http://127.0.0.1:9/hook", "WEBHOOK_SECRET": "s"}}
+        "WEBHOOK_URL": "http://127.0.0.1:9/hook", "WEBHOOK_SECRET": "s" * 32}}
     return escalation.escalate(Occurrence(
         fingerprint="watchdog:task:tasks.slow", reason=Incident.Reason.STUCK_TASK,
         title="tasks.slow running past its deadline", task_name="tasks.slow",

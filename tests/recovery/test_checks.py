@@ -183,6 +183,44 @@ def test_accepting_only_safe_serializers_is_fine(settings, accept):
     assert check_celery_serialization() == []
 
 
+@pytest.mark.parametrize("name", ["CELERY_TASK_SERIALIZER", "CELERY_RESULT_SERIALIZER",
+                                  "CELERY_EVENT_SERIALIZER"])
+@pytest.mark.parametrize("value", ["pickle", "application/x-python-serialize"])
+def test_serializing_with_pickle_is_an_error(settings, name, value):
+    # A worker that accepts only JSON still writes pickle there: results and events a
+    # reader then unpickles, and dead letters no one can inspect.
+    setattr(settings, name, value)
+    problems = check_celery_serialization()
+    assert ids(problems) == ["recovery.E010"]
+    assert name in problems[0].msg
+    assert f"{name} = 'json'" in problems[0].hint
+
+
+@pytest.mark.parametrize("accept", [["pickle"], ["json", "application/x-python-serialize"]])
+def test_accepting_pickle_results_is_an_error(settings, accept):
+    # Reading a result unpickles whatever the result store holds: code execution for anyone
+    # who can write a row there.
+    settings.CELERY_RESULT_ACCEPT_CONTENT = accept
+    problems = check_celery_serialization()
+    assert ids(problems) == ["recovery.E010"]
+    assert "CELERY_RESULT_ACCEPT_CONTENT" in problems[0].msg
+
+
+def test_each_setting_that_uses_pickle_is_named(settings):
+    settings.CELERY_ACCEPT_CONTENT = ["pickle"]
+    settings.CELERY_TASK_SERIALIZER = "pickle"
+    settings.CELERY_EVENT_SERIALIZER = "pickle"
+    problems = check_celery_serialization()
+    assert ids(problems) == ["recovery.E010"] * 3
+
+
+def test_json_serializers_everywhere_are_fine(settings):
+    for name in ("CELERY_TASK_SERIALIZER", "CELERY_RESULT_SERIALIZER", "CELERY_EVENT_SERIALIZER"):
+        setattr(settings, name, "json")
+    settings.CELERY_RESULT_ACCEPT_CONTENT = ["json"]
+    assert check_celery_serialization() == []
+
+
 def test_no_accept_content_setting_is_fine(settings):
     if hasattr(settings, "CELERY_ACCEPT_CONTENT"):
         del settings.CELERY_ACCEPT_CONTENT
@@ -277,7 +315,8 @@ def test_bad_escalation_rules_are_an_error_that_says_what_to_fix(recovery, escal
 
 def test_valid_escalation_rules_pass(recovery):
     recovery(ESCALATION={"THRESHOLD_LETTERS": 5, "THRESHOLD_MINUTES": 2,
-                         "WEBHOOK_URL": "https://tickets.example.com/hook", "WEBHOOK_SECRET": "s"})
+                         "WEBHOOK_URL": "https://tickets.example.com/hook",
+                         "WEBHOOK_SECRET": "s" * 32})  # shorter fails recovery.E026
     assert check_recovery_settings() == []
 
 

@@ -297,8 +297,10 @@ def test_the_view_reads_backlogs_from_the_database_at_scrape_time(client, settin
     assert response["Content-Type"].startswith("text/plain; version=0.0.4")
     text = response.content.decode()
     assert 'recovery_dead_letters{status="parked"} 2.0' in text
-    assert 'recovery_dead_letters{status="resolved"} 1.0' in text
-    assert 'recovery_dead_letters{status="discarded"} 0.0' in text
+    assert 'recovery_dead_letters{status="replaying"} 0.0' in text
+    # Closed letters are history, not backlog: counting them would read the whole table at
+    # every scrape (tests/security/test_metrics_endpoint.py).
+    assert 'status="resolved"' not in text and 'status="discarded"' not in text
     assert "recovery_outbox_backlog 1.0" in text
     assert "recovery_due_retries_backlog 1.0" in text
     assert "recovery_spool_backlog 1.0" in text

@@ -11,21 +11,19 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from recovery import escalation, notify
+from recovery import escalation, notify, webhook_signing
 from recovery.escalation import Occurrence
 from recovery.models import Incident, IncidentNotification
 from recovery.parking import ParkRecord, park
-from tests.integration.harness import WebhookReceiver
 
 db = pytest.mark.django_db(transaction=True)
-SECRET = "whsec_test_123"
+SECRET = "whsec_" + "c2VjcmV0LWtleS1vZi10aGlydHktdHdvLWJ5dGVzISE="  # 32 bytes
 
 
-@pytest.fixture
-def receiver():
-    server = WebhookReceiver()
-    yield server
-    server.close()
+@pytest.fixture(autouse=True)
+def _local_receivers_speak_http(settings):
+    """The receivers here are plain-HTTP servers on localhost: only DEBUG allows that."""
+    settings.DEBUG = True
 
 
 @pytest.fixture
@@ -52,6 +50,11 @@ def parked(n: int = 1) -> None:
         failed_at=timezone.now().isoformat()))
 
 
+def header(request: dict, name: str) -> str:
+    """A header of a received request, by name in any case (as HTTP has it)."""
+    return {key.lower(): value for key, value in request["headers"].items()}[name]
+
+
 def make_due() -> None:
     IncidentNotification.objects.update(next_attempt_at=timezone.now() - timedelta(seconds=1))
 
@@ -62,14 +65,14 @@ def make_due() -> None:
 def test_a_signature_verifies_only_for_the_same_secret_body_and_a_fresh_timestamp():
     body = b'{"type": "incident.opened"}'
     now = int(time.time())
-    signature = notify.sign(SECRET, now, body)
-    assert signature.startswith("sha256=")
-    assert notify.verify_signature(SECRET, body, now, signature)
-    assert not notify.verify_signature("other", body, now, signature)
-    assert not notify.verify_signature(SECRET, body + b" ", now, signature)
-    assert not notify.verify_signature(SECRET, body, now - 1, signature)
-    assert not notify.verify_signature(SECRET, body, now, signature, now=now + 301)
-    assert not notify.verify_signature(SECRET, body, "yesterday", signature)
+    headers = webhook_signing.headers(SECRET, "42", body, now=now)
+    assert headers["webhook-signature"].startswith("v1,")
+    assert notify.verify_signature(SECRET, body, headers)
+    assert not notify.verify_signature("whsec_b29vb29vb29vb29vb29vb29vb29vb29vb29vb29vb28=", body, headers)
+    assert not notify.verify_signature(SECRET, body + b" ", headers)
+    assert not notify.verify_signature(SECRET, body, {**headers, "webhook-timestamp": str(now - 1)})
+    assert not notify.verify_signature(SECRET, body, headers, now=now + 301)
+    assert not notify.verify_signature(SECRET, body, {**headers, "webhook-timestamp": "yesterday"})
 
 
 # -- webhook ------------------------------------------------------------------------------------
@@ -85,15 +88,14 @@ def test_an_opened_incident_is_posted_once_signed_with_its_diagnostics(channels,
 
     assert len(receiver.requests) == 1
     request = receiver.requests[0]
-    headers = request["headers"]
-    assert headers["Content-Type"] == "application/json"
-    assert headers["X-Recovery-Event"] == "incident.opened"
-    assert notify.verify_signature(SECRET, request["body"], headers["X-Recovery-Timestamp"],
-                                   headers["X-Recovery-Signature"])
+    headers = {name.lower(): value for name, value in request["headers"].items()}
+    assert headers["content-type"] == "application/json"
+    assert headers["x-recovery-event"] == "incident.opened"
+    assert notify.verify_signature(SECRET, request["body"], headers)
     data = json.loads(request["body"])
     incident = Incident.objects.get()
     note = IncidentNotification.objects.get()
-    assert headers["X-Recovery-Delivery"] == str(note.pk) == data["delivery_id"]
+    assert headers["webhook-id"] == str(note.pk) == data["delivery_id"]
     assert data["type"] == "incident.opened"
     assert data["incident"]["id"] == incident.pk
     assert data["incident"]["count"] == 2
@@ -135,7 +137,7 @@ def test_a_failing_endpoint_is_retried_with_backoff_until_it_takes_the_ticket(ch
     assert (note.status, note.attempts) == ("sent", 3)
     assert len(receiver.requests) == 3
     # One ticket, three attempts at it: the delivery id lets the receiver deduplicate.
-    assert {r["headers"]["X-Recovery-Delivery"] for r in receiver.requests} == {str(note.pk)}
+    assert {header(r, "webhook-id") for r in receiver.requests} == {str(note.pk)}
 
 
 @db
