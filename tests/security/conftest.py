@@ -21,3 +21,7 @@ def staff_client(client):
         return client
 
     return login
+
+
+# Real worker processes for the attacks that happen in a worker (tests/integration's own).
+from tests.integration.conftest import key, start_worker, store, worker_env  # noqa: E402,F401

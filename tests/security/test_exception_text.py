@@ -16,8 +16,10 @@ import pytest
 from django.core.management import call_command
 from django.urls import reverse
 
+from recovery.fingerprint import fingerprint
 from recovery.models import DeadLetter, DeadLetterEvent
 from recovery.redaction import MASK
+from tests.integration.harness import wait_for
 
 from . import secret_tasks
 
@@ -118,3 +120,23 @@ def test_dlq_export_reveal_still_shows_the_stored_text(letter):
     call_command("dlq", "export", "--reveal", stdout=out)
     record = json.loads(out.getvalue())
     assert record["exception_message"] == MESSAGE  # the operator who may reveal sees it all
+
+
+@pytest.mark.integration
+def test_a_worker_stores_the_exception_text_already_scrubbed(start_worker):
+    # Given a worker running a task whose exception quotes its card tokens
+    start_worker(extra=("-I", "tests.security.secret_tasks"))
+    # When it fails for good and is parked
+    result = secret_tasks.charge_card.apply_async(
+        args=[7, TOK_POS], kwargs={"card_token_kw": TOK_KW, "billing": {"card_token": TOK_NESTED}})
+    letter = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first(), 60,
+                      message="dead letter")
+    # Then the message, traceback and history are stored without the tokens (so search,
+    # grouping and every surface are safe), the fingerprint is computed from that text,
+    # and the payload keeps the real values for a replay.
+    stored = letter.exception_message + letter.traceback + json.dumps(letter.history)
+    assert_no_token(stored)
+    assert letter.exception_message == f"token {MASK} declined (kw {MASK}, nested {MASK})"
+    assert letter.fingerprint == fingerprint(TASK, letter.exception_type, letter.exception_message)
+    assert letter.args == [7, TOK_POS] and letter.kwargs["billing"]["card_token"] == TOK_NESTED
+    assert not DeadLetter.objects.filter(exception_message__contains="tok_live").exists()
