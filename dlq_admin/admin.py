@@ -14,7 +14,6 @@ from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count
 from django.http import Http404, HttpResponseRedirect
-from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
@@ -31,6 +30,9 @@ from recovery.sagas import saga_of_letter
 from . import groups as failure_groups
 from .changelist import ChangeListAtScale, TaskNameFilter
 from .forms import ReplayForm
+from .hostile import NUL_REFUSED, has_nul
+from .lookups import SafeLookupsMixin
+from .reveals import record_reveals, reveals_anything
 from . import resilience_admin  # noqa: F401 - registers the circuits/degraded/fallback admin
 
 #: operation -> (permission codename, past tense)
@@ -112,7 +114,10 @@ def _pretty(value) -> str:
 
 
 @admin.register(DeadLetter)
-class DeadLetterAdmin(ChangeListAtScale, admin.ModelAdmin):  # indexed change list: see .changelist
+class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
+    # indexed change list: see .changelist; what it may be filtered by: see .lookups
+    payload_fields = ("args", "kwargs", "headers", "raw_body", "traceback", "history", "events")
+    filter_fields = ("fingerprint",)  # the failure group's "list them all" links
     list_display = ("task_name", "status", "kind", "exception_type", "attempts", "replay_count",
                     "last_failed_at", "age")
     list_filter = ("status", "kind", TaskNameFilter, "last_failed_at")
@@ -322,6 +327,9 @@ class DeadLetterAdmin(ChangeListAtScale, admin.ModelAdmin):  # indexed change li
         return "The letters are marked resolved (the work was done some other way); nothing is run."
 
     def _run(self, request, queryset, operation: str, note: str = "") -> None:
+        if has_nul(note):
+            self.message_user(request, f"The note {NUL_REFUSED}.", messages.ERROR)
+            return
         result = service.bulk(operation, queryset, actor=request.user.get_username(), note=note)
         past = OPERATIONS[operation][1]
         message = ngettext("%(count)d dead letter was %(past)s.",
@@ -375,6 +383,9 @@ class DeadLetterAdmin(ChangeListAtScale, admin.ModelAdmin):  # indexed change li
         """One group: what it is, and (POST) replay / discard / resolve / compensate it all."""
         if not self.has_view_permission(request):
             raise PermissionDenied
+        longest = DeadLetter._meta.get_field("fingerprint").max_length
+        if has_nul(fingerprint) or len(fingerprint) > longest:  # no letter has it; PostgreSQL
+            raise Http404("no dead letters have this fingerprint")  # would refuse a NUL
         letters = failure_groups.group_letters(fingerprint)
         parked = letters.filter(status=DeadLetter.Status.PARKED)
         operation = request.POST.get("operation") or request.GET.get("operation")
@@ -417,7 +428,10 @@ class DeadLetterAdmin(ChangeListAtScale, admin.ModelAdmin):  # indexed change li
     def _letter_or_404(self, request, object_id) -> DeadLetter:
         if not self.has_view_permission(request):
             raise PermissionDenied
-        return get_object_or_404(DeadLetter, pk=object_id)
+        letter = self.object_or_none(request, str(object_id))
+        if letter is None:
+            raise Http404(f"no dead letter {object_id}")
+        return letter
 
     def replay_view(self, request, object_id):
         letter = self._letter_or_404(request, object_id)
@@ -425,6 +439,8 @@ class DeadLetterAdmin(ChangeListAtScale, admin.ModelAdmin):  # indexed change li
             raise PermissionDenied
         can_reveal = request.user.has_perm("recovery.reveal_deadletter_secrets")
         form = ReplayForm(request.POST or None, letter=letter, can_reveal=can_reveal)
+        if request.method == "GET" and form.reveals:
+            record_reveals([letter.pk], actor=request.user.get_username(), via="admin replay form")
         if request.method == "POST" and form.is_valid():
             if form.edited and not request.user.has_perm("recovery.change_deadletter"):
                 raise PermissionDenied
@@ -462,6 +478,8 @@ class DeadLetterAdmin(ChangeListAtScale, admin.ModelAdmin):  # indexed change li
             raise PermissionDenied
         if request.method == "POST":
             try:
+                if has_nul(request.POST.get("note", "")):
+                    raise service.ReplayError(f"The note {NUL_REFUSED}.")
                 getattr(service, operation)(letter, actor=request.user.get_username(),
                                             note=request.POST.get("note", ""))
             except service.ReplayError as exc:
@@ -483,7 +501,7 @@ class DeadLetterAdmin(ChangeListAtScale, admin.ModelAdmin):  # indexed change li
         return TemplateResponse(request, "admin/recovery/deadletter/confirm_action.html", context)
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
-        letter = DeadLetter.objects.filter(pk=object_id).first()
+        letter = self.object_or_none(request, object_id)
         parked = letter is not None and letter.status == DeadLetter.Status.PARKED
         extra_context = {
             **(extra_context or {}),
@@ -497,7 +515,11 @@ class DeadLetterAdmin(ChangeListAtScale, admin.ModelAdmin):  # indexed change li
             "can_compensate": parked and self.has_compensate_permission(request)
                               and self._compensation(letter) is not None,
         }
-        return super().change_view(request, object_id, form_url, extra_context)
+        response = super().change_view(request, object_id, form_url, extra_context)
+        if (letter is not None and response.status_code == 200 and request.GET.get("reveal") == "1"
+                and self.may_reveal(request) and reveals_anything(letter)):
+            record_reveals([letter.pk], actor=request.user.get_username(), via="admin change page")
+        return response
 
     @staticmethod
     def _compensation(letter: DeadLetter) -> str | None:

@@ -9,6 +9,8 @@ from django import forms
 from recovery import redaction
 from recovery import replay as service
 
+from .hostile import has_nul
+
 
 class ReplayForm(forms.Form):
     """Replay one letter, optionally with an edited payload and another queue."""
@@ -25,8 +27,10 @@ class ReplayForm(forms.Form):
         super().__init__(*args, **kwargs)
         # A payload with secrets is shown masked to users who may not reveal them; they
         # can replay it as stored but not edit it (a masked value must never be saved).
-        self.locked = not can_reveal and redaction.has_secrets(letter.task_name, letter.args,
-                                                                letter.kwargs)
+        secrets = redaction.has_secrets(letter.task_name, letter.args, letter.kwargs)
+        self.locked = not can_reveal and secrets
+        #: the unlocked form shows the stored secrets: a reveal, for the audit trail
+        self.reveals = can_reveal and secrets
         shown_args, shown_kwargs = (redaction.masked_payload(letter.task_name, letter.args,
                                                              letter.kwargs)
                                     if self.locked else (letter.args, letter.kwargs))
@@ -41,10 +45,14 @@ class ReplayForm(forms.Form):
     def _json(self, name: str):
         text = self.cleaned_data[name]
         try:
-            return json.loads(text)
+            value = json.loads(text)
         except json.JSONDecodeError as exc:
             raise forms.ValidationError(f"Not valid JSON: {exc.msg} (line {exc.lineno}, "
                                         f"column {exc.colno}).") from None
+        if has_nul(value):
+            raise forms.ValidationError("Holds a NUL character (\\u0000), which cannot be "
+                                        "stored; remove it.")
+        return value
 
     def clean_args(self):
         if self.locked:
@@ -66,6 +74,11 @@ class ReplayForm(forms.Form):
         cleaned = super().clean()
         if "args" in cleaned and "kwargs" in cleaned:
             try:
+                edited = (cleaned["args"], cleaned["kwargs"]) != (self.letter.args,
+                                                                  self.letter.kwargs)
+                # Why the letter cannot be replayed at all comes before what its payload lacks.
+                service.require_replayable(self.letter, queue=cleaned.get("queue") or None,
+                                           edited=edited)
                 service.validate_payload(self.letter.task_name, cleaned["args"], cleaned["kwargs"])
             except service.ReplayError as exc:
                 raise forms.ValidationError(str(exc)) from None

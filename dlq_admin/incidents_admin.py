@@ -31,6 +31,9 @@ from django.utils.translation import ngettext
 from recovery import escalation
 from recovery.models import Incident, IncidentNotification
 
+from .hostile import NUL_REFUSED, has_nul
+from .lookups import SafeLookupsMixin
+
 #: operation -> (permission codename, past tense, statuses it acts on, explanation)
 #: Incidents one bulk action acts on; more are refused with a message (act again).
 BULK_MAX = 500
@@ -89,7 +92,8 @@ class IncidentNotificationInline(admin.TabularInline):
 
 
 @admin.register(Incident)
-class IncidentAdmin(admin.ModelAdmin):
+class IncidentAdmin(SafeLookupsMixin, admin.ModelAdmin):
+    payload_fields = ("details", "letters", "notifications")
     list_display = ("status", "severity", "reason", "title", "task_name", "count",
                     "first_seen_at", "last_seen_at")
     list_display_links = ("title",)
@@ -253,6 +257,9 @@ class IncidentAdmin(admin.ModelAdmin):
 
     def _apply(self, request, incidents, operation: str, note: str) -> None:
         """Run the operation on each incident it applies to; one message for all."""
+        if has_nul(note):
+            self.message_user(request, f"The note {NUL_REFUSED}.", messages.ERROR)
+            return
         codename, past, statuses, _ = OPERATIONS[operation]
         done = 0
         for incident in incidents:

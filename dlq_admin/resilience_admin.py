@@ -27,6 +27,7 @@ from recovery import degraded
 from recovery.circuit import Circuit
 from recovery.models import FallbackUse, SharedState
 
+from .lookups import SafeLookupsMixin
 from .resilience import NAME, circuit_rows, known_circuits, mode_rows
 
 logger = logging.getLogger("recovery.circuit")
@@ -141,7 +142,7 @@ class ResilienceAdmin(admin.ModelAdmin):
 
 
 @admin.register(FallbackUse)
-class FallbackUseAdmin(admin.ModelAdmin):
+class FallbackUseAdmin(SafeLookupsMixin, admin.ModelAdmin):
     """Each time a task's fallback stood in for it: read-only, for the degradation's record."""
 
     list_display = ("at", "task_name", "reason", "dependency", "fallback", "exception_type",

@@ -22,8 +22,11 @@ from django.utils.text import capfirst
 from django.utils.timesince import timesince
 from django.utils.translation import ngettext
 
-from recovery import sagas
+from recovery import saga_secrets, sagas
 from recovery.models import SagaEvent, SagaRun, SagaStep
+
+from .hostile import NUL_REFUSED, has_nul
+from .lookups import SafeLookupsMixin
 
 #: operation -> (permission codename, past tense, which statuses it acts on, explanation)
 OPERATIONS = {
@@ -63,15 +66,17 @@ class _ReadOnlyInline(admin.TabularInline):
 class SagaStepInline(_ReadOnlyInline):
     model = SagaStep
     fields = ("index", "role", "task_name", "status", "task_id", "dispatches", "attempts",
-              "dispatched", "started", "finished", "took", "error", "result_shown")
+              "dispatched", "started", "finished", "took", "error_shown", "result_shown")
     readonly_fields = fields
+    #: Set per request by SagaRunAdmin.get_inline_instances (inlines are built per request).
+    run: SagaRun | None = None
     ordering = ("index", "-role")
 
     @staticmethod
     def _moment(value) -> str:
         if not value:
             return "—"
-        return format_html('<span style="white-space:nowrap">{}</span>',
+        return format_html('<span class="nowrap">{}</span>',
                            timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S"))
 
     @admin.display(description="dispatched")
@@ -93,11 +98,39 @@ class SagaStepInline(_ReadOnlyInline):
         end = row.finished_at or timezone.now()
         return f"{(end - row.started_at).total_seconds():.2f}s"
 
+    @admin.display(description="error")
+    def error_shown(self, row: SagaStep) -> str:
+        return _shown_error(self.run, row.error)
+
     @admin.display(description="result")
     def result_shown(self, row: SagaStep) -> str:
         if row.result is None:
             return "—"
-        return json.dumps(row.result, default=str, ensure_ascii=False)[:300]
+        return json.dumps(_shown(self.run, row.result), default=str, ensure_ascii=False)[:300]
+
+
+# -- secrets: masked unless the user may reveal them and asked to (as for dead letters) --
+
+def _revealed(run: SagaRun | None) -> bool:
+    return bool(getattr(run, "_reveal", False))
+
+
+def _shown(run: SagaRun | None, value):
+    """A context or a step's result as this request may see it."""
+    if run is None:
+        return saga_secrets.masked({}, value)
+    return value if _revealed(run) else saga_secrets.masked(run, value)
+
+
+def _shown_error(run: SagaRun | None, text: str) -> str:
+    """An error as this request may see it (errors stored before they were scrubbed too)."""
+    if _revealed(run) or not text:
+        return text
+    values = getattr(run, "_hidden", None)
+    if values is None and run is not None:
+        values = run._hidden = saga_secrets.hidden(
+            run, run.steps.exclude(result=None).values_list("result", flat=True))
+    return saga_secrets.scrub(text, values or [])
 
 
 class SagaEventInline(_ReadOnlyInline):
@@ -125,7 +158,8 @@ class WaitingFilter(admin.SimpleListFilter):
 
 
 @admin.register(SagaRun)
-class SagaRunAdmin(admin.ModelAdmin):
+class SagaRunAdmin(SafeLookupsMixin, admin.ModelAdmin):
+    payload_fields = ("context", "error", "definition", "steps", "events")
     list_display = ("id", "name", "status", "step_shown", "version", "age", "updated_at")
     list_filter = ("status", WaitingFilter, "name")
     search_fields = ("=id", "=idempotency_key", "name")
@@ -133,7 +167,7 @@ class SagaRunAdmin(admin.ModelAdmin):
     inlines = (SagaStepInline, SagaEventInline)
     change_form_template = "admin/recovery/sagarun/change_form.html"
     list_per_page = 50
-    fields = ("name", "version", "status", "step_shown", "error", "idempotency_key",
+    fields = ("name", "version", "status", "step_shown", "error_shown", "idempotency_key",
               "created_at", "updated_at", "finished_at", "context_pretty", "definition_pretty")
     readonly_fields = fields
 
@@ -149,10 +183,30 @@ class SagaRunAdmin(admin.ModelAdmin):
         task = steps[run.current_step]["task"] if run.current_step < len(steps) else "?"
         return f"{run.current_step}: {task.rsplit('.', 1)[-1]}"
 
+    @admin.display(description="error")
+    def error_shown(self, run: SagaRun) -> str:
+        return _shown_error(run, run.error)
+
     @admin.display(description="context")
     def context_pretty(self, run: SagaRun) -> str:
-        return format_html("<pre>{}</pre>", json.dumps(run.context, indent=2, sort_keys=True,
-                                                       default=str, ensure_ascii=False))
+        return format_html("<pre>{}</pre>", json.dumps(_shown(run, run.context), indent=2,
+                                                       sort_keys=True, default=str,
+                                                       ensure_ascii=False))
+
+    # -- secrets --------------------------------------------------------------------------
+
+    def get_object(self, request, object_id, from_field=None):
+        run = super().get_object(request, object_id, from_field)
+        if run is not None:
+            run._reveal = (request.GET.get("reveal") == "1"
+                           and request.user.has_perm("recovery.reveal_deadletter_secrets"))
+        return run
+
+    def get_inline_instances(self, request, obj=None):
+        inlines = super().get_inline_instances(request, obj)
+        for inline in inlines:
+            inline.run = obj
+        return inlines
 
     @admin.display(description="definition (as started)")
     def definition_pretty(self, run: SagaRun) -> str:
@@ -192,6 +246,9 @@ class SagaRunAdmin(admin.ModelAdmin):
 
     def _apply(self, request, runs, operation: str, note: str) -> None:
         """Run the operation on each run; one message for all."""
+        if has_nul(note):
+            self.message_user(request, f"The note {NUL_REFUSED}.", messages.ERROR)
+            return
         done, errors = 0, []
         for run in runs:
             try:
@@ -211,6 +268,8 @@ class SagaRunAdmin(admin.ModelAdmin):
 
     def _confirm(self, request, operation: str, runs, **extra):
         actionable = [run for run in runs if run.status in OPERATIONS[operation][2]]
+        for run in actionable:
+            run.error_shown = _shown_error(run, run.error)
         context = {
             **self.admin_site.each_context(request),
             "title": f"{capfirst(operation)} saga run{'s' if len(runs) != 1 else ''}?",
@@ -256,12 +315,14 @@ class SagaRunAdmin(admin.ModelAdmin):
         return self._bulk(request, queryset, "compensate")
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
-        run = SagaRun.objects.filter(pk=object_id).first()
+        run = self.object_or_none(request, object_id)
         status = run.status if run is not None else None
         extra_context = {
             **(extra_context or {}),
             "can_resume": status in OPERATIONS["resume"][2] and self.has_resume_permission(request),
             "can_compensate": (status in OPERATIONS["compensate"][2]
                                and self.has_compensate_permission(request)),
+            "can_reveal": (run is not None and request.GET.get("reveal") != "1"
+                           and request.user.has_perm("recovery.reveal_deadletter_secrets")),
         }
         return super().change_view(request, object_id, form_url, extra_context)

@@ -8,8 +8,9 @@ and per 6 hours (last week) as bar charts, the top failing tasks and fingerprint
 last day, dead letters by status and kind, circuit states and sagas. Every number links
 to the filtered list behind it.
 
-The charts are inline SVG drawn here, on the server: the page loads nothing but the
-admin's own static files, and works offline. The numbers come from :mod:`.dashboard`.
+The charts are inline SVG drawn here, on the server: the page loads nothing but static
+files (the admin's and ``dlq_admin/dashboard.css``: the Content-Security-Policy allows no
+inline style), and works offline. The numbers come from :mod:`.dashboard`.
 
 :func:`install` adds the page to an ``AdminSite`` (``DlqAdminConfig.ready`` installs it on
 the default site) and links it from the admin index.

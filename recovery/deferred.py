@@ -25,11 +25,12 @@ from typing import Any
 
 from celery import current_app, states
 from celery.app.task import Context
+from celery.utils.saferepr import saferepr
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from kombu.serialization import dumps, loads
 
-from . import conf, metrics, replay, sagas
+from . import conf, metrics, replay, result_rows, sagas
 from .spool import BadRecord, Spool
 
 __all__ = ["RESULT", "REPLAY_SUCCEEDED", "SAGA_SUCCEEDED", "defer", "defer_result", "apply",
@@ -41,9 +42,11 @@ RESULT = "result"
 REPLAY_SUCCEEDED = "replay_succeeded"
 SAGA_SUCCEEDED = "saga_succeeded"
 
-# Request fields the result backends read for extended results (task name, args, worker,
-# queue); the rest of a request is not needed to store a result.
-_REQUEST_FIELDS = ("task", "args", "kwargs", "argsrepr", "kwargsrepr", "hostname", "retries",
+# Request fields the result backends read for extended results (task name, argument reprs,
+# worker, queue); the rest of a request is not needed to store a result. The raw arguments
+# are not carried: the reprs stand for them, masked (recovery.result_rows), in the spool
+# file and in the row.
+_REQUEST_FIELDS = ("task", "argsrepr", "kwargsrepr", "hostname", "retries",
                    "periodic_task_name")
 
 
@@ -72,12 +75,31 @@ def defer_result(backend: Any, task_id: str, result: Any, request: Any = None) -
         value = getattr(request, name, None) if request is not None else None
         if value is not None:
             carried[name] = value
+    carried.update(_masked_reprs(request))
     delivery = getattr(request, "delivery_info", None) or {}
     if delivery.get("routing_key"):
         carried["delivery_info"] = {"routing_key": delivery["routing_key"]}
     return defer(RESULT, task_id=task_id, state=states.SUCCESS, content_type=content_type,
                  content_encoding=encoding, payload=payload,
                  request=_json_safe(carried))
+
+
+def _masked_reprs(request: Any) -> dict[str, str]:
+    """The request's argument reprs with secrets masked; Celery's own when none is secret
+    or the request has no arguments."""
+    if request is None:
+        return {}
+    args, kwargs = getattr(request, "args", None), getattr(request, "kwargs", None)
+    if args is None and kwargs is None:
+        return {}
+    reprs = result_rows.masked_reprs(getattr(request, "task", None) or "", args or [],
+                                     kwargs or {})
+    if reprs is None:
+        if getattr(request, "argsrepr", None) is not None:
+            return {}
+        reprs = (saferepr(args or [], result_rows.REPR_MAX_CHARS),
+                 saferepr(kwargs or {}, result_rows.REPR_MAX_CHARS))
+    return {"argsrepr": reprs[0], "kwargsrepr": reprs[1]}
 
 
 def apply(data: dict, backend: Any = None) -> None:
@@ -118,6 +140,8 @@ def _apply_result(data: dict, backend: Any) -> None:
     content_type = data["content_type"]
     result = loads(payload, content_type, data["content_encoding"], accept={content_type})
     request = Context(id=task_id, **data.get("request") or {})
+    # A record spooled by an older release carries the raw arguments: mask them here.
+    request.update(_masked_reprs(request))
     backend.store_result(task_id, result, states.SUCCESS, request=request)
     logger.warning("recovery: stored the deferred SUCCESS result of %s", task_id)
 

@@ -30,6 +30,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from . import conf, headers as hdr, metrics, redaction
+from .bounds import attempt_count
 from .models import DeadLetter, Incident, IncidentNotification
 
 if TYPE_CHECKING:
@@ -190,7 +191,7 @@ def letter_diagnostics(record: "ParkRecord", letter_id: int | None, base: str = 
         "exception": {"type": record.exception_type, "message": shown.exception_message},
         "traceback": shown.traceback,
         "history": shown.history,
-        "attempts": max(len(record.history), 1),
+        "attempts": attempt_count(record.history),  # a bounded history counts its cut
         "classification": {"kind": record.kind, "permanent": record.permanent,
                            "reason": record.reason},
         "replay": record.replay,

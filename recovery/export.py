@@ -17,7 +17,7 @@ from django.db.models import QuerySet
 from . import redaction
 from .models import DeadLetter
 
-__all__ = ["letter_record", "write_jsonl", "write_csv", "CSV_COLUMNS"]
+__all__ = ["letter_record", "write_jsonl", "write_csv", "csv_cell", "CSV_COLUMNS"]
 
 CHUNK = 500
 
@@ -65,18 +65,32 @@ def write_jsonl(queryset: QuerySet, out: IO[str], *, reveal: bool = False,
     return written
 
 
+#: first characters that make a spreadsheet read a cell as a formula (OWASP CSV injection)
+_FORMULA_FIRST = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> str:
+    """``value`` as a CSV cell no spreadsheet runs as a formula.
+
+    Task names, exception text and arguments come from clients: a cell starting with
+    ``=``, ``+``, ``-``, ``@``, a tab or a carriage return is prefixed with ``'``, as
+    OWASP recommends, so Excel or LibreOffice shows it as text instead of running it.
+    """
+    if isinstance(value, (list, dict)):
+        text = json.dumps(value, default=str, ensure_ascii=False)
+    else:
+        text = "" if value is None else str(value)
+    return "'" + text if text.startswith(_FORMULA_FIRST) else text
+
+
 def write_csv(queryset: QuerySet, out: IO[str], *, reveal: bool = False) -> int:
-    """One row per letter; JSON columns (args, kwargs, headers, history) as JSON text."""
+    """One row per letter; JSON columns (args, kwargs, headers, history) as JSON text;
+    every cell safe to open in a spreadsheet (:func:`csv_cell`)."""
     writer = csv.writer(out)
     writer.writerow(CSV_COLUMNS)
     written = 0
     for letter in _letters(queryset, events=False):
         record = letter_record(letter, reveal=reveal, events=False)
-        writer.writerow([
-            json.dumps(record[column], default=str, ensure_ascii=False)
-            if isinstance(record[column], (list, dict)) else
-            ("" if record[column] is None else str(record[column]))
-            for column in CSV_COLUMNS
-        ])
+        writer.writerow([csv_cell(record[column]) for column in CSV_COLUMNS])
         written += 1
     return written

@@ -33,9 +33,8 @@ ORIGINAL_TASK_ID = "recovery_original_task_id"
 #: headers on retry)
 CARRIED = (POLICY, REPLAY, COMPENSATES, SAGA)
 
-#: per-run headers a replay sets afresh; COMPENSATES is not among them, so a parked
-#: compensation that is replayed still says what it compensates
-OURS = (HISTORY, POLICY, STARTED_AT, REPLAY)
+#: A replay carries only COMPENSATES and SAGA over from a letter (so a parked compensation
+#: that is replayed still says what it compensates); see recovery.replay_options.
 
 
 def read(request: Any, name: str, default: Any = None) -> Any:

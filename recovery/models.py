@@ -175,6 +175,7 @@ class DeadLetterEvent(models.Model):
         COMPENSATED = "compensated", "Compensation started"
         COMPENSATE_FAILED = "compensate_failed", "Compensation could not be published"
         REPLAY_LOST = "replay_lost", "Replay never reported back"
+        REVEALED = "revealed", "Secrets revealed"
 
     letter = models.ForeignKey(DeadLetter, on_delete=models.CASCADE, related_name="events")
     action = models.CharField(max_length=32, choices=Action.choices)

@@ -35,6 +35,7 @@ from django.utils.dateparse import parse_datetime
 
 from . import conf, deferred, escalation, metrics, redaction
 from . import headers as hdr
+from .bounds import attempt_count, bounded
 from .fingerprint import fingerprint
 from .models import DeadLetter
 from .spool import BadRecord, Spool
@@ -137,6 +138,7 @@ class ParkRecord:
         self.exception_message, self.traceback, self.history = redaction.scrubbed_failure(self)
         # Every value is made storable here, before the first write and before the spool,
         # so that a record can fail to be written only because the database is down.
+        bounded(self)  # recovery.bounds: what one letter stores, whatever a client sent
         self.exception_message = _bounded(self.exception_message or "", int(conf.get("MESSAGE_MAX_CHARS")))
         self.traceback = _bounded(self.traceback or "", int(conf.get("TRACEBACK_MAX_CHARS")))
         for name in ("task_name", "kind", "reason", "exception_type", "queue", "worker",
@@ -293,7 +295,7 @@ def _write(record: ParkRecord, backend: Any, request: Any) -> tuple[int, bool]:
         history = list(record.history)
         try:
             letter_id = pg_fastpath.insert_new_letter(
-                {"task_id": record.task_id, "history": history, "attempts": max(len(history), 1),
+                {"task_id": record.task_id, "history": history, "attempts": attempt_count(history),
                  "first_failed_at": failed_at, **values},
                 record, backend, request,
             )
@@ -314,7 +316,7 @@ def _write(record: ParkRecord, backend: Any, request: Any) -> tuple[int, bool]:
                     letter = DeadLetter.objects.create(
                         task_id=record.task_id,
                         history=history,
-                        attempts=max(len(history), 1),
+                        attempts=attempt_count(history),
                         first_failed_at=failed_at,
                         **values,
                     )
@@ -329,7 +331,7 @@ def _write(record: ParkRecord, backend: Any, request: Any) -> tuple[int, bool]:
             for name, value in values.items():
                 setattr(letter, name, value)
             letter.history = history
-            letter.attempts = max(len(history), 1)
+            letter.attempts = attempt_count(history)
             letter.save()
         result_stored = with_result and _store_failure(backend, record, request)
     return letter.pk, result_stored

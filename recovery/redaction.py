@@ -38,8 +38,8 @@ from celery import current_app
 from . import conf, deepjson
 
 __all__ = ["MASK", "MAX_DEPTH", "SHOWN_MAX_CHARS", "is_secret_key", "mask", "masked_payload",
-           "has_secrets", "hidden_values", "scrub_text", "scrub_strings", "shown_letter",
-           "ShownLetter", "scrubbed_failure", "clipped"]
+           "has_secrets", "hidden_values", "scrub_text", "scrub_strings", "mask_with",
+           "shown_letter", "ShownLetter", "scrubbed_failure", "clipped"]
 
 MASK = "••••••"
 
@@ -480,3 +480,33 @@ def scrubbed_failure(record: Any) -> tuple[str, str, list]:
         return record.exception_message or "", record.traceback or "", record.history
     history = record.history if isinstance(record.history, list) else []
     return shown.exception_message, shown.traceback, scrub_strings(history, shown.hidden)
+
+
+#: How deep :func:`mask_with` looks for extra secret keys; a subtree below it is masked whole.
+EXTRA_KEYS_MAX_DEPTH = 64
+
+
+def mask_with(value: Any, extra_keys: Any) -> Any:
+    """:func:`mask`, with the names in ``extra_keys`` secret too (a saga's own secret keys,
+    matched like ``RECOVERY["SECRET_KEYS"]``: case-insensitive, contained in the name)."""
+    extra = tuple(str(key).lower().replace("-", "_") for key in extra_keys or () if key)
+    if not extra:
+        return mask(value)
+
+    def secret(name: Any) -> bool:
+        text = str(name).lower().replace("-", "_")
+        return any(key in text for key in extra)
+
+    def walk(item: Any, depth: int) -> Any:
+        if isinstance(item, dict):
+            if depth >= EXTRA_KEYS_MAX_DEPTH:
+                return MASK
+            return {k: (MASK if secret(k) and v not in (None, "") else walk(v, depth + 1))
+                    for k, v in item.items()}
+        if isinstance(item, list):
+            if depth >= EXTRA_KEYS_MAX_DEPTH:
+                return MASK
+            return [walk(element, depth + 1) for element in item]
+        return item
+
+    return mask(walk(value, 0))

@@ -8,8 +8,12 @@ A replay reuses the letter's row: status ``replaying``; the replayed run's
 success marks it ``resolved`` and a new permanent failure parks it again with
 the history appended. Each replay gets a fresh attempt budget (the run number
 travels in the ``recovery_replay`` header). The task is republished under its
-own id with the stored workflow options (chain, link, chord), never its old
-``eta``/``expires``.
+own id with an allow-list of options (:mod:`recovery.replay_options`): a queue the app
+knows, the priority and recovery's own saga/compensation headers; never the stored
+``link``, ``link_error``, ``chain``, ``reply_to``, exchange, ``eta``/``expires`` or
+other headers, which any client that can publish could have put there. A letter is
+never left ``replaying`` by a replay that could not be published: it goes back to
+``parked`` with the error in its audit trail.
 
 Concurrency: every operation locks the letter's row; bulk operations take
 batches with ``SELECT ... FOR UPDATE SKIP LOCKED``, so two operators (or two
@@ -32,13 +36,16 @@ from django.utils import timezone
 
 from . import headers as hdr, metrics
 from .deliveries import forget as forget_deliveries
+from .kinds import FailureKind
 from .models import DeadLetter, DeadLetterEvent
+from .replay_options import UnknownQueue, check_queue, replay_options, undecodable_body
 from .wiring import import_task_modules
 
 __all__ = [
     "ReplayError",
     "PayloadError",
     "replay",
+    "require_replayable",
     "discard",
     "resolve",
     "validate_payload",
@@ -49,8 +56,8 @@ __all__ = [
     "compensation_name",
 ]
 
-_DROPPED_OPTIONS = ("eta", "countdown", "expires", "task_id", "retries", "headers",
-                    hdr.ORIGINAL_TASK_ID)
+#: letters parked before a worker decoded their body: only these keep a raw body
+_RAW_BODY_KINDS = (FailureKind.POISON.value, FailureKind.TIMEOUT.value)
 ACTIONABLE = (DeadLetter.Status.PARKED,)
 _NOT_PUBLISHED = ("traceback", "history", "raw_body", "exception_message")
 
@@ -113,22 +120,43 @@ def _registered_task(task_name: str, app: Any) -> Any:
 
 
 def _signature_for(letter: DeadLetter, app: Any, queue: str | None) -> tuple[Any, dict]:
-    options = {k: v for k, v in (letter.headers or {}).items() if k not in _DROPPED_OPTIONS}
-    custom = {k: v for k, v in ((letter.headers or {}).get("headers") or {}).items()
-              if k not in hdr.OURS}
-    if queue:
-        options["queue"] = queue
-        options.pop("routing_key", None)
-        options.pop("exchange", None)
+    """The replay's signature and headers, from the allow-list only.
+
+    Raises:
+        ReplayError: the queue (chosen, or the letter's own) is not one the app knows.
+    """
+    try:
+        options, carried = replay_options(letter.headers, letter.queue, app, queue)
+    except UnknownQueue as exc:
+        raise ReplayError(f"cannot replay letter {letter.pk}: {exc}") from None
     signature = app.signature(letter.task_name, args=letter.args, kwargs=letter.kwargs, **options)
-    return signature, custom
+    return signature, carried
 
 
-def _prepare_replay(letter: DeadLetter, *, actor: str, app: Any, args: Any = None,
-                    kwargs: Any = None, note: str = "") -> None:
+def require_replayable(letter: DeadLetter, app: Any = None, queue: str | None = None,
+                       edited: bool = False) -> None:
+    """Refuse, before anything changes, a replay that could only fail or run the task
+    with arguments it was never sent. Forms call it to say so before a payload check.
+
+    Raises:
+        ReplayError: the body could not be decoded (and no edited payload replaces it),
+            or the queue (chosen, or the letter's own) is not one the app knows.
+    """
+    app = app or current_app
+    if (not edited and letter.kind in _RAW_BODY_KINDS
+            and undecodable_body(letter.raw_body, letter.content_type)):
+        raise ReplayError(
+            f"cannot replay letter {letter.pk}: body not decodable, so its arguments are "
+            f"unknown; replay it with an edited payload, or discard it")
+    _signature_for(letter, app, queue)
+
+
+def _prepare_replay(letter: DeadLetter, *, actor: str, app: Any, queue: str | None = None,
+                    args: Any = None, kwargs: Any = None, note: str = "") -> None:
     """Inside the caller's transaction, with the row locked: validate, edit, mark replaying."""
     _require_parked(letter, "replayed")
     _registered_task(letter.task_name, app)
+    require_replayable(letter, app, queue, edited=args is not None or kwargs is not None)
     if args is not None or kwargs is not None:
         new_args = letter.args if args is None else args
         new_kwargs = letter.kwargs if kwargs is None else kwargs
@@ -156,11 +184,12 @@ def _publish_replay(letter: DeadLetter, *, actor: str, app: Any, queue: str | No
     ``events``: append the ``replayed`` event here for the caller to write (``bulk``
     writes one batch's events in one INSERT) instead of inserting it now.
     """
-    signature, custom = _signature_for(letter, app, queue)
     publish_options = {} if producer is None else {"producer": producer}
     try:
+        # Inside the try: whatever fails here must put the letter back to parked.
+        signature, carried = _signature_for(letter, app, queue)
         signature.apply_async(task_id=letter.task_id,
-                              headers={**custom, hdr.REPLAY: letter.replay_count},
+                              headers={**carried, hdr.REPLAY: letter.replay_count},
                               **publish_options)
     except Exception as exc:
         DeadLetter.objects.filter(pk=letter.pk, status=DeadLetter.Status.REPLAYING).update(
@@ -189,14 +218,16 @@ def replay(letter: DeadLetter | int, *, actor: str = "system", queue: str | None
     """Republish a parked letter (with an edited payload when ``args``/``kwargs`` are given).
 
     Raises:
-        ReplayError: the letter is not parked, its task is not registered, or the
-            publish failed (the letter is then parked again).
+        ReplayError: the letter is not parked, its task is not registered, the queue is
+            not one the app knows, its body could not be decoded (and no payload is
+            given), or the publish failed (the letter is then parked again).
         PayloadError: the edited payload does not fit the task; nothing changed.
     """
     app = app or current_app
     with transaction.atomic():
         locked = _lock(letter)
-        _prepare_replay(locked, actor=actor, app=app, args=args, kwargs=kwargs, note=note)
+        _prepare_replay(locked, actor=actor, app=app, queue=queue, args=args, kwargs=kwargs,
+                        note=note)
     # Publish after the commit, so the replayed run never sees the letter still parked.
     _publish_replay(locked, actor=actor, app=app, queue=queue, note=note)
     locked.refresh_from_db()
@@ -273,6 +304,11 @@ def bulk(operation: str, queryset: QuerySet, *, actor: str, batch_size: int = 50
         "resolve": (DeadLetter.Status.RESOLVED, DeadLetterEvent.Action.RESOLVED),
     }
     app = app or current_app
+    if operation == "replay" and queue:
+        try:
+            check_queue(queue, app)
+        except UnknownQueue as exc:
+            raise ReplayError(str(exc)) from None
     result = BulkResult()
     started = time.monotonic()
     last_pk = 0
@@ -292,7 +328,8 @@ def bulk(operation: str, queryset: QuerySet, *, actor: str, batch_size: int = 50
                 break
             last_pk = batch[-1].pk
             if operation == "replay":
-                prepared = _prepare_replays(batch, result, app=app, known_tasks=known_tasks)
+                prepared = _prepare_replays(batch, result, app=app, queue=queue,
+                                            known_tasks=known_tasks)
             else:
                 for letter in batch:
                     try:
@@ -354,6 +391,7 @@ def bulk(operation: str, queryset: QuerySet, *, actor: str, batch_size: int = 50
 
 
 def _prepare_replays(batch: list[DeadLetter], result: BulkResult, *, app: Any,
+                     queue: str | None,
                      known_tasks: dict[str, ReplayError | None]) -> list[DeadLetter]:
     """Inside the batch's transaction, rows locked: what ``_prepare_replay`` does to one
     letter (without an edit), for the whole batch in one UPDATE. Returns the letters to
@@ -370,6 +408,7 @@ def _prepare_replays(batch: list[DeadLetter], result: BulkResult, *, app: Any,
                     known_tasks[letter.task_name] = exc
             if known_tasks[letter.task_name] is not None:
                 raise known_tasks[letter.task_name]
+            require_replayable(letter, app, queue)
         except ReplayError as exc:
             result.failed += 1
             result.errors.append(f"letter {letter.pk}: {exc}")
@@ -428,7 +467,9 @@ def _resolve_late_replay(task_id: str, now) -> int:
                   .filter(task_id=task_id, status=DeadLetter.Status.PARKED).first())
         if letter is None:
             return 0
-        last = letter.events.order_by("-at", "-pk").first()
+        # A reveal only read the letter: it is not something that happened to it.
+        last = (letter.events.exclude(action=DeadLetterEvent.Action.REVEALED)
+                .order_by("-at", "-pk").first())
         if (last is None or last.action != DeadLetterEvent.Action.REPLAY_LOST
                 or letter.last_failed_at > last.at):
             return 0  # parked for a reason of its own since

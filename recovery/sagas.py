@@ -63,7 +63,7 @@ from django.db.models import F
 from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
-from . import conf, deferred, headers as hdr, metrics, outbox
+from . import conf, deferred, headers as hdr, metrics, outbox, saga_secrets
 from .models import DeadLetter, DeadLetterEvent, Incident, SagaEvent, SagaRun, SagaStep
 
 __all__ = [
@@ -180,12 +180,17 @@ class Saga:
         version: an explicit version recorded on each run; by default a digest of the
             steps and options, so any change to them is a new version. Runs in flight
             keep the definition they started with either way.
+        secret_keys: names of context (and step result) keys that are secret in this saga,
+            besides ``RECOVERY["SECRET_KEYS"]``, matched the same way (case-insensitive,
+            contained in the key). Masked wherever a run is shown or reported, and their
+            values scrubbed from its errors (:mod:`recovery.saga_secrets`).
     """
 
     name: str
     steps: Sequence[Step] = field(default=())
     on_failure: str = "compensate"
     version: str | None = None
+    secret_keys: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -204,12 +209,21 @@ class Saga:
         if self.version is not None and (not isinstance(self.version, str)
                                          or not 0 < len(self.version) <= 64):
             raise SagaDefinitionError("version must be a string of 1 to 64 characters")
+        keys = (self.secret_keys,) if isinstance(self.secret_keys, str) else self.secret_keys
+        keys = tuple(keys or ())
+        if not all(isinstance(key, str) and key.strip() for key in keys):
+            raise SagaDefinitionError(
+                f"secret_keys of saga {self.name!r} must be non-empty strings, not {keys!r}")
+        object.__setattr__(self, "secret_keys", keys)
 
     @cached_property
     def definition(self) -> dict[str, Any]:
         """The snapshot stored on each run. Task names are resolved here, lazily, so a
         saga can be declared at import time next to its tasks."""
         body = {"on_failure": self.on_failure, "steps": [step.to_dict() for step in self.steps]}
+        if self.secret_keys:
+            # Only when declared: a saga without them keeps its version digest.
+            body["secret_keys"] = list(self.secret_keys)
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
         return {"name": self.name, "version": self.version or digest, "digest": digest, **body}
 
@@ -522,6 +536,9 @@ def _parked(ref: _Ref, task_id: str, error: str) -> str | None:
         return None
     spec = run.definition["steps"][ref.step]
     now = timezone.now()
+    # The run's error, the step's, the log lines and any escalation never quote a secret
+    # the run carries; the step's dead letter keeps the real text.
+    error = saga_secrets.scrub(error, saga_secrets.hidden(run, _results(run)))
     if ref.role == Role.COMPENSATION:
         SagaStep.objects.filter(pk=row.pk).update(status=State.FAILED, finished_at=now,
                                                   error=error)
@@ -699,6 +716,10 @@ def escalate(run: SagaRun, reason: str) -> None:
     event on the run, and (``RECOVERY["ESCALATION"]["ON_COMPENSATION_FAILURE"]``) an
     incident per saga, linked to the run, through :mod:`recovery.escalation`.
     """
+    failed = SagaStep.objects.filter(run_id=run.pk, status=SagaStep.Status.FAILED).order_by(
+        "-finished_at", "-id").first()
+    values = saga_secrets.hidden(run, _results(run))
+    reason = saga_secrets.scrub(reason, values)
     logger.critical("saga %s run %s NEEDS A HUMAN: %s. Data may be inconsistent: fix the "
                     "cause, then `manage.py saga compensate %s` (runbook: "
                     "docs/runbooks/saga-compensation-failed.md)", run.name, run.pk, reason, run.pk)
@@ -715,8 +736,6 @@ def escalate(run: SagaRun, reason: str) -> None:
             return
     except ValueError:
         return
-    failed = SagaStep.objects.filter(run_id=run.pk, status=SagaStep.Status.FAILED).order_by(
-        "-finished_at", "-id").first()
     escalation.escalate(escalation.Occurrence(
         # One incident per run: each run left half undone needs its own fix.
         fingerprint=f"saga:{run.pk}:compensation_failed:{run.name}"[:64],
@@ -727,8 +746,9 @@ def escalate(run: SagaRun, reason: str) -> None:
         details={
             "saga": run.name, "run": run.pk, "status": run.status, "reason": reason,
             "failed_step": ({"index": failed.index, "role": failed.role, "task": failed.task_name,
-                             "task_id": failed.task_id, "error": failed.error} if failed else None),
-            "context": _masked(run.context),
+                             "task_id": failed.task_id,
+                             "error": saga_secrets.scrub(failed.error, values)} if failed else None),
+            "context": saga_secrets.masked(run, run.context),
             "runbook": "docs/runbooks/saga-compensation-failed.md",
             "links": {"run": escalation.admin_url(f"/admin/recovery/sagarun/{run.pk}/change/")},
         },
@@ -736,10 +756,10 @@ def escalate(run: SagaRun, reason: str) -> None:
     ))
 
 
-def _masked(value: Any) -> Any:
-    from .redaction import mask
-
-    return mask(value)
+def _results(run: SagaRun) -> list:
+    """What the run's steps returned (their secrets are scrubbed from its errors too)."""
+    return list(SagaStep.objects.filter(run_id=run.pk, result__isnull=False)
+                .values_list("result", flat=True))
 
 
 # -- operator operations (admin and manage.py saga) -----------------------------------------

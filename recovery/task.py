@@ -46,7 +46,8 @@ from kombu.exceptions import EncodeError
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from . import conf, headers as hdr, metrics
+from . import conf, headers as hdr, metrics, result_rows
+from .bounds import delay_seconds
 from .classification import Failure, Rule, classify
 from .errors import TransientError
 from .policy import Attempt, RetryPolicy, Verdict
@@ -140,12 +141,27 @@ class _ParkAwareBackend:
     def mark_as_retry(self, task_id, exc, traceback=None, request=None, **kwargs):
         if not conf.get("STORE_RETRY_STATE"):
             return None
-        return self._backend.mark_as_retry(task_id, exc, traceback=traceback, request=request,
-                                           **kwargs)
+        values = result_rows.hidden_in_request(request)
+        if values == [] or not kwargs.get("store_result", True):
+            return self._backend.mark_as_retry(task_id, exc, traceback=traceback,
+                                               request=request, **kwargs)
+        shown_exc, shown_traceback = result_rows.scrubbed_failure(
+            self._backend, exc, traceback, values)
+        return self._backend.store_result(task_id, shown_exc, kwargs.get("state", states.RETRY),
+                                          traceback=shown_traceback, request=request)
 
     def mark_as_failure(self, task_id, exc, traceback=None, request=None,
                         store_result=True, call_errbacks=True, state=None, **kwargs):
+        """Celery's ``mark_as_failure`` (chords, chains, errbacks see the real exception);
+        the row it stores has the task's secrets scrubbed from the exception and traceback."""
         if request is not None and getattr(request, "_recovery_result_stored", False):
+            store_result = False
+        values = result_rows.hidden_in_request(request) if store_result else []
+        if values != []:
+            shown_exc, shown_traceback = result_rows.scrubbed_failure(
+                self._backend, exc, traceback, values)
+            self._backend.store_result(task_id, shown_exc, state or states.FAILURE,
+                                       traceback=shown_traceback, request=request)
             store_result = False
         if state is not None:
             kwargs["state"] = state
@@ -313,6 +329,17 @@ class RecoveryTask(Task):
     @backend.setter
     def backend(self, value):
         Task.backend.fset(self, value)
+
+    # -- publishing -----------------------------------------------------------------------
+
+    def apply_async(self, args=None, kwargs=None, **options):
+        """Publish with ``argsrepr``/``kwargsrepr`` masked (:mod:`recovery.result_rows`),
+        unless the caller chose them: Celery shows these in events, logs and result rows."""
+        if options.get("argsrepr") is None and options.get("kwargsrepr") is None:
+            reprs = result_rows.masked_reprs(self.name, args or (), kwargs or {}, self.app)
+            if reprs is not None:
+                options["argsrepr"], options["kwargsrepr"] = reprs
+        return super().apply_async(args, kwargs, **options)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -543,7 +570,8 @@ class RecoveryTask(Task):
         policy = self.effective_policy()
         verdict = policy.decide(
             failure,
-            [Attempt(entry.get("delay_seconds")) for entry in history],
+            # A forged header may hold "5" where a number belongs: read it as one.
+            [Attempt(delay_seconds(entry.get("delay_seconds"))) for entry in history],
             exception=exc,
             elapsed_seconds=max(0.0, time.time() - started_at),
         )
@@ -641,7 +669,12 @@ class RecoveryTask(Task):
                                                   fallback_exc.__traceback__))
         result = None
         if store_errors and not request.is_eager:
-            result = {"result": real_backend.prepare_exception(exc), "traceback": tb}
+            # The letter keeps the real text; the FAILURE row, which view_taskresult shows,
+            # has the task's secrets scrubbed from it.
+            shown_exc, shown_tb = result_rows.scrubbed_failure(
+                real_backend, real_backend.prepare_exception(exc), tb,
+                result_rows.hidden_in_request(request))
+            result = {"result": shown_exc, "traceback": shown_tb}
         delivery = request.delivery_info or {}
         record = ParkRecord(
             task_id=request.id,

@@ -36,7 +36,7 @@ from celery.worker.request import Request
 from celery.worker.state import task_ready
 from kombu.serialization import loads, prepare_accept_content
 
-from . import conf, envelope, metrics
+from . import conf, envelope, metrics, result_rows
 from .envelope import EnvelopeError
 from .kinds import FailureKind
 
@@ -248,11 +248,21 @@ class RecoveryRequest(Request):
             max_body_bytes=conf.get("MAX_MESSAGE_BYTES"))
         if refused:
             raise EnvelopeError(refused)
+        self._mask_reprs()
         # Counted on receipt, once per delivery: Celery asks revoked() on receipt too when
         # the message has `expires`, and a message handed back unused on a clean shutdown
         # takes its delivery back (recovery.handback) only if it was counted when received.
         if (self.delivery_info or {}).get("redelivered") or self._request_dict.get("redelivered"):
             self._recovery_count = self._count_delivery()
+
+    def _mask_reprs(self) -> None:
+        """Mask the secrets of Celery's ``argsrepr``/``kwargsrepr`` before anything reads
+        them: the received log line and event, and the result row (``result_extended``),
+        which a message published by a plain ``send_task`` would show in clear."""
+        reprs = result_rows.masked_reprs(self._type, self._args, self._kwargs, self._app)
+        if reprs is not None:
+            self._argsrepr, self._kwargsrepr = reprs
+            self._request_dict["argsrepr"], self._request_dict["kwargsrepr"] = reprs
 
     def revoked(self) -> bool:
         if self._recovery_parked:

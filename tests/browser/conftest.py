@@ -59,17 +59,41 @@ class Requests(list):
         return [url for url in self if urlsplit(url).netloc != here]
 
 
+#: reports each Content-Security-Policy violation of a page as a console error
+CSP_WATCH = """
+document.addEventListener("securitypolicyviolation", (e) => {
+  console.error(`CSP violation: ${e.violatedDirective} refused ${e.blockedURI || "inline"}`
+                + ` in ${e.sourceFile || document.URL}:${e.lineNumber}`);
+});
+"""
+
+
+def csp_violation(text: str) -> bool:
+    """A console message about a refused resource: ours (``CSP_WATCH``) or Chromium's own."""
+    return text.startswith("CSP violation:") or "Content Security Policy" in text
+
+
 @pytest.fixture
 def page(browser, live_server):
     """A fresh browser context (no cookies) on the live server; ``page.requests`` lists
-    every URL it requested."""
+    every URL it requested, ``page.csp_violations`` every Content-Security-Policy
+    violation. A test whose pages violated the policy fails at teardown: the admin must
+    work with the policy on (config/settings.py), no inline script or style refused."""
     context = browser.new_context(base_url=live_server.url)
     context.set_default_timeout(10_000)
+    context.add_init_script(CSP_WATCH)
     page = context.new_page()
     page.requests = Requests()
+    page.csp_violations = []
     page.on("request", lambda request: page.requests.append(request.url))
+    page.on("console", lambda message: page.csp_violations.append(message.text)
+            if message.type == "error" and csp_violation(message.text) else None)
     yield page
+    violations = list(page.csp_violations)
     context.close()
+    if violations:
+        pytest.fail("Content-Security-Policy violations:\n" + "\n".join(violations),
+                    pytrace=False)
 
 
 def make_staff(username: str, *codenames: str):

@@ -321,4 +321,7 @@ def test_show_is_the_export_record_with_its_audit_trail(secret_letters):
     assert [e["action"] for e in shown["events"]] == ["edited"]
     assert shown["events"][0]["after"]["args"][0]["password"] == MASK
     revealed = json.loads(run("show", str(row.pk), "--reveal")[0])
-    assert revealed["events"][0]["before"]["args"][0]["password"] == "old_pw"
+    # the reveal is audited before the record is read, so it lists itself first
+    assert [(e["action"], e["note"]) for e in revealed["events"]] == [
+        ("revealed", "dlq show --reveal"), ("edited", revealed["events"][1]["note"])]
+    assert revealed["events"][1]["before"]["args"][0]["password"] == "old_pw"

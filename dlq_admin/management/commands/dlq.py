@@ -28,6 +28,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
 from dlq_admin.management.actor import cli_actor
+from dlq_admin.reveals import BATCH_SIZE, record_reveals
 from recovery import redaction
 from recovery import replay as service
 from recovery.models import DeadLetter
@@ -49,6 +50,21 @@ def _moment(text: str) -> datetime:
     if parsed is None:
         raise CommandError(f"cannot read {text!r} as a time: use 2026-11-28, 2026-11-28T10:00 or 6h")
     return timezone.make_aware(parsed) if timezone.is_naive(parsed) else parsed
+
+
+def _create_private(path: str) -> int:
+    """A new file at ``path`` readable by its owner only (even masked, an export holds
+    payloads), opened for writing: never an existing file, never through a symlink
+    someone planted there (``O_EXCL | O_NOFOLLOW``)."""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise CommandError(f"{path} already exists (a file or a symlink); export to a new "
+                           f"path, nothing was written") from None
+    except OSError as exc:
+        raise CommandError(f"cannot create {path}: {exc.strerror}") from None
+    os.fchmod(descriptor, 0o600)  # whatever the umask
+    return descriptor
 
 
 class Command(BaseCommand):
@@ -160,6 +176,8 @@ class Command(BaseCommand):
             letter = DeadLetter.objects.get(pk=options["id"])
         except DeadLetter.DoesNotExist:
             raise CommandError(f"no dead letter with id {options['id']}") from None
+        if options.get("reveal"):
+            record_reveals([letter.pk], actor=cli_actor(), via="dlq show --reveal")
         data = letter_record(letter, reveal=options.get("reveal", False))
         self.stdout.write(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
@@ -188,11 +206,14 @@ class Command(BaseCommand):
             self.stderr.write(f"  {result.done + result.failed}/{count} "
                               f"({result.done} ok, {result.failed} failed)")
 
-        result = service.bulk(
-            verb, qs, actor=cli_actor(), batch_size=options["batch_size"],
-            rate=options.get("rate"), queue=options.get("queue"), note=options["note"],
-            progress=progress,
-        )
+        try:
+            result = service.bulk(
+                verb, qs, actor=cli_actor(), batch_size=options["batch_size"],
+                rate=options.get("rate"), queue=options.get("queue"), note=options["note"],
+                progress=progress,
+            )
+        except service.ReplayError as exc:  # e.g. --queue names a queue the app does not know
+            raise CommandError(f"{exc}; nothing changed") from None
         past = {"replay": "replayed", "discard": "discarded", "resolve": "resolved",
                 "compensate": "compensated"}[verb]
         self.stdout.write(f"{past.capitalize()} {result.done} letter{'s' if result.done != 1 else ''}"
@@ -261,12 +282,11 @@ class Command(BaseCommand):
             qs = qs[: options["limit"]]
         writer = export.write_csv if options["format"] == "csv" else export.write_jsonl
         kwargs = {} if options["format"] == "csv" else {"events": not options["no_events"]}
+        if options["reveal"]:  # audited before anything is written, streamed in batches
+            record_reveals(qs.values_list("pk", flat=True).iterator(chunk_size=BATCH_SIZE),
+                           actor=cli_actor(), via="dlq export --reveal")
         if options.get("output"):
-            # Revealed secrets are readable by their owner only.
-            mode = 0o600 if options["reveal"] else 0o644
-            descriptor = os.open(options["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-            if options["reveal"]:
-                os.fchmod(descriptor, 0o600)
+            descriptor = _create_private(options["output"])
             with open(descriptor, "w", encoding="utf-8", newline="") as out:
                 written = writer(qs, out, reveal=options["reveal"], **kwargs)
         else:

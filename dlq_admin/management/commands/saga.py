@@ -1,7 +1,7 @@
 """``manage.py saga``: saga runs from a shell.
 
     manage.py saga list [--status S] [--name NAME] [--needs-human] [--limit N]
-    manage.py saga show ID
+    manage.py saga show ID [--reveal]                    context and errors masked unless --reveal
     manage.py saga resume ID [--note TEXT] [--yes]       from the failed step (held, failed)
     manage.py saga compensate ID [--note TEXT] [--yes]   undo (held, needs_human, succeeded)
     manage.py saga reconcile [--older-than SECONDS]      outcomes the workers could not record
@@ -19,7 +19,7 @@ from django.utils import timezone
 from django.utils.timesince import timesince
 
 from dlq_admin.management.actor import cli_actor
-from recovery import sagas
+from recovery import saga_secrets, sagas
 from recovery.models import SagaRun
 
 
@@ -47,6 +47,8 @@ class Command(BaseCommand):
         listing.add_argument("--limit", type=int, default=50)
         show = sub.add_parser("show", help="a run with its steps, timings, errors and events")
         show.add_argument("id", type=int)
+        show.add_argument("--reveal", action="store_true",
+                          help="show the context, step results and errors unmasked")
         for verb, text in (("resume", "run a held or failed run again from its failed step"),
                            ("compensate", "undo a held, needs_human or succeeded run")):
             p = sub.add_parser(verb, help=text)
@@ -80,27 +82,32 @@ class Command(BaseCommand):
             step = "-" if run.current_step is None else str(run.current_step)
             self.stdout.write(f"{run.pk:>7}  {run.name[:20]:<20} {run.status:<12} {step:>4}  "
                               f"{run.version[:12]:<12} {timesince(run.created_at)[:14]:<14} "
-                              f"{run.error[:80]}")
+                              f"{saga_secrets.scrub(run.error, saga_secrets.hidden(run))[:80]}")
 
     def _show(self, options):
         run = self._run(options["id"])
+        rows = list(run.steps.order_by("index", "-role"))
+        reveal = options.get("reveal", False)
+        values = [] if reveal else saga_secrets.hidden(
+            run, [row.result for row in rows if row.result is not None])
+        context = run.context if reveal else saga_secrets.masked(run, run.context)
         self.stdout.write(f"run {run.pk}  {run.name}  version {run.version}  {run.status}")
         self.stdout.write(f"  on failure: {run.definition.get('on_failure')}   idempotency key: "
                           f"{run.idempotency_key or '-'}")
         self.stdout.write(f"  created {_at(run.created_at)}   updated {_at(run.updated_at)}   "
                           f"finished {_at(run.finished_at)}")
         if run.error:
-            self.stdout.write(f"  error: {run.error}")
-        self.stdout.write("  context: " + json.dumps(run.context, default=str, ensure_ascii=False))
+            self.stdout.write(f"  error: {saga_secrets.scrub(run.error, values)}")
+        self.stdout.write("  context: " + json.dumps(context, default=str, ensure_ascii=False))
         self.stdout.write("  steps:")
         self.stdout.write(f"    {'#':>2} {'role':<12} {'status':<11} {'task':<40} {'task id':<32} "
                           f"{'disp':>4} {'runs':>4}  {'started':<19}  {'took':>8}  error")
-        for row in run.steps.order_by("index", "-role"):
+        for row in rows:
             self.stdout.write(
                 f"    {row.index:>2} {row.role:<12} {row.status:<11} {row.task_name[-40:]:<40} "
                 f"{(row.task_id or '-'):<32} {row.dispatches:>4} {row.attempts:>4}  "
                 f"{_at(row.started_at):<19}  {_duration(row.started_at, row.finished_at):>8}  "
-                f"{row.error[:120]}")
+                f"{saga_secrets.scrub(row.error, values)[:120]}")
         events = list(run.events.all())
         if events:
             self.stdout.write("  events:")

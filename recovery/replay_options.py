@@ -1,0 +1,146 @@
+"""What a replay may take from a stored letter: an allow-list, never the stored options.
+
+A letter's ``headers`` hold what its message carried, and a message is input: any client
+that can publish can put ``link``, ``link_error``, ``chain``, ``reply_to``, a foreign
+``exchange`` or arbitrary headers in it. Replaying those would run tasks nobody chose
+(a linked task with the attacker's arguments), send results to another queue, or drop
+the replay into an exchange no worker reads. So a replay takes only:
+
+* the queue: the operator's choice or the queue the letter was parked from, and either
+  must be one this app knows (:func:`known_queues`); published by queue name, so the
+  exchange and routing key are the app's own for that queue;
+* the priority, when it is a valid AMQP priority (0-255);
+* recovery's own headers the next run needs (:data:`CARRIED_FROM_LETTER`: the saga step
+  and the task a compensation compensates), each only when it has the expected shape.
+
+The countdown is never taken from a letter: a replay runs now. Letters parked before a
+worker could read their body (poison) cannot be replayed from the body: the refusal
+says so (:func:`undecodable_body`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from . import headers as hdr
+
+__all__ = ["UnknownQueue", "known_queues", "check_queue", "replay_options",
+           "undecodable_body", "CARRIED_FROM_LETTER"]
+
+#: recovery headers a replay carries over from the letter (the rest are set afresh)
+CARRIED_FROM_LETTER = (hdr.COMPENSATES, hdr.SAGA)
+
+_MAX_PRIORITY = 255
+
+
+class UnknownQueue(ValueError):
+    """A replay was asked to publish to a queue this app does not know."""
+
+
+def _queue_names(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        # task_queues as {name: options}, or a route as {"queue": name | Queue}
+        queue = value.get("queue")
+        if queue is not None:
+            yield from _queue_names(queue)
+    elif getattr(value, "name", None):
+        yield value.name  # a kombu Queue
+
+
+def known_queues(app: Any) -> frozenset[str]:
+    """The queues a replay may publish to: the default queue, ``task_queues`` and the
+    queues named by ``task_routes`` (mapping routes; a router function is not asked)."""
+    conf = app.conf
+    names = {conf.task_default_queue}
+    queues = conf.task_queues or ()
+    if isinstance(queues, Mapping):
+        names.update(str(name) for name in queues)
+    else:
+        for queue in queues:
+            names.update(_queue_names(queue))
+    routes = conf.task_routes or ()
+    for router in ([routes] if isinstance(routes, Mapping) else routes):
+        if isinstance(router, Mapping):
+            for route in router.values():
+                names.update(_queue_names(route))
+    return frozenset(name for name in names if name)
+
+
+def check_queue(queue: str, app: Any) -> str:
+    """``queue`` if this app knows it.
+
+    Raises:
+        UnknownQueue: it names a queue no setting declares or routes to.
+    """
+    known = known_queues(app)
+    if queue not in known:
+        raise UnknownQueue(
+            f"queue {queue!r} is not one this app declares or routes to "
+            f"(known: {', '.join(sorted(known))}); name one of those"
+        )
+    return queue
+
+
+def _priority(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 0 <= value <= _MAX_PRIORITY else None
+
+
+def _carried_header(name: str, value: Any) -> Any:
+    if name == hdr.SAGA:
+        return dict(value) if isinstance(value, Mapping) else None
+    return value if isinstance(value, str) and value else None
+
+
+def replay_options(stored: Any, origin_queue: str, app: Any,
+                   queue: str | None = None) -> tuple[dict, dict]:
+    """``(publish options, headers)`` for replaying a letter.
+
+    Args:
+        stored: the letter's ``headers`` (its stored execution options).
+        origin_queue: the queue the letter was parked from (``letter.queue``).
+        queue: the operator's choice, or None for the origin queue.
+
+    Raises:
+        UnknownQueue: the chosen queue, or the origin queue when none is chosen, is not
+            one this app knows.
+    """
+    options: dict[str, Any] = {}
+    if queue:
+        options["queue"] = check_queue(queue, app)
+    elif origin_queue:
+        if origin_queue not in known_queues(app):
+            raise UnknownQueue(
+                f"the letter was parked from queue {origin_queue!r}, which this app neither "
+                f"declares nor routes to; replay it to a queue the app knows")
+        options["queue"] = origin_queue
+    priority = _priority(stored.get("priority")) if isinstance(stored, Mapping) else None
+    if priority is not None:
+        options["priority"] = priority
+    headers = {}
+    for name in CARRIED_FROM_LETTER:
+        value = _carried_header(name, hdr.from_options(stored, name))
+        if value is not None:
+            headers[name] = value
+    return options, headers
+
+
+def undecodable_body(raw_body: str, content_type: str) -> bool:
+    """Whether a letter's raw body (kept for poison letters) is one no worker could
+    decode as ``[args, kwargs, embed]``: its stored args and kwargs are then not the
+    task's, and replaying them would run the task with nothing."""
+    if not raw_body:
+        return False
+    if content_type and "json" not in content_type:
+        return True
+    try:
+        decoded = json.loads(raw_body)
+    except ValueError:
+        return True
+    return not (isinstance(decoded, list) and len(decoded) == 3
+                and isinstance(decoded[0], list) and isinstance(decoded[1], Mapping))
