@@ -48,24 +48,37 @@ class DeadLetterEventInline(admin.TabularInline):
     """The audit trail: shown on each letter, never editable or deletable."""
 
     model = DeadLetterEvent
-    fields = ("at", "action", "actor", "note", "outcome", "before_shown", "after_shown")
+    fields = ("at", "action", "actor", "note_shown", "outcome_shown", "before_shown",
+              "after_shown")
     readonly_fields = fields
 
-    @staticmethod
-    def _shown(event: DeadLetterEvent, payload) -> str:
+    def _shown(self, event: DeadLetterEvent) -> redaction.ShownLetter:
+        # One ShownLetter per letter for the page (the inline is built per request).
+        cache = self.__dict__.setdefault("_shown_letters", {})
+        if event.letter_id not in cache:
+            cache[event.letter_id] = redaction.shown_letter(event.letter)
+        return cache[event.letter_id]
+
+    @admin.display(description="note")
+    def note_shown(self, event: DeadLetterEvent) -> str:
+        return self._shown(event).text(event.note)
+
+    @admin.display(description="outcome")
+    def outcome_shown(self, event: DeadLetterEvent) -> str:
+        return self._shown(event).text(event.outcome)
+
+    def _payload(self, event: DeadLetterEvent, payload) -> str:
         if not isinstance(payload, dict):
             return "—"
-        args, kwargs = redaction.masked_payload(event.letter.task_name, payload.get("args") or [],
-                                                payload.get("kwargs") or {})
-        return json.dumps({"args": args, "kwargs": kwargs}, default=str)
+        return json.dumps(self._shown(event).payload(payload), default=str)
 
     @admin.display(description="payload before")
     def before_shown(self, event: DeadLetterEvent) -> str:
-        return self._shown(event, event.before)
+        return self._payload(event, event.before)
 
     @admin.display(description="payload after")
     def after_shown(self, event: DeadLetterEvent) -> str:
-        return self._shown(event, event.after)
+        return self._payload(event, event.after)
     extra = 0
     can_delete = False
     ordering = ("-at", "-pk")
@@ -84,9 +97,20 @@ class DeadLetterEventInline(admin.TabularInline):
         return False
 
 
+def _with_shown(letters) -> list[DeadLetter]:
+    """``letters`` for a template, each with ``.shown`` (what a person may see of it)."""
+    letters = list(letters)
+    for letter in letters:
+        letter.shown = redaction.shown_letter(letter)
+    return letters
+
+
+def _pre(text: str) -> str:
+    return format_html("<pre>{}</pre>", redaction.clipped(text))
+
+
 def _pretty(value) -> str:
-    return format_html("<pre>{}</pre>", json.dumps(value, indent=2, sort_keys=True, default=str,
-                                                   ensure_ascii=False))
+    return _pre(json.dumps(value, indent=2, sort_keys=True, default=str, ensure_ascii=False))
 
 
 @admin.register(DeadLetter)
@@ -109,7 +133,7 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
         (None, {"fields": ("task_id", "task_name", "status", "kind", "permanent", "reason",
                            "attempts", "replay_count", "queue", "worker",
                            "first_failed_at", "last_failed_at", "fingerprint")}),
-        ("Exception", {"fields": ("exception_type", "exception_message", "traceback_pre")}),
+        ("Exception", {"fields": ("exception_type", "exception_message_shown", "traceback_pre")}),
         ("Payload", {"fields": ("args_pretty", "kwargs_pretty", "headers_pretty", "raw_body_shown",
                                 "content_type")}),
         ("Attempt history", {"fields": ("history_table",)}),
@@ -123,10 +147,6 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
     def age(self, obj: DeadLetter) -> str:
         return timesince(obj.first_failed_at)
 
-    @admin.display(description="traceback")
-    def traceback_pre(self, obj: DeadLetter) -> str:
-        return format_html("<pre>{}</pre>", obj.traceback)
-
     # -- secrets: masked unless the user may reveal them and asked to ------------------
 
     def get_object(self, request, object_id, from_field=None):
@@ -137,41 +157,47 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
         return obj
 
     @staticmethod
-    def _shown_payload(obj: DeadLetter) -> tuple[list, dict]:
-        if getattr(obj, "_reveal", False):
-            return obj.args, obj.kwargs
-        return redaction.masked_payload(obj.task_name, obj.args, obj.kwargs)
+    def _shown(obj: DeadLetter) -> redaction.ShownLetter:
+        """What this page shows of ``obj``: one redaction.shown_letter per request."""
+        if getattr(obj, "_shown", None) is None:
+            obj._shown = redaction.shown_letter(obj, reveal=getattr(obj, "_reveal", False))
+        return obj._shown
+
+    @admin.display(description="exception message")
+    def exception_message_shown(self, obj: DeadLetter) -> str:
+        return _pre(self._shown(obj).exception_message)
+
+    @admin.display(description="traceback")
+    def traceback_pre(self, obj: DeadLetter) -> str:
+        return _pre(self._shown(obj).traceback)
 
     @admin.display(description="args")
     def args_pretty(self, obj: DeadLetter) -> str:
-        return _pretty(self._shown_payload(obj)[0])
+        return _pretty(self._shown(obj).args)
 
     @admin.display(description="kwargs")
     def kwargs_pretty(self, obj: DeadLetter) -> str:
-        return _pretty(self._shown_payload(obj)[1])
+        return _pretty(self._shown(obj).kwargs)
 
     @admin.display(description="headers")
     def headers_pretty(self, obj: DeadLetter) -> str:
-        return _pretty(obj.headers if getattr(obj, "_reveal", False) else redaction.mask(obj.headers))
+        return _pretty(self._shown(obj).headers)
 
     @admin.display(description="raw body")
     def raw_body_shown(self, obj: DeadLetter) -> str:
-        if getattr(obj, "_reveal", False) or not obj.raw_body:
-            return format_html("<pre>{}</pre>", obj.raw_body)
-        try:
-            parsed = json.loads(obj.raw_body)
-        except ValueError:
-            return format_html("<pre>{}</pre>", obj.raw_body)
-        return format_html("<pre>{}</pre>", json.dumps(redaction.mask(parsed), ensure_ascii=False))
+        return _pre(self._shown(obj).raw_body)
 
     @admin.display(description="history")
     def history_table(self, obj: DeadLetter) -> str:
+        history = self._shown(obj).history
         rows = "".join(
             format_html("<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                         e.get("attempt", ""), e.get("at", ""), e.get("kind", ""),
-                        e.get("exception_type", ""), e.get("exception_message", ""),
-                        "—" if e.get("delay_seconds") is None else f"{e['delay_seconds']:.2f}s")
-            for e in obj.history or []
+                        e.get("exception_type", ""),
+                        redaction.clipped(str(e.get("exception_message", "")), 2000),
+                        "—" if not isinstance(e.get("delay_seconds"), (int, float))
+                        else f"{e['delay_seconds']:.2f}s")
+            for e in history[:200] if isinstance(e, dict)
         )
         return format_html(
             "<table><thead><tr><th>#</th><th>at</th><th>kind</th><th>exception</th>"
@@ -248,7 +274,7 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
             **self.admin_site.each_context(request),
             "title": f"{capfirst(operation)} dead letters?",
             "operation": operation,
-            "letters": parked.order_by("pk")[:200],
+            "letters": _with_shown(parked.order_by("pk")[:200]),
             "count": count,
             "skipped": queryset.count() - count,
             "queryset": queryset,
@@ -381,6 +407,7 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
             raise Http404("no dead letters have this fingerprint")
         count = parked.count()
         sample = letters.order_by("-last_failed_at").first()
+        sample.shown = redaction.shown_letter(sample)
         context = {
             **self.admin_site.each_context(request),
             "title": f"Failure group {fingerprint[:12]}",
@@ -465,7 +492,7 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
             **self.admin_site.each_context(request),
             "title": f"{capfirst(operation)} dead letter {letter.pk}?",
             "operation": operation,
-            "letters": [letter],
+            "letters": _with_shown([letter]),
             "count": 1,
             "single": True,
             "explanation": self._explain(operation, DeadLetter.objects.filter(pk=letter.pk)),
@@ -481,7 +508,8 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
             "can_replay": parked and self.has_replay_permission(request),
             "can_reveal": (letter is not None and request.GET.get("reveal") != "1"
                            and request.user.has_perm("recovery.reveal_deadletter_secrets")
-                           and redaction.has_secrets(letter.task_name, letter.args, letter.kwargs)),
+                           and (redaction.has_secrets(letter.task_name, letter.args, letter.kwargs)
+                                or bool(redaction.shown_letter(letter).hidden))),
             "can_discard": parked and self.has_discard_permission(request),
             "can_resolve": parked and self.has_resolve_permission(request),
             "can_compensate": parked and self.has_compensate_permission(request)

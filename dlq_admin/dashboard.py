@@ -28,7 +28,7 @@ from django.utils import timezone
 from recovery.circuit import HALF_OPEN, OPEN, policy_for
 from recovery.models import DeadLetter, Incident, SagaRun
 
-from .groups import FailureGroup, groups as failure_groups
+from .groups import FailureGroup, groups as failure_groups, shown_messages
 from .resilience import CircuitRow, circuit_row, known_circuits
 
 __all__ = [
@@ -213,12 +213,13 @@ def oldest_parked(now: datetime | None = None) -> OldestLetter | None:
     # recovery_dl_last_failed from the oldest letter of any status, through every
     # resolved one, than read the parked end of recovery_dl_status_last.
     row = (DeadLetter.objects.filter(status=PARKED).order_by("last_failed_at")
-           .values("pk", "task_name", "exception_type", "exception_message", "last_failed_at")
+           .values("pk", "task_name", "exception_type", "last_failed_at")
            .first())
     if row is None:
         return None
+    message = shown_messages([row["pk"]]).get(row["pk"], "")
     return OldestLetter(row["pk"], row["task_name"], row["exception_type"],
-                        row["exception_message"][:200], row["last_failed_at"],
+                        message[:200], row["last_failed_at"],
                         max(timedelta(0), _now(now) - row["last_failed_at"]))
 
 

@@ -12,9 +12,10 @@ from datetime import datetime
 
 from django.db.models import Count, Max, Min, Q, QuerySet
 
+from recovery import redaction
 from recovery.models import DeadLetter
 
-__all__ = ["FailureGroup", "groups", "group_letters", "siblings"]
+__all__ = ["FailureGroup", "groups", "group_letters", "siblings", "shown_messages"]
 
 #: groups shown per page; the largest first
 PAGE_SIZE = 100
@@ -57,10 +58,7 @@ def groups(status: str | None = DeadLetter.Status.PARKED, task_name: str | None 
         .order_by("-total", "-last")[:limit]
     )
     rows = list(rows)
-    messages = dict(
-        DeadLetter.objects.filter(pk__in=[row["sample"] for row in rows])
-        .values_list("pk", "exception_message")
-    )
+    messages = shown_messages([row["sample"] for row in rows])
     return [
         FailureGroup(fingerprint=row["fingerprint"], task_name=row["task"],
                      exception_type=row["exception"],
@@ -69,6 +67,18 @@ def groups(status: str | None = DeadLetter.Status.PARKED, task_name: str | None 
                      first_failed_at=row["first"], last_failed_at=row["last"])
         for row in rows
     ]
+
+
+#: What redaction needs to scrub a letter's message (its payload and message envelope).
+SCRUB_FIELDS = ("pk", "task_name", "args", "kwargs", "headers", "raw_body", "content_type",
+                "exception_message")
+
+
+def shown_messages(pks: list[int]) -> dict[int, str]:
+    """The exception messages of these letters as a person may see them (secrets the
+    message quotes scrubbed: letters parked before the scrub at storage hold them)."""
+    letters = DeadLetter.objects.filter(pk__in=pks).only(*SCRUB_FIELDS)
+    return {letter.pk: redaction.shown_letter(letter).exception_message for letter in letters}
 
 
 def group_letters(fingerprint: str) -> QuerySet[DeadLetter]:

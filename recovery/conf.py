@@ -47,10 +47,14 @@ DEFAULTS: Mapping[str, Any] = {
     # Store Celery's intermediate RETRY state in the result backend (one write per retry).
     # Off: the attempt history travels in the message and is kept on the dead letter.
     "STORE_RETRY_STATE": False,
-    # Argument and header names (substrings, case-insensitive) whose values are masked
-    # in the admin, exports and `dlq show`; the stored payload keeps the real values.
-    "SECRET_KEYS": ("password", "passwd", "secret", "token", "authorization", "api_key",
-                    "apikey", "access_key", "private_key", "credential", "cookie", "session"),
+    # Argument and header names whose values are masked wherever a person sees a letter;
+    # the stored payload keeps the real values. Case-insensitive; keys of four characters
+    # or fewer match whole words of a name (pin_code, cardNumber; not shipping, company),
+    # longer ones anywhere in it. See recovery.redaction.
+    "SECRET_KEYS": ("password", "passwd", "passphrase", "secret", "token", "authorization",
+                    "auth", "api_key", "apikey", "access_key", "private_key", "credential",
+                    "signature", "cookie", "session", "card", "cvv", "cvc", "pan", "iban",
+                    "ssn", "pin", "otp"),
     # Most letters one admin request acts on (a bulk action or a failure group); more are
     # refused with the equivalent `manage.py dlq` command, which streams and is resumable.
     "ADMIN_BULK_MAX": 10000,

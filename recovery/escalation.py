@@ -29,7 +29,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from . import conf, headers as hdr, metrics
+from . import conf, headers as hdr, metrics, redaction
 from .bounds import attempt_count
 from .models import DeadLetter, Incident, IncidentNotification
 
@@ -180,22 +180,17 @@ def incident_link(incident_id: int, base: str | None = None) -> str:
 
 def letter_diagnostics(record: "ParkRecord", letter_id: int | None, base: str = "") -> dict:
     """What an engineer needs to act on a letter, with secrets masked."""
-    from .redaction import hidden_values, mask, masked_payload, scrub_strings, scrub_text
-
-    args, kwargs = masked_payload(record.task_name, record.args, record.kwargs)
-    # An exception message or traceback may quote a masked argument: scrub those too.
-    hidden = hidden_values(record.args, args) + hidden_values(record.kwargs, kwargs)
+    shown = redaction.shown_letter(record)
     return {
         "task": record.task_name,
         "task_id": record.task_id,
         "queue": record.queue,
         "worker": record.worker,
-        "args": args,
-        "kwargs": kwargs,
-        "exception": {"type": record.exception_type,
-                      "message": scrub_text(record.exception_message, hidden)},
-        "traceback": scrub_text(record.traceback, hidden),
-        "history": scrub_strings(mask(record.history), hidden),
+        "args": shown.args,
+        "kwargs": shown.kwargs,
+        "exception": {"type": record.exception_type, "message": shown.exception_message},
+        "traceback": shown.traceback,
+        "history": shown.history,
         "attempts": attempt_count(record.history),  # a bounded history counts its cut
         "classification": {"kind": record.kind, "permanent": record.permanent,
                            "reason": record.reason},

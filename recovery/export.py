@@ -29,32 +29,20 @@ CSV_COLUMNS = (
 )
 
 
-def _masked_event_payload(letter: DeadLetter, payload: Any) -> Any:
-    if not isinstance(payload, dict):
-        return payload
-    args, kwargs = redaction.masked_payload(letter.task_name, payload.get("args") or [],
-                                            payload.get("kwargs") or {})
-    return {"args": args, "kwargs": kwargs}
-
-
 def letter_record(letter: DeadLetter, *, reveal: bool = False, events: bool = True) -> dict:
-    """Everything about one letter as plain JSON-able data (secrets masked unless ``reveal``)."""
+    """Everything about one letter as plain JSON-able data (secrets masked unless ``reveal``;
+    nesting deeper than ``redaction.MAX_DEPTH`` is cut either way, so it can be written)."""
     data = {field.attname if field.name == "id" else field.name: getattr(letter, field.attname)
             for field in DeadLetter._meta.fields}
-    if not reveal:
-        data["args"], data["kwargs"] = redaction.masked_payload(letter.task_name, letter.args,
-                                                                letter.kwargs)
-        data["headers"] = redaction.mask(letter.headers)
-        try:
-            data["raw_body"] = json.dumps(redaction.mask(json.loads(letter.raw_body)))
-        except ValueError:
-            pass
+    shown = redaction.shown_letter(letter, reveal=reveal)
+    for name in ("args", "kwargs", "headers", "raw_body", "exception_message", "traceback",
+                 "history"):
+        data[name] = getattr(shown, name)
     if events:
         data["events"] = [
-            {"at": e.at, "action": e.action, "actor": e.actor, "note": e.note,
-             "outcome": e.outcome,
-             "before": e.before if reveal else _masked_event_payload(letter, e.before),
-             "after": e.after if reveal else _masked_event_payload(letter, e.after)}
+            {"at": e.at, "action": e.action, "actor": e.actor, "note": shown.text(e.note),
+             "outcome": shown.text(e.outcome), "before": shown.payload(e.before),
+             "after": shown.payload(e.after)}
             for e in letter.events.all()
         ]
     return data

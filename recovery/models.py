@@ -18,6 +18,8 @@ from __future__ import annotations
 from django.db import models
 from django.utils import timezone
 
+from .deepjson import DeepJSONField
+
 __all__ = ["DeadLetter", "DueRetry", "DeliveryCount", "DeadLetterEvent", "OutboxMessage",
            "SharedState", "FallbackUse", "SagaRun", "SagaStep", "SagaEvent", "Incident",
            "IncidentNotification"]
@@ -44,9 +46,9 @@ class DeadLetter(models.Model):
         help_text="Celery task id; poison messages without one get poison-<sha256 of body>.",
     )
     task_name = models.CharField("task name", max_length=255, db_index=True)
-    args = models.JSONField("positional arguments", default=list, blank=True)
-    kwargs = models.JSONField("keyword arguments", default=dict, blank=True)
-    headers = models.JSONField(
+    args = DeepJSONField("positional arguments", default=list, blank=True)
+    kwargs = DeepJSONField("keyword arguments", default=dict, blank=True)
+    headers = DeepJSONField(
         "execution options", default=dict, blank=True,
         help_text="What a replay needs to continue the workflow: chain, link, chord, "
                   "group, root/parent ids and custom headers.",
@@ -72,7 +74,7 @@ class DeadLetter(models.Model):
         default=0, help_text="Runs that failed, cumulative across replays.",
     )
     replay_count = models.PositiveIntegerField("replays", default=0)
-    history = models.JSONField(
+    history = DeepJSONField(
         default=list, blank=True,
         help_text="One entry per failed attempt: at, attempt, replay (0 for the original "
                   "run), kind, exception_type, exception_message, delay_seconds (the delay "

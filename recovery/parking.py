@@ -33,7 +33,7 @@ from django.db import (IntegrityError, InterfaceError, OperationalError, close_o
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from . import conf, deferred, escalation, metrics
+from . import conf, deferred, escalation, metrics, redaction
 from . import headers as hdr
 from .bounds import attempt_count, bounded
 from .fingerprint import fingerprint
@@ -133,6 +133,9 @@ class ParkRecord:
     result: dict | None = None
 
     def __post_init__(self) -> None:
+        # Exceptions quote their arguments: the secrets among them are scrubbed from the
+        # text before anything (the fingerprint, search, a page) can see it.
+        self.exception_message, self.traceback, self.history = redaction.scrubbed_failure(self)
         # Every value is made storable here, before the first write and before the spool,
         # so that a record can fail to be written only because the database is down.
         bounded(self)  # recovery.bounds: what one letter stores, whatever a client sent

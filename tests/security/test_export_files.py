@@ -26,7 +26,9 @@ def hostile_letter():
     return DeadLetter.objects.create(
         task_id="@SUM(1+1)*cmd|' /C calc'!A0", task_name=FORMULA,
         exception_type="+cmd|' /C notepad'!A0", exception_message=FORMULA,
-        reason="-2+3+cmd|' /C calc'!A0", args=[FORMULA], kwargs={"note": FORMULA},
+        # The positional argument differs from the message: the task cannot be imported, so
+        # its positional arguments are masked and their values scrubbed from the text.
+        reason="-2+3+cmd|' /C calc'!A0", args=["=1+2"], kwargs={"note": FORMULA},
         queue="\t=1+1", worker="\r=1+1", fingerprint="c" * 40, kind="poison",
     )
 

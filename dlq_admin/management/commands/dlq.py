@@ -29,6 +29,7 @@ from django.utils.dateparse import parse_date, parse_datetime
 
 from dlq_admin.management.actor import cli_actor
 from dlq_admin.reveals import BATCH_SIZE, record_reveals
+from recovery import redaction
 from recovery import replay as service
 from recovery.models import DeadLetter
 from recovery.parking import drain_spool, spool
@@ -160,11 +161,12 @@ class Command(BaseCommand):
         self.stdout.write(f"{'id':>7}  {'status':<11} {'kind':<18} {'att':>3} {'rep':>3}  "
                           f"{'last failed':<19}  task / exception")
         for letter in qs.iterator(chunk_size=1000):
+            message = redaction.shown_letter(letter).exception_message
             self.stdout.write(
                 f"{letter.pk:>7}  {letter.status:<11} {letter.kind:<18} {letter.attempts:>3} "
                 f"{letter.replay_count:>3}  {letter.last_failed_at:%Y-%m-%d %H:%M:%S}  "
                 f"{letter.task_name}: {letter.exception_type}: "
-                f"{letter.exception_message[:80].splitlines()[0] if letter.exception_message else ''}"
+                f"{message[:80].splitlines()[0] if message else ''}"
             )
 
     def do_show(self, options):
