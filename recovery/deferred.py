@@ -93,7 +93,7 @@ def _masked_reprs(request: Any) -> dict[str, str]:
     if args is None and kwargs is None:
         return {}
     reprs = result_rows.masked_reprs(getattr(request, "task", None) or "", args or [],
-                                     kwargs or {})
+                                     kwargs or {}, extra_keys=result_rows.saga_keys(request))
     if reprs is None:
         if getattr(request, "argsrepr", None) is not None:
             return {}

@@ -35,11 +35,11 @@ from typing import Any
 
 from celery import current_app
 
-from . import conf, deepjson
+from . import conf, deepjson, headers as hdr
 
 __all__ = ["MASK", "MAX_DEPTH", "SHOWN_MAX_CHARS", "is_secret_key", "mask", "masked_payload",
            "has_secrets", "hidden_values", "scrub_text", "scrub_strings", "mask_with",
-           "shown_letter", "ShownLetter", "scrubbed_failure", "clipped"]
+           "shown_letter", "ShownLetter", "scrubbed_failure", "clipped", "saga_secret_keys"]
 
 MASK = "••••••"
 
@@ -85,26 +85,41 @@ def _is_secret(name: str, keys: tuple[str, ...]) -> bool:
     return any(f in snake or f.replace("_", "") in squashed for f in fragments)
 
 
-def is_secret_key(name: Any) -> bool:
-    """Whether a value under the key (or parameter) ``name`` is masked."""
-    return _is_secret(str(name), tuple(conf.get("SECRET_KEYS")))
+def is_secret_key(name: Any, extra_keys: tuple[str, ...] = ()) -> bool:
+    """Whether a value under the key (or parameter) ``name`` is masked: it matches
+    ``RECOVERY["SECRET_KEYS"]`` or ``extra_keys`` (a saga's own secret keys)."""
+    return _is_secret(str(name), tuple(conf.get("SECRET_KEYS")) + tuple(extra_keys))
 
 
-def _mask(value: Any, depth: int) -> Any:
+def _mask(value: Any, depth: int, extra: tuple[str, ...] = ()) -> Any:
     if isinstance(value, (dict, list)) and depth >= MAX_DEPTH:
         return MASK
     if isinstance(value, dict):
-        return {k: (MASK if is_secret_key(k) and v not in (None, "") else _mask(v, depth + 1))
+        return {k: (MASK if is_secret_key(k, extra) and v not in (None, "")
+                    else _mask(v, depth + 1, extra))
                 for k, v in value.items()}
     if isinstance(value, list):
-        return [_mask(item, depth + 1) for item in value]
+        return [_mask(item, depth + 1, extra) for item in value]
     return value
 
 
-def mask(value: Any) -> Any:
+def mask(value: Any, extra_keys: Any = ()) -> Any:
     """A copy of ``value`` with the values of secret-named keys masked, at any depth (and
-    whatever lies deeper than :data:`MAX_DEPTH` masked whole)."""
-    return _mask(value, 0)
+    whatever lies deeper than :data:`MAX_DEPTH` masked whole). ``extra_keys`` are secret
+    too, matched by the same rule."""
+    return _mask(value, 0, _extra(extra_keys))
+
+
+def _extra(keys: Any) -> tuple[str, ...]:
+    return tuple(str(key) for key in keys or () if key) if isinstance(keys, (list, tuple)) else ()
+
+
+def saga_secret_keys(options: Any) -> tuple[str, ...]:
+    """The secret keys a saga step's message carries in its ``recovery_saga`` header (the
+    saga's own ``secret_keys``): its letter is masked by them too. A forged header can
+    only mask more, never less: the project's keys always apply."""
+    header = hdr.from_options(options, hdr.SAGA)
+    return _extra(header.get("secret_keys")) if isinstance(header, Mapping) else ()
 
 
 def _positional_names(task_name: str, count: int, app: Any) -> list[str | None] | None:
@@ -141,7 +156,7 @@ def _hidden(value: Any) -> bool:
 
 
 def masked_payload(task_name: str, args: list, kwargs: dict, app: Any = None, *,
-                   mask_unknown: bool = True) -> tuple[list, dict]:
+                   mask_unknown: bool = True, extra_keys: Any = ()) -> tuple[list, dict]:
     """(args, kwargs) as a person may see them.
 
     ``mask_unknown=False`` masks the positional arguments of a task that cannot be found
@@ -149,15 +164,17 @@ def masked_payload(task_name: str, args: list, kwargs: dict, app: Any = None, *,
     message for a secret that is only presumed).
     """
     args = list(args) if isinstance(args, (list, tuple)) else []
+    extra = _extra(extra_keys)
     names = _positional_names(task_name, len(args), app if app is not None else current_app)
     if names is None and not mask_unknown:
         names = [None] * len(args)
     if names is None:  # an unknown task: any positional argument may be the secret
         shown_args = [MASK if _hidden(arg) else arg for arg in args]
     else:
-        shown_args = [MASK if name and is_secret_key(name) and _hidden(arg) else _mask(arg, 1)
+        shown_args = [MASK if name and is_secret_key(name, extra) and _hidden(arg)
+                      else _mask(arg, 1, extra)
                       for name, arg in zip(names, args)]
-    return shown_args, mask(kwargs if isinstance(kwargs, dict) else {})
+    return shown_args, _mask(kwargs if isinstance(kwargs, dict) else {}, 0, extra)
 
 
 def _differs(raw: Any, masked: Any, depth: int = 0) -> bool:
@@ -276,9 +293,11 @@ class _Envelope:
     """Masks a Celery message's own fields (headers, a protocol 1 body, a request dict) by
     the task's signature, and remembers what it hid."""
 
-    def __init__(self, task_name: str, args: list, kwargs: dict, mask_unknown: bool = True) -> None:
+    def __init__(self, task_name: str, args: list, kwargs: dict, mask_unknown: bool = True,
+                 extra_keys: tuple[str, ...] = ()) -> None:
         self.task_name = task_name
         self.mask_unknown = mask_unknown
+        self.extra_keys = extra_keys
         self.args, self.kwargs = args, kwargs
         self.hidden: list = []
 
@@ -286,7 +305,8 @@ class _Envelope:
         raw_args = list(args) if isinstance(args, (list, tuple)) else []
         raw_kwargs = kwargs if isinstance(kwargs, dict) else {}
         shown_args, shown_kwargs = masked_payload(task_name or self.task_name, raw_args,
-                                                  raw_kwargs, mask_unknown=self.mask_unknown)
+                                                  raw_kwargs, mask_unknown=self.mask_unknown,
+                                                  extra_keys=self.extra_keys)
         self.hidden += hidden_values(raw_args, shown_args) + hidden_values(raw_kwargs, shown_kwargs)
         return shown_args, shown_kwargs
 
@@ -316,7 +336,7 @@ class _Envelope:
                 shown[key] = self.payload(item, {}, task)[0]
             elif key == "kwargs" and isinstance(item, dict):
                 shown[key] = self.payload([], item, task)[1]
-            elif is_secret_key(key) and _hidden(item):
+            elif is_secret_key(key, self.extra_keys) and _hidden(item):
                 self.hidden += _leaves(item) or [item]
                 shown[key] = MASK
             else:
@@ -346,6 +366,7 @@ class ShownLetter:
         self.letter = letter
         self.reveal = reveal
         self.mask_unknown = mask_unknown
+        self.extra_keys = saga_secret_keys(getattr(letter, "headers", None))
 
     @cached_property
     def _payload(self) -> tuple[list, dict, list]:
@@ -355,7 +376,7 @@ class ShownLetter:
         if self.reveal:
             return _bounded(raw_args), _bounded(raw_kwargs), []
         args, kwargs = masked_payload(letter.task_name, raw_args, raw_kwargs,
-                                      mask_unknown=self.mask_unknown)
+                                      mask_unknown=self.mask_unknown, extra_keys=self.extra_keys)
         return args, kwargs, hidden_values(raw_args, args) + hidden_values(raw_kwargs, kwargs)
 
     @property
@@ -370,7 +391,7 @@ class ShownLetter:
         letter = self.letter
         return _Envelope(letter.task_name, letter.args if isinstance(letter.args, list) else [],
                          letter.kwargs if isinstance(letter.kwargs, dict) else {},
-                         self.mask_unknown)
+                         self.mask_unknown, self.extra_keys)
 
     @cached_property
     def _headers(self) -> tuple[Any, list]:
@@ -435,7 +456,8 @@ class ShownLetter:
         history = self.letter.history if isinstance(self.letter.history, list) else []
         if self.reveal:
             return _bounded(history)
-        return scrub_strings(mask(history), self.hidden) if self.hidden else mask(history)
+        shown = mask(history, self.extra_keys)
+        return scrub_strings(shown, self.hidden) if self.hidden else shown
 
     def payload(self, payload: Any) -> Any:
         """An audit event's ``before``/``after`` payload ({"args", "kwargs"}) as shown."""
@@ -444,7 +466,7 @@ class ShownLetter:
         if self.reveal:
             return _bounded(payload)
         args, kwargs = masked_payload(self.letter.task_name, payload.get("args") or [],
-                                      payload.get("kwargs") or {})
+                                      payload.get("kwargs") or {}, extra_keys=self.extra_keys)
         return {"args": args, "kwargs": kwargs}
 
 
@@ -482,31 +504,6 @@ def scrubbed_failure(record: Any) -> tuple[str, str, list]:
     return shown.exception_message, shown.traceback, scrub_strings(history, shown.hidden)
 
 
-#: How deep :func:`mask_with` looks for extra secret keys; a subtree below it is masked whole.
-EXTRA_KEYS_MAX_DEPTH = 64
-
-
 def mask_with(value: Any, extra_keys: Any) -> Any:
-    """:func:`mask`, with the names in ``extra_keys`` secret too (a saga's own secret keys,
-    matched like ``RECOVERY["SECRET_KEYS"]``: case-insensitive, contained in the name)."""
-    extra = tuple(str(key).lower().replace("-", "_") for key in extra_keys or () if key)
-    if not extra:
-        return mask(value)
-
-    def secret(name: Any) -> bool:
-        text = str(name).lower().replace("-", "_")
-        return any(key in text for key in extra)
-
-    def walk(item: Any, depth: int) -> Any:
-        if isinstance(item, dict):
-            if depth >= EXTRA_KEYS_MAX_DEPTH:
-                return MASK
-            return {k: (MASK if secret(k) and v not in (None, "") else walk(v, depth + 1))
-                    for k, v in item.items()}
-        if isinstance(item, list):
-            if depth >= EXTRA_KEYS_MAX_DEPTH:
-                return MASK
-            return [walk(element, depth + 1) for element in item]
-        return item
-
-    return mask(walk(value, 0))
+    """:func:`mask` with ``extra_keys`` secret too (a saga's own secret keys)."""
+    return mask(value, extra_keys)

@@ -25,7 +25,7 @@ from typing import Any
 
 from celery.utils.saferepr import saferepr
 
-from . import redaction
+from . import headers as hdr, redaction
 
 __all__ = ["masked_reprs", "hidden_in_request", "scrubbed_failure"]
 
@@ -39,8 +39,10 @@ REPR_MAX_CHARS = 1024
 UNMASKABLE = f"({redaction.MASK})"
 
 
-def masked_reprs(task_name: str, args: Any, kwargs: Any, app: Any = None) -> tuple[str, str] | None:
-    """``(argsrepr, kwargsrepr)`` with secrets masked; None when nothing is secret.
+def masked_reprs(task_name: str, args: Any, kwargs: Any, app: Any = None,
+                 extra_keys: Any = ()) -> tuple[str, str] | None:
+    """``(argsrepr, kwargsrepr)`` with secrets masked (``extra_keys``: a saga's own, see
+    :func:`recovery.redaction.saga_secret_keys`); None when nothing is secret.
 
     None lets Celery's own repr stand, so a task without secrets costs no new repr.
     Arguments that masking fails on are hidden whole: this runs as a message is
@@ -50,7 +52,8 @@ def masked_reprs(task_name: str, args: Any, kwargs: Any, app: Any = None) -> tup
         return None
     raw_args, raw_kwargs = list(args), dict(kwargs or {})
     try:
-        shown_args, shown_kwargs = redaction.masked_payload(task_name, raw_args, raw_kwargs, app)
+        shown_args, shown_kwargs = redaction.masked_payload(task_name, raw_args, raw_kwargs, app,
+                                                            extra_keys=extra_keys)
     except Exception:  # noqa: BLE001 - fail closed, never stop the message
         logger.warning("recovery: cannot mask the arguments of %s; hiding them", task_name,
                        exc_info=True)
@@ -59,6 +62,11 @@ def masked_reprs(task_name: str, args: Any, kwargs: Any, app: Any = None) -> tup
         return None
     shown = tuple(shown_args) if isinstance(args, tuple) else shown_args
     return saferepr(shown, REPR_MAX_CHARS), saferepr(shown_kwargs, REPR_MAX_CHARS)
+
+
+def saga_keys(request: Any) -> tuple[str, ...]:
+    """The secret keys a saga step's request carries in its ``recovery_saga`` header."""
+    return redaction.saga_secret_keys({hdr.SAGA: hdr.read(request, hdr.SAGA)})
 
 
 def hidden_in_request(request: Any, app: Any = None) -> list | None:
@@ -72,7 +80,8 @@ def hidden_in_request(request: Any, app: Any = None) -> list | None:
         return []
     raw = [list(args), dict(kwargs)]
     try:
-        masked = list(redaction.masked_payload(str(task_name), raw[0], raw[1], app))
+        masked = list(redaction.masked_payload(str(task_name), raw[0], raw[1], app,
+                                               extra_keys=saga_keys(request)))
         return redaction.hidden_values(raw, masked)
     except Exception:  # noqa: BLE001 - never stop the result store; hide the text instead
         logger.warning("recovery: cannot mask the arguments of %s; hiding its failure text",

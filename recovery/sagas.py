@@ -380,8 +380,10 @@ def _dispatch(run: SagaRun, index: int, role: str) -> str:
         dispatched_at=timezone.now(), started_at=None, finished_at=None, error="", result=None,
     )
     kwargs = {IDEMPOTENCY_KWARG: _key(run.pk, index, role)} if role == Role.COMPENSATION else {}
-    outbox.enqueue(task_name, [run.context], kwargs, task_id=task_id,
-                   headers=_Ref(run.pk, index, role).header())
+    headers = _Ref(run.pk, index, role).header()
+    if saga_secrets.secret_keys(run):  # its letter is masked by them too (see redaction)
+        headers[hdr.SAGA]["secret_keys"] = list(saga_secrets.secret_keys(run))
+    outbox.enqueue(task_name, [run.context], kwargs, task_id=task_id, headers=headers)
     run.current_step = index
     return task_id
 

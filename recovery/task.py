@@ -46,7 +46,7 @@ from kombu.exceptions import EncodeError
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from . import conf, headers as hdr, metrics, result_rows
+from . import conf, headers as hdr, metrics, redaction, result_rows
 from .bounds import delay_seconds
 from .classification import Failure, Rule, classify
 from .errors import TransientError
@@ -336,7 +336,8 @@ class RecoveryTask(Task):
         """Publish with ``argsrepr``/``kwargsrepr`` masked (:mod:`recovery.result_rows`),
         unless the caller chose them: Celery shows these in events, logs and result rows."""
         if options.get("argsrepr") is None and options.get("kwargsrepr") is None:
-            reprs = result_rows.masked_reprs(self.name, args or (), kwargs or {}, self.app)
+            reprs = result_rows.masked_reprs(self.name, args or (), kwargs or {}, self.app,
+                                             redaction.saga_secret_keys(options))
             if reprs is not None:
                 options["argsrepr"], options["kwargsrepr"] = reprs
         return super().apply_async(args, kwargs, **options)

@@ -36,7 +36,7 @@ from celery.worker.request import Request
 from celery.worker.state import task_ready
 from kombu.serialization import loads, prepare_accept_content
 
-from . import conf, envelope, metrics, result_rows
+from . import conf, envelope, metrics, redaction, result_rows
 from .envelope import EnvelopeError
 from .kinds import FailureKind
 
@@ -259,7 +259,8 @@ class RecoveryRequest(Request):
         """Mask the secrets of Celery's ``argsrepr``/``kwargsrepr`` before anything reads
         them: the received log line and event, and the result row (``result_extended``),
         which a message published by a plain ``send_task`` would show in clear."""
-        reprs = result_rows.masked_reprs(self._type, self._args, self._kwargs, self._app)
+        reprs = result_rows.masked_reprs(self._type, self._args, self._kwargs, self._app,
+                                         redaction.saga_secret_keys(self._request_dict))
         if reprs is not None:
             self._argsrepr, self._kwargsrepr = reprs
             self._request_dict["argsrepr"], self._request_dict["kwargsrepr"] = reprs
