@@ -28,19 +28,31 @@ class ReplayForm(forms.Form):
         # A payload with secrets is shown masked to users who may not reveal them; they
         # can replay it as stored but not edit it (a masked value must never be saved).
         secrets = redaction.has_secrets(letter.task_name, letter.args, letter.kwargs)
-        self.locked = not can_reveal and secrets
+        stored = _editable_text(letter.args, letter.kwargs)
+        self.locked = (not can_reveal and secrets) or stored is None
         #: the unlocked form shows the stored secrets: a reveal, for the audit trail
-        self.reveals = can_reveal and secrets
-        shown_args, shown_kwargs = (redaction.masked_payload(letter.task_name, letter.args,
-                                                             letter.kwargs)
-                                    if self.locked else (letter.args, letter.kwargs))
-        self.initial.update(args=json.dumps(shown_args, indent=2),
-                            kwargs=json.dumps(shown_kwargs, indent=2))
+        self.reveals = can_reveal and secrets and stored is not None
+        if stored is None:
+            # A payload nested deeper than a page can render, or larger than it should hold,
+            # is replayed as stored; `dlq export --reveal` has it whole.
+            note = (f"The payload is too deep or too large to edit here (over "
+                    f"{redaction.MAX_DEPTH} levels or {redaction.SHOWN_MAX_CHARS // 1024} KB); "
+                    f"it is replayed as stored.")
+            self.initial.update(args=note, kwargs=note)
+            help_text = note
+        else:
+            self.initial.update(args=stored[0], kwargs=stored[1])
+            if self.locked:
+                shown_args, shown_kwargs = redaction.masked_payload(
+                    letter.task_name, letter.args, letter.kwargs)
+                self.initial.update(args=json.dumps(shown_args, indent=2),
+                                    kwargs=json.dumps(shown_kwargs, indent=2))
+            help_text = ("Contains secrets, shown masked; editing needs the reveal-secrets "
+                         "permission.")
         if self.locked:
             for name in ("args", "kwargs"):
                 self.fields[name].disabled = True
-                self.fields[name].help_text = ("Contains secrets, shown masked; editing needs "
-                                               "the reveal-secrets permission.")
+                self.fields[name].help_text = help_text
 
     def _json(self, name: str):
         text = self.cleaned_data[name]
@@ -88,3 +100,13 @@ class ReplayForm(forms.Form):
     def edited(self) -> bool:
         return (self.cleaned_data["args"], self.cleaned_data["kwargs"]) != \
             (self.letter.args, self.letter.kwargs)
+
+
+def _editable_text(args, kwargs) -> tuple[str, str] | None:
+    """The payload as the form's JSON text, or None when it is too deep to encode or
+    larger than a page should hold (:data:`recovery.redaction.SHOWN_MAX_CHARS`)."""
+    try:
+        text = (json.dumps(args, indent=2), json.dumps(kwargs, indent=2))
+    except (RecursionError, TypeError, ValueError):
+        return None
+    return None if len(text[0]) + len(text[1]) > redaction.SHOWN_MAX_CHARS else text

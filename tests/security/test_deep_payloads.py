@@ -100,3 +100,39 @@ def test_a_five_megabyte_payload_and_a_megabyte_message_render_truncated(staff_c
     text = page.content.decode()
     assert "truncated; full value via dlq export --reveal" in text
     assert len(text) < 1024 * 1024
+
+
+@pytest.mark.parametrize("codenames", [("replay_deadletter",),
+                                       ("replay_deadletter", "reveal_deadletter_secrets",
+                                        "change_deadletter")])
+def test_the_replay_form_of_a_deep_letter_renders_and_refuses_editing(
+        staff_client, deep_letter, codenames):
+    # Given a letter whose kwargs are nested 10,000 deep, and an operator who may replay
+    # (and, the second time, reveal and edit)
+    client = staff_client(*codenames)
+    url = reverse("admin:recovery_deadletter_replay", args=[deep_letter.pk])
+    # When they open its replay form
+    page = client.get(url)
+    # Then it renders, with the payload locked and the reason said
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert "too deep or too large to edit here" in text
+    assert "bottom_secret" not in text
+    # and posting an "edit" changes nothing: the payload is replayed as stored, or refused
+    # with a clear error, never a 500
+    response = client.post(url, {"args": "[]", "kwargs": '{"x": 1}', "queue": "", "note": ""})
+    assert response.status_code in (200, 302)
+    deep_letter.refresh_from_db()
+    assert deep_letter.kwargs["card_token"] == "tok_deep_1"  # stored payload untouched
+    assert deep_letter.args == []
+
+
+def test_the_replay_form_of_a_five_megabyte_letter_is_not_a_five_megabyte_page(staff_client):
+    letter = DeadLetter.objects.create(task_id="big-form-1", task_name=secret_tasks.charge_card.name,
+                                       args=["z" * (5 * 1024 * 1024)], kwargs={},
+                                       fingerprint="d" * 40)
+    page = staff_client("replay_deadletter", "reveal_deadletter_secrets").get(
+        reverse("admin:recovery_deadletter_replay", args=[letter.pk]))
+    assert page.status_code == 200
+    assert len(page.content) < 1024 * 1024
+    assert "too deep or too large to edit here" in page.content.decode()
