@@ -25,7 +25,7 @@ from typing import Any
 
 from celery.utils.saferepr import saferepr
 
-from . import headers as hdr, redaction
+from . import bounds, conf, headers as hdr, redaction
 
 __all__ = ["masked_reprs", "hidden_in_request", "scrubbed_failure"]
 
@@ -98,7 +98,9 @@ def scrubbed_failure(backend: Any, exc: Any, traceback: str | None,
     The exception becomes the backend's JSON form (type, message, module), which
     ``store_result`` stores as it is; a backend that pickles exceptions keeps the object.
     """
-    if values is not None and not values:
+    message_max, traceback_max = int(conf.get("MESSAGE_MAX_CHARS")), int(conf.get("TRACEBACK_MAX_CHARS"))
+    too_long = len(traceback or "") > traceback_max or len(str(exc)) > message_max
+    if values is not None and not values and not too_long:
         return exc, traceback
     prepared = backend.prepare_exception(exc) if isinstance(exc, BaseException) else exc
     if values is None:
@@ -107,5 +109,11 @@ def scrubbed_failure(backend: Any, exc: Any, traceback: str | None,
         return prepared, (redaction.MASK if traceback else traceback)
     if isinstance(prepared, Mapping):
         prepared = redaction.scrub_strings(dict(prepared), values)
+        # The row is bounded like a letter (recovery.bounds): a 1 MB message is input too.
+        message = prepared.get("exc_message")
+        if isinstance(message, (list, tuple)):
+            prepared["exc_message"] = [bounds.cut(item, message_max) if isinstance(item, str)
+                                       else item for item in message]
     shown_traceback = redaction.scrub_text(traceback, values) if traceback else traceback
-    return prepared, shown_traceback
+    return prepared, (bounds.cut(shown_traceback, traceback_max) if shown_traceback
+                      else shown_traceback)

@@ -47,7 +47,7 @@ from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from . import conf, headers as hdr, metrics, redaction, result_rows
-from .bounds import delay_seconds
+from .bounds import cut, delay_seconds
 from .classification import Failure, Rule, classify
 from .errors import TransientError
 from .policy import Attempt, RetryPolicy, Verdict
@@ -214,6 +214,14 @@ def _defer_success(task_id: str, result: Any, request: Any, backend: Any,
     logger.warning("recovery: task %s succeeded; its result store failed (%s) and was "
                    "spooled", task_id, error)
     return None
+
+
+def _scrubbed_message(exc: BaseException, request: Any) -> str:
+    """``exc``'s message as a record other than a letter (a fallback use) stores it:
+    bounded, with the call's secret values masked (hidden whole if masking fails)."""
+    values = result_rows.hidden_in_request(request)
+    message = str(exc) if values is not None else redaction.MASK
+    return cut(redaction.scrub_text(message, values or []), int(conf.get("MESSAGE_MAX_CHARS")))
 
 
 def _isolated(what: str, func, *args: Any, **kwargs: Any) -> None:
@@ -494,7 +502,7 @@ class RecoveryTask(Task):
                 dependency=(self.degraded_mode if reason == "degraded" else self.dependency)
                 or "",
                 exception_type=exception_path(exc),
-                exception_message=str(exc)[: int(conf.get("MESSAGE_MAX_CHARS"))],
+                exception_message=_scrubbed_message(exc, self.request),
             )
         except Exception as db_exc:  # noqa: BLE001 - the result stands; the record is best effort
             logger.warning("%s[%s]: fallback used, but not recorded (%s)", self.name,

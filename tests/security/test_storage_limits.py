@@ -8,6 +8,7 @@ import os
 
 import pytest
 from django.conf import settings
+from django_celery_results.models import TaskResult
 
 from recovery import bounds
 from recovery import headers as hdr
@@ -52,6 +53,11 @@ def test_a_megabyte_exception_message_and_traceback_are_stored_cut_with_a_marker
     [attempt] = letter.history
     assert len(attempt["exception_message"]) <= setting("MESSAGE_MAX_CHARS")
     assert letter.args == [key, huge]
+    # and its result row (django-celery-results) is bounded the same way
+    row = wait_for(lambda: TaskResult.objects.filter(task_id=result.id, status="FAILURE").first(),
+                   15, message="the FAILURE row")
+    assert len(row.traceback or "") <= setting("TRACEBACK_MAX_CHARS")
+    assert len(row.result) <= setting("MESSAGE_MAX_CHARS") + 500
 
 
 def test_a_five_megabyte_payload_is_parked_unrun_with_its_body_whole_and_no_second_copy(
