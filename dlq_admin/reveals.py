@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from itertools import islice
 
 from recovery.export import letter_record
-from recovery.models import DeadLetter, DeadLetterEvent
+from recovery.models import DeadLetter, DeadLetterEvent, SagaEvent
 
-__all__ = ["record_reveals", "reveals_anything", "BATCH_SIZE"]
+__all__ = ["record_reveals", "record_saga_reveal", "reveals_anything", "BATCH_SIZE"]
 
 #: events written per INSERT (and letter ids held in memory at once) by an export
 BATCH_SIZE = 1000
@@ -34,6 +34,13 @@ def record_reveals(letter_ids: Iterable[int], *, actor: str, via: str,
             for pk in batch])
         written += len(batch)
     return written
+
+
+def record_saga_reveal(run_id: int, *, actor: str, via: str) -> None:
+    """A ``revealed`` event on a saga run's audit trail (its context, results and errors
+    were shown unmasked)."""
+    SagaEvent.objects.create(run_id=run_id, action=SagaEvent.Action.REVEALED, actor=actor,
+                             note=via)
 
 
 def reveals_anything(letter: DeadLetter) -> bool:

@@ -27,6 +27,7 @@ from recovery.models import SagaEvent, SagaRun, SagaStep
 
 from .hostile import NUL_REFUSED, has_nul
 from .lookups import SafeLookupsMixin
+from .reveals import record_saga_reveal
 
 #: operation -> (permission codename, past tense, which statuses it acts on, explanation)
 OPERATIONS = {
@@ -325,4 +326,9 @@ class SagaRunAdmin(SafeLookupsMixin, admin.ModelAdmin):
             "can_reveal": (run is not None and request.GET.get("reveal") != "1"
                            and request.user.has_perm("recovery.reveal_deadletter_secrets")),
         }
+        if (run is not None and request.method == "GET" and request.GET.get("reveal") == "1"
+                and request.user.has_perm("recovery.reveal_deadletter_secrets")):
+            # Written before the page is built: a reveal whose audit fails does not happen.
+            record_saga_reveal(run.pk, actor=request.user.get_username(),
+                               via="admin change page")
         return super().change_view(request, object_id, form_url, extra_context)

@@ -406,6 +406,7 @@ class SagaEvent(models.Model):
         COMPENSATED = "compensated", "Compensation started by hand"
         ESCALATED = "escalated", "Escalated (needs a human)"
         REDISPATCHED = "redispatched", "Dispatched again by the watchdog"
+        REVEALED = "revealed", "Secrets revealed"
 
     run = models.ForeignKey(SagaRun, on_delete=models.CASCADE, related_name="events")
     action = models.CharField(max_length=16, choices=Action.choices)

@@ -142,6 +142,31 @@ def test_saga_show_masks_the_run_unless_asked_to_reveal():
     assert '"order_id": 42' in shown.getvalue()
 
 
+def test_every_reveal_of_a_run_leaves_a_revealed_event_naming_who(client):
+    # Given a run with secrets, and a user who may reveal them
+    run = run_through_step_1(HELD)
+    revealer = staff(client, "reveal_deadletter_secrets")
+    url = reverse("admin:recovery_sagarun_change", args=[run.pk])
+    # When they open it masked, then revealed; and a shell user runs saga show --reveal
+    page(revealer, url)
+    assert not run.events.filter(action="revealed").exists()
+    page(revealer, url, reveal="1")
+    call_command("saga", "show", str(run.pk), "--reveal", stdout=io.StringIO())
+    # Then each reveal (and only a reveal) is on the run's audit trail
+    events = list(run.events.filter(action="revealed").order_by("at", "pk"))
+    assert [(e.actor, e.note) for e in events] == [
+        ("saga-viewer", "admin change page"), (events[1].actor, "saga show --reveal")]
+    assert events[1].actor.startswith("cli:")
+
+
+def test_asking_to_reveal_without_the_permission_shows_masked_and_records_nothing(client):
+    run = run_through_step_1(HELD)
+    viewer = staff(client)
+    shown = page(viewer, reverse("admin:recovery_sagarun_change", args=[run.pk]), reveal="1")
+    assert CARD_TOKEN not in shown
+    assert not run.events.filter(action="revealed").exists()
+
+
 def test_a_sagas_secret_keys_are_kept_with_each_run_and_checked_when_declared():
     run = HELD.start(order_id=7, maiden_name="x")
     assert run.definition["secret_keys"] == ["maiden_name"]

@@ -19,6 +19,7 @@ from django.utils import timezone
 from django.utils.timesince import timesince
 
 from dlq_admin.management.actor import cli_actor
+from dlq_admin.reveals import record_saga_reveal
 from recovery import saga_secrets, sagas
 from recovery.models import SagaRun
 
@@ -88,6 +89,8 @@ class Command(BaseCommand):
         run = self._run(options["id"])
         rows = list(run.steps.order_by("index", "-role"))
         reveal = options.get("reveal", False)
+        if reveal:
+            record_saga_reveal(run.pk, actor=cli_actor(), via="saga show --reveal")
         values = [] if reveal else saga_secrets.hidden(
             run, [row.result for row in rows if row.result is not None])
         context = run.context if reveal else saga_secrets.masked(run, run.context)
