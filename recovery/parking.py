@@ -135,7 +135,8 @@ class ParkRecord:
     def __post_init__(self) -> None:
         # Exceptions quote their arguments: the secrets among them are scrubbed from the
         # text before anything (the fingerprint, search, a page) can see it.
-        self.exception_message, self.traceback, self.history = redaction.scrubbed_failure(self)
+        (self.exception_message, self.traceback, self.history,
+         self.headers) = redaction.scrubbed_failure(self)
         # Every value is made storable here, before the first write and before the spool,
         # so that a record can fail to be written only because the database is down.
         bounded(self)  # recovery.bounds: what one letter stores, whatever a client sent

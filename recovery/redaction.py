@@ -195,6 +195,12 @@ def has_secrets(task_name: str, args: list, kwargs: dict, app: Any = None) -> bo
 
 #: Hidden values shorter than this are masked only where a text equals them, not inside text.
 _MIN_SUBSTRING_SECRET = 3
+#: Hidden numbers shorter than this are never masked inside text: a year, a count or a
+#: line number in a traceback would be rewritten everywhere.
+_MIN_SUBSTRING_NUMBER = 6
+#: Most distinct values one text is scrubbed of. A payload hiding more is hostile (or
+#: unusual): its text is hidden whole, never scrubbed for minutes nor shown unscrubbed.
+SCRUB_MAX_VALUES = 1000
 
 
 def _leaves(value: Any) -> list:
@@ -242,11 +248,22 @@ def hidden_values(raw: Any, masked: Any) -> list:
 def scrub_text(text: str, values: Any) -> str:
     """``text`` with each of ``values`` (from :func:`hidden_values`) masked; the longest
     first, so a secret that contains a shorter one is masked whole."""
-    texts = sorted({v if isinstance(v, str) else str(v) for v in values}, key=len, reverse=True)
-    for secret in texts:
-        if text == secret:
-            return MASK
-        if len(secret) >= _MIN_SUBSTRING_SECRET and secret in text:
+    if not text or not values:
+        return text
+    whole, inside = set(), set()
+    for value in values:
+        secret = value if isinstance(value, str) else str(value)
+        whole.add(secret)
+        if len(secret) >= (_MIN_SUBSTRING_SECRET if isinstance(value, str)
+                           else _MIN_SUBSTRING_NUMBER):
+            inside.add(secret)
+    if text in whole:
+        return MASK
+    if len(inside) > SCRUB_MAX_VALUES:
+        return (f"[{len(text)} characters hidden: the payload hides more than "
+                f"{SCRUB_MAX_VALUES} values to scrub from it]")
+    for secret in sorted(inside, key=len, reverse=True):
+        if secret in text:
             text = text.replace(secret, MASK)
     return text
 
@@ -402,7 +419,8 @@ class ShownLetter:
 
     @property
     def headers(self) -> Any:
-        return self._headers[0]
+        # A retry's recovery_history quotes exception text: scrub it like the message.
+        return scrub_strings(self._headers[0], self.hidden)
 
     @cached_property
     def _raw_body(self) -> tuple[str, list]:
@@ -429,7 +447,7 @@ class ShownLetter:
 
     @property
     def raw_body(self) -> str:
-        return self._raw_body[0]
+        return self.text(self._raw_body[0])
 
     @cached_property
     def hidden(self) -> list:
@@ -491,17 +509,34 @@ def shown_letter(letter: Any, reveal: bool = False) -> ShownLetter:
     return ShownLetter(letter, reveal)
 
 
-def scrubbed_failure(record: Any) -> tuple[str, str, list]:
-    """(exception message, traceback, history) of a letter about to be stored, with the
+def scrubbed_failure(record: Any) -> tuple[str, str, list, Any]:
+    """(exception message, traceback, history, headers) of a letter about to be stored, with the
     values its masks hide scrubbed out: every surface, search and the fingerprint then
     never see them. The payload itself is stored as is (a replay needs it). Only what
     the rules know is secret is scrubbed: the positional arguments of a task that cannot
     be imported are masked on display, not scrubbed from the stored text."""
     shown = ShownLetter(record, mask_unknown=False)
     if not shown.hidden:
-        return record.exception_message or "", record.traceback or "", record.history
+        return (record.exception_message or "", record.traceback or "", record.history,
+                record.headers)
     history = record.history if isinstance(record.history, list) else []
-    return shown.exception_message, shown.traceback, scrub_strings(history, shown.hidden)
+    return (shown.exception_message, shown.traceback, scrub_strings(history, shown.hidden),
+            _scrubbed_history_header(record.headers, shown.hidden))
+
+
+def _scrubbed_history_header(options: Any, values: list) -> Any:
+    """``options`` with the exception text in its ``recovery_history`` header (a poison
+    letter keeps the retried message's headers) scrubbed. The rest stays as it came:
+    ``argsrepr`` may be all a revealing operator has of an undecodable body."""
+    if not isinstance(options, Mapping):
+        return options
+    scrubbed = dict(options)
+    if hdr.HISTORY in scrubbed:
+        scrubbed[hdr.HISTORY] = scrub_strings(scrubbed[hdr.HISTORY], values)
+    nested = scrubbed.get("headers")
+    if isinstance(nested, Mapping) and hdr.HISTORY in nested:
+        scrubbed["headers"] = {**nested, hdr.HISTORY: scrub_strings(nested[hdr.HISTORY], values)}
+    return scrubbed
 
 
 def mask_with(value: Any, extra_keys: Any) -> Any:

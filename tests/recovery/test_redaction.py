@@ -160,7 +160,23 @@ def test_scrub_at_storage_uses_known_rules_only(monkeypatch):
     monkeypatch.setattr(redaction, "current_app", make_app())
     known = Letter(args=[7, "tok_c"], exception_message="no tok_c for 7", traceback="tok_c",
                    history=[{"exception_message": "tok_c"}])
-    assert redaction.scrubbed_failure(known) == (
+    assert redaction.scrubbed_failure(known)[:3] == (
         f"no {redaction.MASK} for 7", redaction.MASK, [{"exception_message": redaction.MASK}])
     unknown = Letter(task_name="gone", args=[1234], exception_message="order 1234")
     assert redaction.scrubbed_failure(unknown)[0] == "order 1234"
+
+
+def test_short_numbers_are_never_scrubbed_out_of_text():
+    # A secret number like a year or a count would rewrite every line number it matches.
+    assert redaction.scrub_text('File "x.py", line 250, exp 2027', [250, 2027]) == (
+        'File "x.py", line 250, exp 2027')
+    assert redaction.scrub_text("pin 48151623 refused", [48151623]) == (
+        f"pin {redaction.MASK} refused")
+    assert redaction.scrub_text("250", [250]) == redaction.MASK  # the whole text is the secret
+
+
+def test_text_is_hidden_whole_when_a_payload_hides_too_many_values_to_scrub():
+    values = [f"s{i:06}" for i in range(redaction.SCRUB_MAX_VALUES + 1)]
+    shown = redaction.scrub_text("quoting s000001 and more", values)
+    assert "s000001" not in shown and "hidden" in shown
+    assert redaction.scrub_text("quoting s000001", values[:10]) == f"quoting {redaction.MASK}"

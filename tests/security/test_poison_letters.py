@@ -125,3 +125,26 @@ def test_masked_export_of_poison_letters_hides_the_tokens(protocol2_letter, prot
         out = io.StringIO()
         call_command("dlq", "export", "--format", fmt, stdout=out)
         assert TOK not in out.getvalue() and TOK_KW not in out.getvalue()
+
+
+def test_a_retry_history_in_a_poison_letters_headers_is_scrubbed(staff_client):
+    # Given a retried message whose recovery_history quotes the token the task raised about,
+    # parked as poison (say on a worker of a rolling deploy that lacks the task)
+    task_id = "p2-hist"
+    headers = {**protocol2_headers(task_id), "recovery_history": [
+        {"attempt": 1, "exception_type": "Declined",
+         "exception_message": f"token {TOK} declined", "delay_seconds": 1.0}]}
+    body = json.dumps([[7, TOK], {}, {"callbacks": None, "errbacks": None, "chain": None,
+                                      "chord": None}])
+    letter = park(task_id, body.encode(), headers=headers)
+    # Then the stored history holds the text already scrubbed (argsrepr stays as it came:
+    # for an undecodable body it is all a revealing operator has; pages mask it)
+    assert TOK not in json.dumps(letter.headers["recovery_history"])
+    assert "declined" in json.dumps(letter.headers["recovery_history"])
+    # and even a letter stored before that (written here as is) shows nothing of it
+    DeadLetter.objects.filter(pk=letter.pk).update(headers=headers)
+    letter.refresh_from_db()
+    assert TOK not in page(staff_client(), letter)
+    out = io.StringIO()
+    call_command("dlq", "show", str(letter.pk), stdout=out)
+    assert TOK not in out.getvalue()
