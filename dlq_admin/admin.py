@@ -116,7 +116,8 @@ def _pretty(value) -> str:
 @admin.register(DeadLetter)
 class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
     # indexed change list: see .changelist; what it may be filtered by: see .lookups
-    payload_fields = ("args", "kwargs", "headers", "raw_body", "traceback", "history", "events")
+    payload_fields = ("args", "kwargs", "headers", "raw_body", "traceback", "history", "events",
+                      "exception_message")  # text stored before scrubbing may quote secrets
     filter_fields = ("fingerprint",)  # the failure group's "list them all" links
     list_display = ("task_name", "status", "kind", "exception_type", "attempts", "replay_count",
                     "last_failed_at", "age")

@@ -25,6 +25,7 @@ from django.db.models import Case, Count, Max, Q, When
 from django.db.models.functions import Trunc
 from django.utils import timezone
 
+from recovery import saga_secrets
 from recovery.circuit import HALF_OPEN, OPEN, policy_for
 from recovery.models import DeadLetter, Incident, SagaRun
 
@@ -271,7 +272,11 @@ class SagaSummary:
 def sagas_needing_human(limit: int = 10) -> SagaSummary:
     """Saga runs whose compensation failed for good (``needs_human``), newest first."""
     runs = SagaRun.objects.filter(status=SagaRun.Status.NEEDS_HUMAN)
-    return SagaSummary(runs.count(), list(runs.order_by("-created_at", "-id")[:limit]))
+    shown = list(runs.order_by("-created_at", "-id")[:limit])
+    for run in shown:  # errors stored before they were scrubbed, too
+        run.error = saga_secrets.scrub(run.error, saga_secrets.hidden(
+            run, run.steps.exclude(result=None).values_list("result", flat=True)))
+    return SagaSummary(runs.count(), shown)
 
 
 def circuit_states() -> list[CircuitRow]:

@@ -27,7 +27,12 @@ class ReplayForm(forms.Form):
         super().__init__(*args, **kwargs)
         # A payload with secrets is shown masked to users who may not reveal them; they
         # can replay it as stored but not edit it (a masked value must never be saved).
-        secrets = redaction.has_secrets(letter.task_name, letter.args, letter.kwargs)
+        # A saga step's letter is masked by its saga's own secret keys too.
+        saga_keys = redaction.saga_secret_keys(letter.headers)
+        secrets = redaction.has_secrets(letter.task_name, letter.args, letter.kwargs,
+                                        extra_keys=saga_keys)
+        shown_args, shown_kwargs = redaction.masked_payload(
+            letter.task_name, letter.args, letter.kwargs, extra_keys=saga_keys)
         stored = _editable_text(letter.args, letter.kwargs)
         self.locked = (not can_reveal and secrets) or stored is None
         #: the unlocked form shows the stored secrets: a reveal, for the audit trail
@@ -43,8 +48,6 @@ class ReplayForm(forms.Form):
         else:
             self.initial.update(args=stored[0], kwargs=stored[1])
             if self.locked:
-                shown_args, shown_kwargs = redaction.masked_payload(
-                    letter.task_name, letter.args, letter.kwargs)
                 self.initial.update(args=json.dumps(shown_args, indent=2),
                                     kwargs=json.dumps(shown_kwargs, indent=2))
             help_text = ("Contains secrets, shown masked; editing needs the reveal-secrets "
@@ -61,6 +64,9 @@ class ReplayForm(forms.Form):
         except json.JSONDecodeError as exc:
             raise forms.ValidationError(f"Not valid JSON: {exc.msg} (line {exc.lineno}, "
                                         f"column {exc.colno}).") from None
+        except RecursionError:
+            raise forms.ValidationError("Nested too deep to read; replay the stored payload, "
+                                        "or edit it from a shell.") from None
         if has_nul(value):
             raise forms.ValidationError("Holds a NUL character (\\u0000), which cannot be "
                                         "stored; remove it.")

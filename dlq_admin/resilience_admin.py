@@ -145,6 +145,9 @@ class ResilienceAdmin(admin.ModelAdmin):
 class FallbackUseAdmin(SafeLookupsMixin, admin.ModelAdmin):
     """Each time a task's fallback stood in for it: read-only, for the degradation's record."""
 
+    # Text stored before it was scrubbed may quote secrets: no search or filter into it.
+    payload_fields = ("exception_message",)
+
     list_display = ("at", "task_name", "reason", "dependency", "fallback", "exception_type",
                     "task_id")
     list_filter = ("reason", "task_name", "at")

@@ -188,8 +188,10 @@ def _differs(raw: Any, masked: Any, depth: int = 0) -> bool:
     return False
 
 
-def has_secrets(task_name: str, args: list, kwargs: dict, app: Any = None) -> bool:
-    shown_args, shown_kwargs = masked_payload(task_name, args, kwargs, app)
+def has_secrets(task_name: str, args: list, kwargs: dict, app: Any = None, *,
+                extra_keys: Any = ()) -> bool:
+    """Whether masking hides anything in the payload (bounded in depth)."""
+    shown_args, shown_kwargs = masked_payload(task_name, args, kwargs, app, extra_keys=extra_keys)
     return _differs(list(args or []), shown_args) or _differs(dict(kwargs or {}), shown_kwargs)
 
 

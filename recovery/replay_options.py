@@ -24,7 +24,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from . import headers as hdr
+from . import deepjson, headers as hdr
 
 __all__ = ["UnknownQueue", "known_queues", "check_queue", "replay_options",
            "undecodable_body", "CARRIED_FROM_LETTER"]
@@ -139,8 +139,8 @@ def undecodable_body(raw_body: str, content_type: str) -> bool:
     if content_type and "json" not in content_type:
         return True
     try:
-        decoded = json.loads(raw_body)
-    except ValueError:
+        decoded = deepjson.loads(raw_body)  # a body nested deeper than json.loads recurses
+    except (ValueError, RecursionError, MemoryError):
         return True
     return not (isinstance(decoded, list) and len(decoded) == 3
                 and isinstance(decoded[0], list) and isinstance(decoded[1], Mapping))

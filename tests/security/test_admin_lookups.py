@@ -188,3 +188,23 @@ def test_every_link_the_project_makes_to_the_letter_list_opens_for_a_viewer(staf
     for link in sorted(links):
         response = c.get(link)
         assert response.status_code == 200, (link, response.status_code)
+
+
+def test_searching_exception_text_stored_before_scrubbing_is_no_oracle_for_a_viewer(staff):
+    # Given a letter stored by an older version, its exception text quoting a card token
+    DeadLetter.objects.create(task_id="lk-old", task_name="shop.tasks.charge",
+                              kwargs={"card_token": TOKEN}, fingerprint="c" * 40,
+                              exception_message=f"card {TOKEN} declined")
+    FallbackUse.objects.create(task_id="fb-old", task_name="shop.tasks.charge",
+                               fallback="shop.tasks.queue_charge", reason="gave_up",
+                               exception_message=f"card {TOKEN} declined")
+    # When a view-only user searches for the token's beginning, one guess at a time
+    viewer = staff("view_deadletter", "view_fallbackuse")
+    for model in ("deadletter", "fallbackuse"):
+        # Then nothing is found, whatever the guess
+        for guess in (TOKEN[:10], TOKEN, "declined"):
+            assert result_count(viewer.get(changelist(model), {"q": guess})) == 0, (model, guess)
+    # while a user who may reveal secrets still searches the text
+    revealer = staff("view_deadletter", "view_fallbackuse", "reveal_deadletter_secrets")
+    assert result_count(revealer.get(changelist("deadletter"), {"q": "declined"})) == 1
+    assert result_count(revealer.get(changelist("fallbackuse"), {"q": "declined"})) == 1

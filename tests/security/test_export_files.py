@@ -12,7 +12,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from recovery.export import CSV_COLUMNS
-from recovery.models import DeadLetter
+from recovery.models import DeadLetter, DeadLetterEvent
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -89,3 +89,16 @@ def test_export_never_follows_a_symlink_planted_at_the_output_path(hostile_lette
         assert path.is_symlink()
     assert target.read_text() == "ssh-ed25519 AAAA operator\n"
     assert not (tmp_path / "created-through-the-link").exists()
+
+
+def test_a_refused_reveal_export_leaves_no_reveal_on_record(hostile_letter, tmp_path):
+    # Given an output path that already exists
+    target = tmp_path / "letters.jsonl"
+    target.write_text("keep me")
+    # When a --reveal export to it is refused
+    with pytest.raises(CommandError):
+        call_command("dlq", "export", "--reveal", "--output", str(target), stdout=io.StringIO(),
+                     stderr=io.StringIO())
+    # Then nothing was revealed, so nothing is audited as revealed
+    assert not DeadLetterEvent.objects.filter(action="revealed").exists()
+    assert target.read_text() == "keep me"

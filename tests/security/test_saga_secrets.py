@@ -167,6 +167,21 @@ def test_asking_to_reveal_without_the_permission_shows_masked_and_records_nothin
     assert not run.events.filter(action="revealed").exists()
 
 
+def test_the_dashboard_shows_a_runs_error_scrubbed(client):
+    # Given a run that needs a human, its error stored (by an older version) quoting secrets
+    run = run_through_step_1(COMPENSATING)
+    SagaRun.objects.filter(pk=run.pk).update(status=SagaRun.Status.NEEDS_HUMAN,
+                                             error=f"step 1 failed: {QUOTING}")
+    # When a user who may only view dead letters opens the on-call dashboard
+    user = get_user_model().objects.create_user("dash-viewer", password="pw", is_staff=True)
+    user.user_permissions.add(Permission.objects.get(codename="view_deadletter"))
+    client.force_login(user)
+    text = page(client, reverse("admin:recovery_dashboard"))
+    # Then the run is listed, its error without the secrets
+    assert "step 1 failed" in text
+    assert CARD_TOKEN not in text and MAIDEN_NAME not in text
+
+
 def test_a_sagas_secret_keys_are_kept_with_each_run_and_checked_when_declared():
     run = HELD.start(order_id=7, maiden_name="x")
     assert run.definition["secret_keys"] == ["maiden_name"]

@@ -282,11 +282,13 @@ class Command(BaseCommand):
             qs = qs[: options["limit"]]
         writer = export.write_csv if options["format"] == "csv" else export.write_jsonl
         kwargs = {} if options["format"] == "csv" else {"events": not options["no_events"]}
-        if options["reveal"]:  # audited before anything is written, streamed in batches
+        # The file is created first (a refused path reveals nothing), then the reveals are
+        # audited, streamed in batches, before any letter is written.
+        descriptor = _create_private(options["output"]) if options.get("output") else None
+        if options["reveal"]:
             record_reveals(qs.values_list("pk", flat=True).iterator(chunk_size=BATCH_SIZE),
                            actor=cli_actor(), via="dlq export --reveal")
-        if options.get("output"):
-            descriptor = _create_private(options["output"])
+        if descriptor is not None:
             with open(descriptor, "w", encoding="utf-8", newline="") as out:
                 written = writer(qs, out, reveal=options["reveal"], **kwargs)
         else:
