@@ -330,6 +330,8 @@ def _write(record: ParkRecord, backend: Any, request: Any) -> tuple[int, bool]:
         if letter.history != record.history or letter.attempts == 0 or letter.status != values["status"]:
             history = _merge_history(letter.history, record)
             for name, value in values.items():
+                if name in ("raw_body", "content_type") and not record.raw_body:
+                    continue  # a re-park by the task keeps the original message's body
                 setattr(letter, name, value)
             letter.history = history
             letter.attempts = attempt_count(history)

@@ -38,7 +38,8 @@ from . import headers as hdr, metrics
 from .deliveries import forget as forget_deliveries
 from .kinds import FailureKind
 from .models import DeadLetter, DeadLetterEvent
-from .replay_options import UnknownQueue, check_queue, replay_options, undecodable_body
+from .replay_options import (UnknownQueue, body_payload, check_queue, replay_options,
+                             undecodable_body)
 from .wiring import import_task_modules
 
 __all__ = [
@@ -129,7 +130,11 @@ def _signature_for(letter: DeadLetter, app: Any, queue: str | None) -> tuple[Any
         options, carried = replay_options(letter.headers, letter.queue, app, queue)
     except UnknownQueue as exc:
         raise ReplayError(f"cannot replay letter {letter.pk}: {exc}") from None
-    signature = app.signature(letter.task_name, args=letter.args, kwargs=letter.kwargs, **options)
+    args, kwargs = letter.args, letter.kwargs
+    if letter.kind in _RAW_BODY_KINDS and not args and not kwargs:
+        # A message refused as too large keeps its arguments only in its body (recovery.bounds).
+        args, kwargs = body_payload(letter.raw_body, letter.content_type) or (args, kwargs)
+    signature = app.signature(letter.task_name, args=args, kwargs=kwargs, **options)
     return signature, carried
 
 

@@ -130,17 +130,23 @@ def replay_options(stored: Any, origin_queue: str, app: Any,
     return options, headers
 
 
-def undecodable_body(raw_body: str, content_type: str) -> bool:
-    """Whether a letter's raw body (kept for poison letters) is one no worker could
-    decode as ``[args, kwargs, embed]``: its stored args and kwargs are then not the
-    task's, and replaying them would run the task with nothing."""
-    if not raw_body:
-        return False
-    if content_type and "json" not in content_type:
-        return True
+def body_payload(raw_body: str, content_type: str) -> tuple[list, dict] | None:
+    """``(args, kwargs)`` of a letter's raw body (kept for poison letters) when it is a
+    JSON ``[args, kwargs, embed]``, as every worker decodes it; None otherwise."""
+    if not raw_body or (content_type and "json" not in content_type):
+        return None
     try:
         decoded = deepjson.loads(raw_body)  # a body nested deeper than json.loads recurses
     except (ValueError, RecursionError, MemoryError):
-        return True
-    return not (isinstance(decoded, list) and len(decoded) == 3
-                and isinstance(decoded[0], list) and isinstance(decoded[1], Mapping))
+        return None
+    if (isinstance(decoded, list) and len(decoded) == 3 and isinstance(decoded[0], list)
+            and isinstance(decoded[1], Mapping)):
+        return decoded[0], dict(decoded[1])
+    return None
+
+
+def undecodable_body(raw_body: str, content_type: str) -> bool:
+    """Whether a letter's raw body is one no worker could decode as ``[args, kwargs,
+    embed]``: its stored args and kwargs are then not the task's, and replaying them
+    would run the task with nothing."""
+    return bool(raw_body) and body_payload(raw_body, content_type) is None

@@ -32,6 +32,7 @@ RECOVERY = {
     "VISIBILITY_TIMEOUT_SECONDS": float(os.environ.get("RECOVERY_VISIBILITY_TIMEOUT_SECONDS", 12)),
     "BROKER_DELAY_MAX_SECONDS": float(os.environ.get("RECOVERY_BROKER_DELAY_MAX_SECONDS", 5)),
     "MAX_DELIVERIES": int(os.environ.get("RECOVERY_MAX_DELIVERIES", 3)),
+    "MAX_MESSAGE_BYTES": int(os.environ.get("RECOVERY_MAX_MESSAGE_BYTES", 4 * 1024 * 1024)),
     "SPOOL_DRAIN_INTERVAL_SECONDS": 1.0,
     "DUE_POLL_INTERVAL_SECONDS": 0.5,
     # Small numbers so the circuit-breaker tests run in seconds

@@ -143,6 +143,17 @@ def test_a_permanent_poison_letter_keeps_its_raw_body(park_via):
 
 
 @db
+def test_a_poison_letter_parked_again_by_its_replay_keeps_the_original_body(park_via):
+    # The body may be the only copy of the message (one refused as too large).
+    park_via(make_record(kind="poison", permanent=True, raw_body="[[1], {}, {}]", args=[],
+                         kwargs={}, history=attempts(1)))
+    park_via(make_record(kind="dependency", permanent=True, raw_body="", replay=1,
+                         history=[{**attempts(1)[0], "replay": 1}]))
+    letter = DeadLetter.objects.get()
+    assert letter.kind == "dependency" and letter.raw_body == "[[1], {}, {}]"
+
+
+@db
 def test_a_letter_without_history_counts_one_attempt(park_via):
     park_via(make_record(history=[]))
     assert DeadLetter.objects.get().attempts == 1

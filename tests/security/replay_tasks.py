@@ -49,3 +49,10 @@ def always_busy(self, key: str) -> None:
     jitter grows from the previous delay)."""
     store().incr(f"sec:runs:{key}")
     raise TransientError("partner busy")
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
+def measures(self, key: str, payload: str = "") -> int:
+    """Succeeds, recording how many characters of ``payload`` it was handed."""
+    store().set(f"sec:size:{key}", len(payload))
+    return len(payload)

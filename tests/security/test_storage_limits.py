@@ -14,6 +14,7 @@ from recovery import bounds
 from recovery import headers as hdr
 from recovery.conf import get as setting
 from recovery.models import DeadLetter
+from recovery.replay import replay
 from tests.integration.conftest import key, start_worker, store, worker_env  # noqa: F401
 from tests.integration.harness import wait_for
 
@@ -99,3 +100,22 @@ def test_a_history_of_ten_thousand_attempts_keeps_the_first_and_last_and_counts_
     assert letter.history[-1]["attempt"] == 10_001
     assert letter.history[-1]["exception_message"] == "refused"
     assert letter.attempts == 10_001
+
+
+def test_an_oversized_message_replays_with_its_whole_body_once_the_limit_is_raised(
+        start_worker, store, key):  # noqa: F811
+    # Given a 5 MB message refused before it ran, parked with its body and no second copy
+    strict = start_worker("strict", extra=WITH_HOSTILE_TASKS)
+    result = hostile.measures.delay(key, "y" * (5 * MB))
+    letter = parked(result.id)
+    assert letter.kind == "poison" and letter.args == [] and len(letter.raw_body) > 5 * MB
+    strict.stop()
+    # When the limit is raised and an operator replays the letter
+    start_worker("roomy", extra=WITH_HOSTILE_TASKS,
+                 env={"RECOVERY_MAX_MESSAGE_BYTES": str(8 * MB)})
+    replay(letter, actor="op")
+    # Then the task runs with the argument it was sent, and the letter is resolved
+    wait_for(lambda: store.get(f"sec:size:{key}") == str(5 * MB).encode(), 60,
+             message="the replayed task to be handed the 5 MB payload")
+    wait_for(lambda: DeadLetter.objects.get(pk=letter.pk).status == "resolved", 30,
+             message="the letter to be resolved")
