@@ -21,18 +21,33 @@ says so (:func:`undecodable_body`).
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from . import deepjson, headers as hdr
 
-__all__ = ["UnknownQueue", "known_queues", "check_queue", "replay_options",
+__all__ = ["UnknownQueue", "known_queues", "consumed_queues", "is_known_queue", "check_queue",
+           "replay_options", "body_payload",
            "undecodable_body", "CARRIED_FROM_LETTER"]
 
 #: recovery headers a replay carries over from the letter (the rest are set afresh)
 CARRIED_FROM_LETTER = (hdr.COMPENSATES, hdr.SAGA)
 
 _MAX_PRIORITY = 255
+
+
+logger = logging.getLogger(__name__)
+
+#: How long the answer to "which queues do live workers consume?" is reused: one broadcast
+#: per window, however many letters a bulk replay checks. An empty answer (no worker
+#: answered) is reused for a shorter time, so a worker that starts is seen soon.
+CONSUMED_QUEUES_CACHE_SECONDS = 30.0
+_EMPTY_CACHE_SECONDS = 5.0
+#: How long the broadcast waits for workers to answer.
+INSPECT_TIMEOUT_SECONDS = 1.0
+_consumed: dict[int, tuple[float, frozenset[str]]] = {}
 
 
 class UnknownQueue(ValueError):
@@ -70,17 +85,46 @@ def known_queues(app: Any) -> frozenset[str]:
     return frozenset(name for name in names if name)
 
 
+def consumed_queues(app: Any) -> frozenset[str]:
+    """The queues live workers consume, asked over the broker (``active_queues``) and
+    cached briefly. A worker started with ``-Q reports`` consumes a queue no setting
+    declares (Celery creates missing queues): a letter parked from it must replay there."""
+    now = time.monotonic()
+    cached = _consumed.get(id(app))
+    if cached is not None and now < cached[0]:
+        return cached[1]
+    try:
+        replies = app.control.inspect(timeout=INSPECT_TIMEOUT_SECONDS).active_queues() or {}
+    except Exception:  # noqa: BLE001 - a broker that cannot be asked knows no extra queue
+        logger.warning("recovery: cannot ask the workers which queues they consume",
+                       exc_info=True)
+        replies = {}
+    names = frozenset(
+        queue["name"] for queues in replies.values() if isinstance(queues, list)
+        for queue in queues if isinstance(queue, Mapping) and isinstance(queue.get("name"), str))
+    ttl = CONSUMED_QUEUES_CACHE_SECONDS if names else _EMPTY_CACHE_SECONDS
+    _consumed[id(app)] = (now + ttl, names)
+    return names
+
+
+def is_known_queue(queue: str, app: Any) -> bool:
+    """Whether a replay may publish to ``queue``: one the app declares or routes to, or
+    one a live worker consumes (asked only when the settings do not name it)."""
+    return queue in known_queues(app) or queue in consumed_queues(app)
+
+
 def check_queue(queue: str, app: Any) -> str:
     """``queue`` if this app knows it.
 
     Raises:
-        UnknownQueue: it names a queue no setting declares or routes to.
+        UnknownQueue: it names a queue no setting declares or routes to and no live
+            worker consumes.
     """
-    known = known_queues(app)
-    if queue not in known:
+    if not is_known_queue(queue, app):
+        known = known_queues(app) | consumed_queues(app)
         raise UnknownQueue(
-            f"queue {queue!r} is not one this app declares or routes to "
-            f"(known: {', '.join(sorted(known))}); name one of those"
+            f"queue {queue!r} is not one this app declares or routes to, nor one a live "
+            f"worker consumes (known: {', '.join(sorted(known))}); name one of those"
         )
     return queue
 
@@ -114,10 +158,11 @@ def replay_options(stored: Any, origin_queue: str, app: Any,
     if queue:
         options["queue"] = check_queue(queue, app)
     elif origin_queue:
-        if origin_queue not in known_queues(app):
+        if not is_known_queue(origin_queue, app):
             raise UnknownQueue(
                 f"the letter was parked from queue {origin_queue!r}, which this app neither "
-                f"declares nor routes to; replay it to a queue the app knows")
+                f"declares nor routes to, and no live worker consumes; replay it to a queue "
+                f"the app knows")
         options["queue"] = origin_queue
     priority = _priority(stored.get("priority")) if isinstance(stored, Mapping) else None
     if priority is not None:

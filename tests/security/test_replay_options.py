@@ -18,6 +18,7 @@ from django.core.management import CommandError, call_command
 from django.urls import reverse
 
 from recovery import replay as service
+from recovery import replay_options
 from recovery.models import DeadLetter
 from tests.integration.conftest import key, start_worker, store, worker_env  # noqa: F401
 from tests.integration.harness import wait_for
@@ -188,3 +189,17 @@ def test_a_forged_body_shape_is_refused_too(start_worker, store, key):  # noqa: 
     good = wait_for(lambda: DeadLetter.objects.filter(task_id=good_id).first(), 30,
                     message="poison letter")
     assert good.args == [key]
+
+
+def test_a_letter_parked_from_a_queue_a_live_worker_consumes_replays_there(
+        start_worker, store, key):  # noqa: F811
+    # Given a worker consuming a queue no setting declares (celery worker -Q reports), and
+    # a letter parked from it
+    start_worker(extra=(*WITH_HOSTILE_TASKS, "-Q", "reports"))
+    replay_options._consumed.clear()
+    letter = letter_of(key, queue="reports")
+    # When an operator replays it to its own queue
+    call_command("dlq", "replay", "--ids", str(letter.pk), "--yes")
+    # Then it runs there (the only worker consumes nothing else) and is resolved
+    wait_for(lambda: resolved(letter), 30, message="the replay to run on the reports queue")
+    assert [entry["routing_key"] for entry in seen(store, key)] == ["reports"]
