@@ -35,7 +35,7 @@ from django.utils.dateparse import parse_datetime
 
 from . import conf, deferred, escalation, metrics, redaction
 from . import headers as hdr
-from .bounds import attempt_count, bounded
+from .bounds import attempt_count, bounded, cut
 from .fingerprint import fingerprint
 from .models import DeadLetter
 from .spool import BadRecord, Spool
@@ -58,12 +58,7 @@ def _clean(text: str) -> str:
 
 
 def _bounded(text: str, limit: int) -> str:
-    text = _clean(text)
-    if len(text) <= limit:
-        return text
-    if limit < 30:  # no room for the "... [N chars cut]" marker
-        return text[: max(limit, 0)]
-    return text[: limit - 30] + f"... [{len(text) - limit + 30} chars cut]"
+    return cut(_clean(text), limit)
 
 
 def _nul_free(value: Any) -> Any:
@@ -140,8 +135,8 @@ class ParkRecord:
         # Every value is made storable here, before the first write and before the spool,
         # so that a record can fail to be written only because the database is down.
         bounded(self)  # recovery.bounds: what one letter stores, whatever a client sent
-        self.exception_message = _bounded(self.exception_message or "", int(conf.get("MESSAGE_MAX_CHARS")))
-        self.traceback = _bounded(self.traceback or "", int(conf.get("TRACEBACK_MAX_CHARS")))
+        self.exception_message = _clean(self.exception_message)
+        self.traceback = _clean(self.traceback)
         for name in ("task_name", "kind", "reason", "exception_type", "queue", "worker",
                      "content_type"):
             setattr(self, name, _bounded(str(getattr(self, name) or ""), _max_length(name)))

@@ -38,7 +38,7 @@ from celery import current_app
 from . import conf, deepjson, headers as hdr
 
 __all__ = ["MASK", "MAX_DEPTH", "SHOWN_MAX_CHARS", "is_secret_key", "mask", "masked_payload",
-           "has_secrets", "hidden_values", "scrub_text", "scrub_strings", "mask_with",
+           "has_secrets", "hidden_values", "scrub_text", "scrub_strings",
            "shown_letter", "ShownLetter", "scrubbed_failure", "clipped", "saga_secret_keys"]
 
 MASK = "••••••"
@@ -539,8 +539,3 @@ def _scrubbed_history_header(options: Any, values: list) -> Any:
     if isinstance(nested, Mapping) and hdr.HISTORY in nested:
         scrubbed["headers"] = {**nested, hdr.HISTORY: scrub_strings(nested[hdr.HISTORY], values)}
     return scrubbed
-
-
-def mask_with(value: Any, extra_keys: Any) -> Any:
-    """:func:`mask` with ``extra_keys`` secret too (a saga's own secret keys)."""
-    return mask(value, extra_keys)

@@ -27,7 +27,7 @@ def secret_keys(run: Any) -> tuple[str, ...]:
 
 def masked(run: Any, value: Any) -> Any:
     """``value`` (the context, a step's result) with the saga's and project's secrets masked."""
-    return redaction.mask_with(value, secret_keys(run))
+    return redaction.mask(value, secret_keys(run))
 
 
 def hidden(run: Any, results: Iterable[Any] = ()) -> list:
