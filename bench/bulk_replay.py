@@ -1,7 +1,7 @@
 """Bulk replay of parked dead letters against raw kombu publishing, measured in one run on
 the same Redis and PostgreSQL.
 
-What: ``recovery.replay.bulk("replay", queryset, actor="bench", batch_size=B)`` over N parked
+What: ``recovery.operations.replay.bulk("replay", queryset, actor="bench", batch_size=B)`` over N parked
 ``DeadLetter`` rows (task ``bench.fail_recovery``, args ``[i]``), against the floor of the same
 broker work: kombu ``Producer.publish`` of the same N Celery protocol-2 messages (same task
 name, args, kwargs, task ids, root id, origin, reply_to and ``recovery_replay`` header), built
@@ -69,7 +69,7 @@ TARGET = 0.5
 SIDES = {
     "baseline": "kombu publish, pre-built",
     "celery": "celery send_task loop",
-    "replay": "recovery.replay.bulk",
+    "replay": "recovery.operations.replay.bulk",
 }
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -103,7 +103,7 @@ def seed(n: int) -> None:
                  "    return self.run(*args, **kwargs)\n"
                  '  File "bench/bench_app.py", line 67, in fail_recovery\n'
                  '    raise PermanentError(f"order {i} cannot be processed")\n'
-                 "recovery.errors.PermanentError: order @ cannot be processed\n")
+                 "recovery.core.errors.PermanentError: order @ cannot be processed\n")
     with connection.cursor() as cursor:
         cursor.execute(f"TRUNCATE {letters}, {events} RESTART IDENTITY CASCADE")
         cursor.execute(
@@ -119,12 +119,12 @@ def seed(n: int) -> None:
                                    'replaced_task_nesting', 0, 'origin', %(origin)s,
                                    'exchange', '', 'routing_key', %(queue)s, 'priority', 0),
                 '', '', 'parked', 'data_integrity', true,
-                'permanent failure: parked (PermanentError)', 'recovery.errors.PermanentError',
+                'permanent failure: parked (PermanentError)', 'recovery.core.errors.PermanentError',
                 'order ' || g || ' cannot be processed', replace(%(tb)s, '@', g::text), 1, 0,
                 jsonb_build_array(jsonb_build_object(
                     'at', to_char(now() - interval '1 hour', 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"'),
                     'attempt', 1, 'replay', 0, 'kind', 'data_integrity',
-                    'exception_type', 'recovery.errors.PermanentError',
+                    'exception_type', 'recovery.core.errors.PermanentError',
                     'exception_message', 'order ' || g || ' cannot be processed',
                     'delay_seconds', null)),
                 %(queue)s, 'celery@bench', 'a4f1c3d2e5b6a7980c1d2e3f4a5b6c7d8e9f0a1b',
@@ -161,7 +161,7 @@ def parked_rows():
 
 def side_baseline(app, options) -> dict:
     """Raw kombu publish of pre-built messages on one producer: the floor."""
-    from recovery import headers as hdr
+    from recovery.core import headers as hdr
 
     messages = []
     for task_id, name, args, kwargs, extra, replay_count in parked_rows():
@@ -192,7 +192,7 @@ def side_baseline(app, options) -> dict:
 
 def side_celery(app, options) -> dict:
     """Celery's own publish path: app.send_task per letter on one producer."""
-    from recovery import headers as hdr
+    from recovery.core import headers as hdr
 
     rows = list(parked_rows())
     started = time.perf_counter()
@@ -205,8 +205,8 @@ def side_celery(app, options) -> dict:
 
 
 def side_replay(app, options) -> dict:
-    """recovery.replay.bulk("replay") over every parked letter, with memory samples."""
-    from recovery import replay as service
+    """recovery.operations.replay.bulk("replay") over every parked letter, with memory samples."""
+    from recovery.operations import replay as service
     from recovery.models import DeadLetter
 
     n, tenth = options.n, max(1, options.n // 10)
@@ -245,7 +245,7 @@ def side_memory(app, options) -> dict:
     """An untimed replay under tracemalloc: the traced peak of each batch."""
     import tracemalloc
 
-    from recovery import replay as service
+    from recovery.operations import replay as service
     from recovery.models import DeadLetter
 
     peaks: list[tuple[int, int]] = []  # (letters done after the batch, peak bytes in it)

@@ -5,9 +5,9 @@ What: GET /admin/recovery/deadletter/<id>/change/ in-process through django.test
 a staff user with only ``view_deadletter`` (the masked page), for:
   normal   a small payload, a one-line message, three attempts
   5 MB     a 5 MB argument and a 1 MB exception message (the page clips each value at
-           recovery.redaction.SHOWN_MAX_CHARS)
-  deep     kwargs and headers nested 10,000 deep (loaded by recovery.deepjson, masked
-           below recovery.redaction.MAX_DEPTH)
+           recovery.core.redaction.SHOWN_MAX_CHARS)
+  deep     kwargs and headers nested 10,000 deep (loaded by recovery.core.deepjson, masked
+           below recovery.core.redaction.MAX_DEPTH)
 Target: the 5 MB page well under 300 ms (median), printed with its ratio to the normal
 page. Not a test: timings depend on the machine; run it by hand.
 
@@ -55,7 +55,7 @@ def letters() -> dict[str, int]:
                 "exception_type": "DependencyError", "exception_message": "upstream 503",
                 "delay_seconds": 2.0 * n} for n in (1, 2, 3)]
     common = dict(task_name="tasks.tasks.charge_payment", kind="dependency",
-                  exception_type="recovery.errors.DependencyError", history=history,
+                  exception_type="recovery.core.errors.DependencyError", history=history,
                   traceback="Traceback (most recent call last):\n  ...\nDependencyError: 503\n",
                   fingerprint="b" * 40)
     normal = DeadLetter.objects.create(task_id="bench-page-normal", args=[7, 1250],

@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.urls import path
 
-from recovery.views import metrics
+from recovery.observe.views import metrics
 
 urlpatterns = [
     path("admin/", admin.site.urls),

@@ -1,6 +1,6 @@
 """The dead-letter admin: inspect, replay (with an edited payload), discard, resolve.
 
-Every operation calls recovery.replay, the same service as ``manage.py dlq``;
+Every operation calls recovery.operations.replay, the same service as ``manage.py dlq``;
 each is behind its own permission, bulk and destructive ones go through a
 confirmation page, and each ends with one pluralised message.
 """
@@ -22,10 +22,11 @@ from django.utils.text import capfirst
 from django.utils.timesince import timesince
 from django.utils.translation import ngettext
 
-from recovery import conf, redaction
-from recovery import replay as service
+from recovery import conf
+from recovery.core import redaction
+from recovery.operations import replay as service
 from recovery.models import DeadLetter, DeadLetterEvent
-from recovery.sagas import saga_of_letter
+from recovery.workflows.sagas import saga_of_letter
 
 from . import groups as failure_groups
 from .changelist import ChangeListAtScale, TaskNameFilter

@@ -25,8 +25,8 @@ from django.db.models import Case, Count, Max, Q, When
 from django.db.models.functions import Trunc
 from django.utils import timezone
 
-from recovery import saga_secrets
-from recovery.circuit import HALF_OPEN, OPEN, policy_for
+from recovery.workflows import saga_secrets
+from recovery.workflows.circuit import HALF_OPEN, OPEN, policy_for
 from recovery.models import DeadLetter, Incident, SagaRun
 
 from .groups import FailureGroup, groups as failure_groups, shown_messages

@@ -1,4 +1,4 @@
-"""Forms of the operator surface; validation delegates to recovery.replay."""
+"""Forms of the operator surface; validation delegates to recovery.operations.replay."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 from django import forms
 
-from recovery import redaction
-from recovery import replay as service
+from recovery.core import redaction
+from recovery.operations import replay as service
 
 from .hostile import has_nul
 
@@ -110,7 +110,7 @@ class ReplayForm(forms.Form):
 
 def _editable_text(args, kwargs) -> tuple[str, str] | None:
     """The payload as the form's JSON text, or None when it is too deep to encode or
-    larger than a page should hold (:data:`recovery.redaction.SHOWN_MAX_CHARS`)."""
+    larger than a page should hold (:data:`recovery.core.redaction.SHOWN_MAX_CHARS`)."""
     try:
         text = (json.dumps(args, indent=2), json.dumps(kwargs, indent=2))
     except (RecursionError, TypeError, ValueError):

@@ -2,7 +2,7 @@
 different data), so an operator can act on the whole group after one fix.
 
 Read-only queries for the admin's group pages; the operations themselves go
-through ``recovery.replay.bulk`` like every other action.
+through ``recovery.operations.replay.bulk`` like every other action.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from datetime import datetime
 
 from django.db.models import Count, Max, Min, Q, QuerySet
 
-from recovery import redaction
+from recovery.core import redaction
 from recovery.models import DeadLetter
 
 __all__ = ["FailureGroup", "groups", "group_letters", "siblings", "shown_messages"]

@@ -1,8 +1,8 @@
 """The incident admin: what escalation opened, with its diagnostics, letters, saga run and
 notifications; acknowledge and resolve, each behind its own permission.
 
-Read-only otherwise: an incident changes only through ``recovery.escalation.acknowledge``
-and ``recovery.escalation.resolve`` (resolving tells the webhook that was told of the
+Read-only otherwise: an incident changes only through ``recovery.observe.escalation.acknowledge``
+and ``recovery.observe.escalation.resolve`` (resolving tells the webhook that was told of the
 opening). The change list shows open incidents first, the most recently seen on top. The
 bulk actions go through a confirmation page; the buttons on an incident's page act at
 once (with an optional note); both end with one pluralised message. Without
@@ -28,7 +28,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.text import capfirst
 from django.utils.translation import ngettext
 
-from recovery import escalation
+from recovery.observe import escalation
 from recovery.models import Incident, IncidentNotification
 
 from .hostile import NUL_REFUSED, has_nul

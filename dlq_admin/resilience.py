@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from recovery import conf, degraded
-from recovery.circuit import OPEN, Circuit, CircuitPolicy, window_counts
+from recovery import conf
+from recovery.workflows import degraded
+from recovery.workflows.circuit import OPEN, Circuit, CircuitPolicy, window_counts
 
 __all__ = ["CircuitRow", "ModeRow", "known_circuits", "known_modes", "circuit_rows",
            "mode_rows", "NAME"]

@@ -2,7 +2,7 @@
 
 ``/admin/recovery/sharedstate/`` is one page for the state every worker shares: each known
 circuit (state, open until, calls and failures in its window) with Reset and Trip, and each
-degraded mode with On and Off. It reads and writes through ``recovery.shared_state``
+degraded mode with On and Off. It reads and writes through ``recovery.workflows.shared_state``
 (Redis, or the database on the embedded default), never the raw rows. Seeing it needs
 ``recovery.view_sharedstate``; the buttons need ``recovery.change_sharedstate``, are POST
 only, and are checked again on every request. ``FallbackUse`` rows (a task that returned
@@ -23,14 +23,14 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 
-from recovery import degraded
-from recovery.circuit import Circuit
+from recovery.workflows import degraded
+from recovery.workflows.circuit import Circuit
 from recovery.models import FallbackUse, SharedState
 
 from .lookups import SafeLookupsMixin
 from .resilience import NAME, circuit_rows, known_circuits, mode_rows
 
-logger = logging.getLogger("recovery.circuit")
+logger = logging.getLogger("recovery.workflows.circuit")
 
 
 @admin.register(SharedState)

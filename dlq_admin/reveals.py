@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from itertools import islice
 
-from recovery.export import letter_record
+from recovery.store.export import letter_record
 from recovery.models import DeadLetter, DeadLetterEvent, SagaEvent
 
 __all__ = ["record_reveals", "record_saga_reveal", "reveals_anything", "BATCH_SIZE"]

@@ -1,7 +1,7 @@
 """The saga-run admin: each run with its steps, timings and errors; resume from the failed
 step and compensate, each behind its own permission and a confirmation page.
 
-Read-only otherwise: runs change only through recovery.sagas (the same service as
+Read-only otherwise: runs change only through recovery.workflows.sagas (the same service as
 ``manage.py saga``), which locks the run and writes a ``SagaEvent``.
 """
 
@@ -22,7 +22,7 @@ from django.utils.text import capfirst
 from django.utils.timesince import timesince
 from django.utils.translation import ngettext
 
-from recovery import saga_secrets, sagas
+from recovery.workflows import saga_secrets, sagas
 from recovery.models import SagaEvent, SagaRun, SagaStep
 
 from .hostile import NUL_REFUSED, has_nul

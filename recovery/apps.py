@@ -8,7 +8,7 @@ class RecoveryConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks  # noqa: F401 - registers the system checks
-        from . import sagas  # noqa: F401 - records when saga steps start (task_prerun)
-        from . import sentry
+        from .workflows import sagas  # noqa: F401 - records when saga steps start (task_prerun)
+        from .observe import sentry
 
         sentry.install()  # drops the Celery integration's second event of a parked task

@@ -10,7 +10,10 @@ from django.conf import settings
 from django.core.checks import Error, Warning, register
 from kombu.transport import redis as kombu_redis
 
-from . import conf, pg_fastpath, visibility, webhook_signing
+from . import conf
+from .store import pg_fastpath
+from .delivery import visibility
+from .observe import webhook_signing
 
 
 @register()
@@ -87,7 +90,7 @@ def check_recovery_settings(app_configs=None, **kwargs):
     problems.extend(_check_shared_state(user))
     problems.extend(_check_metrics_access(user))
     if "ESCALATION" in user:
-        from .escalation import EscalationRules
+        from .observe.escalation import EscalationRules
 
         try:
             escalation = EscalationRules.from_dict(user["ESCALATION"])
@@ -98,13 +101,13 @@ def check_recovery_settings(app_configs=None, **kwargs):
                 id="recovery.E015",
             ))
         else:
-            # Refused at delivery too (recovery.notify): say so before incidents pile up.
+            # Refused at delivery too (recovery.observe.notify): say so before incidents pile up.
             problems.extend(Error(message, hint=hint, id="recovery.E026")
                             for message, hint in webhook_signing.problems(
                                 escalation.webhook_url, escalation.webhook_secret,
                                 debug=settings.DEBUG))
     if "WATCHDOG" in user:
-        from .watchdog import WatchdogPolicy
+        from .observe.watchdog import WatchdogPolicy
 
         try:
             WatchdogPolicy.from_dict(user["WATCHDOG"])
@@ -133,7 +136,7 @@ def check_recovery_settings(app_configs=None, **kwargs):
 
 
 def _check_shared_state(user: dict) -> list:
-    from .circuit import CircuitPolicy
+    from .workflows.circuit import CircuitPolicy
 
     problems = []
     circuits = user.get("CIRCUITS")
@@ -187,7 +190,7 @@ _METRICS_TOKEN_MIN_CHARS = 32
 
 
 def _check_metrics_access(user: dict) -> list:
-    """Who may scrape /metrics (recovery.views): a guessable token or an allow-list entry that
+    """Who may scrape /metrics (recovery.observe.views): a guessable token or an allow-list entry that
     is not a network would open it, or shut out Prometheus, without a word."""
     problems = []
     token = user.get("METRICS_TOKEN")
@@ -227,7 +230,7 @@ def _is_network(value: object) -> bool:
 @register()
 def check_private_internals(app_configs=None, **kwargs):
     """The kombu and django-celery-results internals recovery relies on; a worker also
-    refuses to start without them (recovery.housekeeping), this says so before a deploy."""
+    refuses to start without them (recovery.delivery.housekeeping), this says so before a deploy."""
     problems = []
     if find_spec("redis") is not None and (problem := visibility.missing_internals(
             kombu_redis.Channel)):

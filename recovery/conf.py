@@ -50,7 +50,7 @@ DEFAULTS: Mapping[str, Any] = {
     # Argument and header names whose values are masked wherever a person sees a letter;
     # the stored payload keeps the real values. Case-insensitive; keys of four characters
     # or fewer match whole words of a name (pin_code, cardNumber; not shipping, company),
-    # longer ones anywhere in it. See recovery.redaction.
+    # longer ones anywhere in it. See recovery.core.redaction.
     "SECRET_KEYS": ("password", "passwd", "passphrase", "secret", "token", "authorization",
                     "auth", "api_key", "apikey", "access_key", "private_key", "credential",
                     "signature", "cookie", "session", "card", "cvv", "cvc", "pan", "iban",
@@ -71,14 +71,14 @@ DEFAULTS: Mapping[str, Any] = {
     # Sent outbox rows are kept this long (for inspection), then the relay deletes them.
     "OUTBOX_KEEP_SENT_HOURS": 24.0,
     # How often each worker looks for saga steps parked while the database was down (their
-    # run was not told) and records them (recovery.sagas.reconcile); steps dispatched more
+    # run was not told) and records them (recovery.workflows.sagas.reconcile); steps dispatched more
     # than twice this long ago are looked at.
     "SAGA_RECONCILE_INTERVAL_SECONDS": 30.0,
     # Where circuit breakers and degraded-mode switches live, shared by every worker: a
     # redis:// URL, "database", or None for the broker's URL when it is Redis, else the
     # database.
     "SHARED_STATE_URL": None,
-    # Circuit breakers by dependency name: CircuitPolicy fields (recovery.circuit), and
+    # Circuit breakers by dependency name: CircuitPolicy fields (recovery.workflows.circuit), and
     # "default" for dependencies not listed.
     "CIRCUITS": {},
     # How long a task waits before trying again when it meets a degraded mode it defers on.
@@ -89,7 +89,7 @@ DEFAULTS: Mapping[str, Any] = {
     # Address the worker's metrics endpoint listens on: this host only, unless a Prometheus
     # elsewhere must reach it (then e.g. "0.0.0.0", behind a firewall).
     "METRICS_ADDRESS": "127.0.0.1",
-    # Who may scrape the Django view (recovery.views.metrics): a request with
+    # Who may scrape the Django view (recovery.observe.views.metrics): a request with
     # "Authorization: Bearer <METRICS_TOKEN>" (at least 32 characters; None: no token), or
     # one whose REMOTE_ADDR is in METRICS_ALLOWED_IPS (CIDRs); anyone else gets a 403.
     "METRICS_TOKEN": None,
@@ -101,7 +101,7 @@ DEFAULTS: Mapping[str, Any] = {
     # How often each worker's main process sets recovery_worker_heartbeat_timestamp_seconds;
     # the shipped alert (deploy/prometheus/alerts.yml) fires after several missed beats.
     "HEARTBEAT_INTERVAL_SECONDS": 15.0,
-    # When a human must be told, and how (recovery.escalation; docs/escalation.md). Keys
+    # When a human must be told, and how (recovery.observe.escalation; docs/escalation.md). Keys
     # left out keep these defaults.
     "ESCALATION": {
         # Tasks whose first permanent failure opens an incident (also: a RecoveryTask
@@ -133,7 +133,7 @@ DEFAULTS: Mapping[str, Any] = {
         # How often each worker delivers pending notifications.
         "DELIVERY_INTERVAL_SECONDS": 2.0,
     },
-    # The watchdog (recovery.watchdog), a periodic task that finds work that is stuck
+    # The watchdog (recovery.observe.watchdog), a periodic task that finds work that is stuck
     # rather than failed. Keys left out keep these defaults; a limit of None turns that
     # check off.
     "WATCHDOG": {
@@ -158,7 +158,7 @@ DEFAULTS: Mapping[str, Any] = {
         "INSPECT_TIMEOUT_SECONDS": 1.0,
     },
     # Bounds on how long recovery's own database work in a worker's main process waits on
-    # a database that hangs (recovery.db_timeouts): libpq options added to the connections
+    # a database that hangs (recovery.store.db_timeouts): libpq options added to the connections
     # of the consumer and housekeeping threads where DATABASES sets none. None: no bound.
     # Seconds to establish a connection (libpq connect_timeout).
     "DB_CONNECT_TIMEOUT_SECONDS": 5.0,
@@ -182,7 +182,7 @@ def get(name: str) -> Any:
 
 
 def default_policy():
-    from .policy import RetryPolicy
+    from .core.policy import RetryPolicy
 
     value = get("DEFAULT_POLICY")
     if value is None:
@@ -194,7 +194,7 @@ def default_policy():
 
 @lru_cache(maxsize=64)
 def _policy_from_dict(frozen):
-    from .policy import RetryPolicy
+    from .core.policy import RetryPolicy
 
     return RetryPolicy.from_dict(_thaw(frozen))
 

@@ -23,7 +23,7 @@ The lifecycle of a failing task:
    failure, fires errbacks and signals; the message is acknowledged only
    after all of this (``acks_late``).
 5. What the child process cannot do (it was killed, or hit the hard time
-   limit) happens in the worker's main process: see :mod:`recovery.worker`.
+   limit) happens in the worker's main process: see :mod:`recovery.delivery.worker`.
 """
 
 from __future__ import annotations
@@ -46,11 +46,14 @@ from kombu.exceptions import EncodeError
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from . import conf, headers as hdr, metrics, redaction, result_rows
-from .bounds import cut, delay_seconds
-from .classification import Failure, Rule, classify
-from .errors import TransientError
-from .policy import Attempt, RetryPolicy, Verdict
+from . import conf
+from .core import headers as hdr, redaction
+from .observe import metrics
+from .store import result_rows
+from .core.bounds import cut, delay_seconds
+from .core.classification import Failure, Rule, classify
+from .core.errors import TransientError
+from .core.policy import Attempt, RetryPolicy, Verdict
 
 __all__ = ["RecoveryTask", "exception_path"]
 
@@ -121,7 +124,7 @@ class _ParkAwareBackend:
 
         The body has run when this is called: a result store that fails (the database
         restarted, or is down) is retried once on a fresh connection, then spooled as a
-        deferred write (:mod:`recovery.deferred`) that the spool drain stores later.
+        deferred write (:mod:`recovery.store.deferred`) that the spool drain stores later.
         """
         return _bookkeeping_write(
             task_id, result, request,
@@ -175,7 +178,7 @@ def _bookkeeping_write(task_id: str, result: Any, request: Any, write, backend: 
     """Run ``write`` (a SUCCESS result store); retry it once on a fresh connection, then
     spool it. A result that cannot be serialized (``EncodeError``) is the task's own
     problem and propagates: Celery records it as the task's FAILURE."""
-    from .parking import discard_broken_connections
+    from .store.parking import discard_broken_connections
 
     try:
         return write()
@@ -199,7 +202,7 @@ def _bookkeeping_write(task_id: str, result: Any, request: Any, write, backend: 
 
 def _defer_success(task_id: str, result: Any, request: Any, backend: Any,
                    error: BaseException) -> None:
-    from . import deferred
+    from .store import deferred
 
     try:
         deferred.defer_result(backend, task_id, result, request)
@@ -234,9 +237,9 @@ def _isolated(what: str, func, *args: Any, **kwargs: Any) -> None:
 
 def _resolve_replay(task_id: str) -> None:
     """Resolve the letter a successful replay came from; spool it if the database is down."""
-    from . import deferred
-    from .parking import discard_broken_connections
-    from .replay import mark_replay_succeeded
+    from .store import deferred
+    from .store.parking import discard_broken_connections
+    from .operations.replay import mark_replay_succeeded
 
     for _ in range(2):
         try:
@@ -265,19 +268,19 @@ class RecoveryTask(Task):
         classifier_rules: extra rules for this task, asked before the project's.
         compensate: the task (or its name) that undoes this one's partial effects, e.g.
             ``refund_payment`` for ``charge_payment``. An operator's "compensate" on a
-            parked letter runs it with the letter's payload (``recovery.replay.compensate``).
+            parked letter runs it with the letter's payload (``recovery.operations.replay.compensate``).
         fallback: a task, callable or dotted path run inline, with the same arguments (and
             ``failure=`` if it accepts it), when the policy gives up; its result stands as
             the task's result and the degradation is recorded (``FallbackUse``). If it
             fails too, the task is parked with both errors.
-        dependency: the name of the circuit breaker (``recovery.circuit``) this task's calls
+        dependency: the name of the circuit breaker (``recovery.workflows.circuit``) this task's calls
             count towards; while it is open the task is not run against the dependency.
         when_circuit_open: ``"defer"`` (run again when the circuit may close; no attempt is
             spent) or ``"fallback"``.
-        degraded_mode / when_degraded: a degraded-mode switch (``recovery.degraded``) and
+        degraded_mode / when_degraded: a degraded-mode switch (``recovery.workflows.degraded``) and
             what the task does while it is on: ``"defer"``, ``"fallback"`` or ``"run"``.
         critical: its first dead letter opens an incident and notifies the on-call
-            (``recovery.escalation``), without waiting for a threshold.
+            (``recovery.observe.escalation``), without waiting for a threshold.
         deadline_seconds: how long a run may take before the watchdog calls it stuck;
             None means ``RECOVERY["WATCHDOG"]["TASK_DEADLINE_SECONDS"]``.
     """
@@ -295,7 +298,7 @@ class RecoveryTask(Task):
     acks_late = True
     reject_on_worker_lost = True
     max_retries = None  # the policy's max_attempts governs; see __init_subclass__
-    Request = "recovery.worker:RecoveryRequest"
+    Request = "recovery.delivery.worker:RecoveryRequest"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -341,7 +344,7 @@ class RecoveryTask(Task):
     # -- publishing -----------------------------------------------------------------------
 
     def apply_async(self, args=None, kwargs=None, **options):
-        """Publish with ``argsrepr``/``kwargsrepr`` masked (:mod:`recovery.result_rows`),
+        """Publish with ``argsrepr``/``kwargsrepr`` masked (:mod:`recovery.store.result_rows`),
         unless the caller chose them: Celery shows these in events, logs and result rows."""
         if options.get("argsrepr") is None and options.get("kwargsrepr") is None:
             reprs = result_rows.masked_reprs(self.name, args or (), kwargs or {}, self.app,
@@ -359,21 +362,21 @@ class RecoveryTask(Task):
         started = time.time()
         saga = hdr.read(request, hdr.SAGA)
         if saga:
-            from .sagas import is_current
+            from .workflows.sagas import is_current
 
             if not is_current(saga, request.id, replay=bool(hdr.read(request, hdr.REPLAY))):
                 logger.warning("%s[%s]: stale saga message (its step has moved on); dropped "
                                "without running", self.name, request.id)
                 raise Ignore()
         if self.degraded_mode and self.when_degraded != "run":
-            from . import degraded
+            from .workflows import degraded
 
             if degraded.is_on(self.degraded_mode):
                 return self._on_degraded(args, kwargs)
         breaker = None
         trial = False
         if self.dependency:
-            from .circuit import Circuit, CircuitOpenError
+            from .workflows.circuit import Circuit, CircuitOpenError
 
             breaker = Circuit(self.dependency)
             decision = breaker.allow()
@@ -425,7 +428,7 @@ class RecoveryTask(Task):
         return self._defer(exc, delay, args, kwargs)
 
     def _on_degraded(self, args: Any, kwargs: Any) -> Any:
-        from .errors import DependencyError
+        from .core.errors import DependencyError
 
         exc = DependencyError(f"degraded mode {self.degraded_mode!r} is on")
         if self.when_degraded == "fallback":
@@ -477,7 +480,7 @@ class RecoveryTask(Task):
         error is kept on ``self.request`` for the letter)."""
         if self.fallback is None:
             return None
-        from .models import FallbackUse
+        from .store.models import FallbackUse
 
         name = repr(self.fallback)
         try:
@@ -518,7 +521,7 @@ class RecoveryTask(Task):
             _isolated("resolving the replayed letter", _resolve_replay, task_id)
         saga = hdr.read(self.request, hdr.SAGA)
         if saga:
-            from .sagas import on_task_succeeded
+            from .workflows.sagas import on_task_succeeded
 
             on_task_succeeded(saga, retval, task_id)
         super().on_success(retval, task_id, args, kwargs)
@@ -650,7 +653,7 @@ class RecoveryTask(Task):
     def _hold_in_due_table(self, signature, delay: float) -> bool:
         from django.db import Error as DatabaseError
 
-        from .due import hold
+        from .store.due import hold
 
         try:
             hold(signature, timezone.now() + timedelta(seconds=delay))
@@ -661,7 +664,7 @@ class RecoveryTask(Task):
         return True
 
     def _park(self, exc, failure: Failure, verdict: Verdict, history, args, kwargs) -> None:
-        from .parking import ParkRecord, park
+        from .store.parking import ParkRecord, park
 
         request = self.request
         store_errors = not self.ignore_result or self.store_errors_even_if_ignored
@@ -717,7 +720,7 @@ class RecoveryTask(Task):
                        failure.kind.value, verdict.reason)
         saga = hdr.read(request, hdr.SAGA)
         if saga:
-            from .sagas import on_task_parked
+            from .workflows.sagas import on_task_parked
 
             on_task_parked(saga, request.id, exc)
 

@@ -18,11 +18,11 @@ from celery import Celery, signals
 
 __all__ = ["setup", "CONSUMER", "import_task_modules"]
 
-CONSUMER = "recovery.worker:RecoveryConsumer"
-HANDBACK = "recovery.handback:HandBack"
-PRESENCE = "recovery.presence:Presence"
+CONSUMER = "recovery.delivery.worker:RecoveryConsumer"
+HANDBACK = "recovery.delivery.handback:HandBack"
+PRESENCE = "recovery.delivery.presence:Presence"
 # By name: the steps' modules import the models, and setup() may run before Django is.
-HOUSEKEEPING = "recovery.housekeeping:Housekeeping"
+HOUSEKEEPING = "recovery.delivery.housekeeping:Housekeeping"
 _REUSE_FOREVER = 2**31
 
 
@@ -77,7 +77,7 @@ WATCHDOG_ENTRY = "recovery-watchdog"
 
 
 def _watchdog_schedule(sender: Any = None, **kwargs: Any) -> None:
-    """Have workers register ``recovery.watchdog`` and Celery beat run it every
+    """Have workers register ``recovery.observe.watchdog`` and Celery beat run it every
     ``RECOVERY["WATCHDOG"]["INTERVAL_SECONDS"]`` (None: no entry). A ``beat_schedule``
     entry of the project's own named ``recovery-watchdog`` is left as it is; so is
     django-celery-beat's copy in the database, which it takes from ``beat_schedule``.
@@ -89,8 +89,8 @@ def _watchdog_schedule(sender: Any = None, **kwargs: Any) -> None:
     from . import conf
 
     include = tuple(sender.conf.include or ())
-    if "recovery.watchdog" not in include:
-        sender.conf.include = (*include, "recovery.watchdog")
+    if "recovery.observe.watchdog" not in include:
+        sender.conf.include = (*include, "recovery.observe.watchdog")
     user = conf.get("WATCHDOG")
     merged = {**conf.DEFAULTS["WATCHDOG"], **(user if isinstance(user, dict) else {})}
     interval = merged.get("INTERVAL_SECONDS")
@@ -98,7 +98,7 @@ def _watchdog_schedule(sender: Any = None, **kwargs: Any) -> None:
         return
     schedule = dict(sender.conf.beat_schedule or {})
     schedule.setdefault(WATCHDOG_ENTRY, {
-        "task": "recovery.watchdog",
+        "task": "recovery.observe.watchdog",
         "schedule": float(interval),
         # A sweep that could not start within one interval is superseded by the next.
         "options": {"expires": float(interval)},
@@ -107,9 +107,9 @@ def _watchdog_schedule(sender: Any = None, **kwargs: Any) -> None:
 
 
 def _unbound_child_connection(sender: Any = None, **kwargs: Any) -> None:
-    """A pool child forked after the consumer bounded its connection (recovery.db_timeouts)
+    """A pool child forked after the consumer bounded its connection (recovery.store.db_timeouts)
     runs the project's tasks on the project's database settings, unchanged."""
-    from .db_timeouts import unbound_thread_connection
+    from .store.db_timeouts import unbound_thread_connection
 
     unbound_thread_connection()
 
@@ -119,7 +119,8 @@ def _metrics_worker_init(sender: Any = None, **kwargs: Any) -> None:
     directory for the worker and its children, and the endpoint if METRICS_PORT is set."""
     import logging
 
-    from . import conf, metrics
+    from . import conf
+    from .observe import metrics
 
     try:
         metrics.ensure_multiprocess_dir()
@@ -131,13 +132,13 @@ def _metrics_worker_init(sender: Any = None, **kwargs: Any) -> None:
 
 
 def _metrics_child_exit(sender: Any = None, pid: int | None = None, **kwargs: Any) -> None:
-    from . import metrics
+    from .observe import metrics
 
     metrics.mark_process_dead(pid or os.getpid())
 
 
 def _metrics_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
-    from . import metrics
+    from .observe import metrics
 
     metrics.stop_worker_server()
 

@@ -3,7 +3,7 @@
 Each step is a RecoveryTask that receives the saga's context (``{"order_id": ...,
 "sku": ..., "quantity": ..., "amount_cents": ...}`` plus what earlier steps returned) and
 returns what later steps need. Each talks to a stand-in service (``tasks.standins``)
-with the step's idempotency key (``recovery.sagas.step_key``), so a step that runs again
+with the step's idempotency key (``recovery.workflows.sagas.step_key``), so a step that runs again
 (a retry, a redelivery after its worker died) never repeats its effect. Compensations
 receive the same key as ``idempotency_key``.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from recovery import RecoveryTask, RetryPolicy
-from recovery.sagas import Saga, Step, step_key
+from recovery.workflows.sagas import Saga, Step, step_key
 
 from . import standins
 

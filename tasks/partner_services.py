@@ -5,7 +5,7 @@ plus the small cache the monthly report keeps.
 client raises when the service answers 503 (``urllib.error.HTTPError``, which the
 classifier counts as a transient dependency failure, so it retries it and counts it
 against the circuit). How each service behaves, and how often it was called, live in the
-shared state (``recovery.shared_state``: the database on the embedded demo, Redis
+shared state (``recovery.workflows.shared_state``: the database on the embedded demo, Redis
 otherwise), so the demo and the tests flip a service from outside the worker::
 
     partner_services.set_mode("partner-api", "down")
@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from email.message import Message
 from urllib.error import HTTPError
 
-from recovery import shared_state
+from recovery.workflows import shared_state
 
 __all__ = ["SERVICES", "call", "set_mode", "mode", "calls", "reset", "cache_report",
            "cached_report"]

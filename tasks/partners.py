@@ -18,8 +18,9 @@ from typing import Any
 
 from celery import shared_task
 
-from recovery import RecoveryTask, RetryPolicy, degraded
-from recovery.circuit import Circuit
+from recovery import RecoveryTask, RetryPolicy
+from recovery.workflows import degraded
+from recovery.workflows.circuit import Circuit
 
 from . import partner_services as services
 

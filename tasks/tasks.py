@@ -9,7 +9,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from recovery import RecoveryTask, RetryPolicy
-from recovery.errors import DataIntegrityError, DependencyError, ResourceExhaustedError, TimeoutOrDeadlockError
+from recovery.core.errors import (DataIntegrityError, DependencyError, ResourceExhaustedError, TimeoutOrDeadlockError)
 
 def _outcome(task, **result) -> dict:
     """The task's result plus how it got there, for the demo's table."""
@@ -47,7 +47,7 @@ def charge_payment(self, order_id: int, amount_cents: int) -> dict:
     """A payment provider that declines a card: permanent, parked after one attempt.
 
     Declares ``cancel_order`` as its compensation, and is critical: its first dead letter
-    opens an incident (``recovery.escalation``) instead of waiting for a threshold.
+    opens an incident (``recovery.observe.escalation``) instead of waiting for a threshold.
     """
     if amount_cents > 100_000:
         raise DependencyError(f"card declined for order {order_id}: amount over limit",

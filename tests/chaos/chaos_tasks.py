@@ -17,8 +17,8 @@ import time
 from celery import shared_task
 
 from recovery import RecoveryTask, RetryPolicy
-from recovery import headers as hdr
-from recovery.errors import DependencyError, TransientError
+from recovery.core import headers as hdr
+from recovery.core.errors import DependencyError, TransientError
 
 from . import TASK_NAME
 

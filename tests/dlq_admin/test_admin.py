@@ -8,7 +8,7 @@ from django.contrib.auth.models import Permission
 from django.urls import reverse
 
 from recovery.models import DeadLetter
-from recovery.redaction import MASK
+from recovery.core.redaction import MASK
 
 pytestmark = pytest.mark.django_db
 

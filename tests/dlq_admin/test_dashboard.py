@@ -15,7 +15,7 @@ from django.contrib.auth.models import Permission
 from django.urls import reverse
 
 from dlq_admin import dashboard, views
-from recovery.circuit import Circuit
+from recovery.workflows.circuit import Circuit
 from recovery.models import DeadLetter, Incident, SagaRun
 
 pytestmark = pytest.mark.django_db

@@ -13,7 +13,7 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 
 from recovery.models import DeadLetter, DeadLetterEvent
-from recovery.parking import ParkRecord, spool
+from recovery.store.parking import ParkRecord, spool
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

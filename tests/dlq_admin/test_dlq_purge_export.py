@@ -16,7 +16,7 @@ from django.db import connection
 from django.utils import timezone
 
 from recovery.models import DeadLetter, DeadLetterEvent, DeliveryCount
-from recovery.redaction import MASK
+from recovery.core.redaction import MASK
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

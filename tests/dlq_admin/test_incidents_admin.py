@@ -1,7 +1,7 @@
 """The incident admin: the list (open first), the read-only incident page with its
 diagnostics, letters, saga run and notifications, and acknowledge / resolve by action and
 by button, each behind its permission. Real PostgreSQL; the status changes go through
-recovery.escalation, so resolving queues the webhook's "resolved" notification."""
+recovery.observe.escalation, so resolving queues the webhook's "resolved" notification."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from recovery.models import DeadLetter, Incident, IncidentNotification, SagaRun
-from recovery.redaction import MASK
+from recovery.core.redaction import MASK
 
 pytestmark = pytest.mark.django_db
 
@@ -27,7 +27,7 @@ DETAILS = {
     "task": "tasks.orders.charge_payment",
     "args": [42, MASK],
     "kwargs": {"card_token": MASK, "amount": 12},
-    "exception": {"type": "recovery.errors.DependencyError", "message": "card declined"},
+    "exception": {"type": "recovery.core.errors.DependencyError", "message": "card declined"},
     "traceback": "Traceback (most recent call last):\n  File \"charge.py\", line 3\n"
                  "DependencyError: card declined <script>",
     "history": [{"attempt": 1, "at": "2026-03-10T14:00:00+00:00", "kind": "dependency",
@@ -142,7 +142,7 @@ def test_the_page_shows_diagnostics_letters_saga_run_and_notifications(client):
 
     assert page.status_code == 200
     html = page.content.decode()
-    assert "<strong>recovery.errors.DependencyError</strong>: card declined" in html
+    assert "<strong>recovery.core.errors.DependencyError</strong>: card declined" in html
     assert "dependency (permanent): gave up" in html
     # the traceback in <pre>, escaped
     assert "<pre>Traceback (most recent call last):" in html

@@ -8,8 +8,8 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from recovery import escalation
-from recovery.escalation import Occurrence
+from recovery.observe import escalation
+from recovery.observe.escalation import Occurrence
 from recovery.models import Incident, IncidentNotification
 
 pytestmark = pytest.mark.django_db

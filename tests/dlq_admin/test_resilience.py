@@ -15,8 +15,8 @@ from django.contrib.auth.models import Permission
 from django.core.management import CommandError, call_command
 from django.urls import reverse
 
-from recovery import degraded
-from recovery.circuit import Circuit
+from recovery.workflows import degraded
+from recovery.workflows.circuit import Circuit
 from recovery.models import FallbackUse
 
 pytestmark = pytest.mark.django_db

@@ -12,7 +12,7 @@ from django.core.management import call_command
 from django.urls import reverse
 
 from recovery.models import DeadLetter
-from recovery.redaction import MASK
+from recovery.core.redaction import MASK
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

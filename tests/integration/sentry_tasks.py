@@ -9,7 +9,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from recovery import RecoveryTask, RetryPolicy
-from recovery.errors import DependencyError
+from recovery.core.errors import DependencyError
 
 from .worker_tasks import record_run
 

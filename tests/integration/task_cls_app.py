@@ -8,7 +8,7 @@ import django  # noqa: E402
 from celery import Celery  # noqa: E402
 
 import recovery  # noqa: E402
-from recovery.errors import DataIntegrityError  # noqa: E402
+from recovery.core.errors import DataIntegrityError  # noqa: E402
 
 django.setup()
 

@@ -14,8 +14,8 @@ import pytest
 from celery import states
 from django_celery_results.models import TaskResult
 
-from recovery import degraded
-from recovery.circuit import Circuit
+from recovery.workflows import degraded
+from recovery.workflows.circuit import Circuit
 from recovery.models import DeadLetter, FallbackUse
 
 from . import worker_tasks as t
@@ -97,7 +97,7 @@ def test_an_open_circuit_routes_a_task_to_its_fallback(start_worker, key, standi
     assert use.dependency == "partner-api"
     assert use.task_name == t.partner_quote_or_backup.name
     assert use.fallback == "tests.integration.worker_tasks.backup_quote"
-    assert use.exception_type == "recovery.circuit.CircuitOpenError"
+    assert use.exception_type == "recovery.workflows.circuit.CircuitOpenError"
 
 
 def test_when_the_policy_gives_up_the_fallback_result_is_the_task_result(start_worker, store,

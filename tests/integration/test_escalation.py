@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from recovery import notify
+from recovery.observe import notify
 from recovery.models import DeadLetter, Incident, IncidentNotification
 
 from . import worker_tasks as t

@@ -1,4 +1,4 @@
-"""A worker's housekeeping (recovery.housekeeping) under a database that hangs: what the
+"""A worker's housekeeping (recovery.delivery.housekeeping) under a database that hangs: what the
 worker holds stays its own, and the database work picks up again when the database answers."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from importlib.metadata import version
 import pytest
 from django.utils import timezone
 
-from recovery.due import hold
+from recovery.store.due import hold
 from recovery.models import DueRetry
 
 from . import db_settings_tasks
@@ -100,7 +100,7 @@ def test_stopping_a_worker_while_the_database_hangs_takes_seconds(start_worker, 
     assert "thread still busy" in worker.log()
 
 
-# kombu's own Redis transport uses the attributes recovery.visibility needs, so deleting
+# kombu's own Redis transport uses the attributes recovery.delivery.visibility needs, so deleting
 # one breaks kombu before recovery looks (tests/recovery/test_visibility.py checks that
 # side on a real channel); django-celery-results' private methods are only ours to miss.
 @pytest.mark.parametrize("removed, named", [

@@ -12,7 +12,7 @@ from celery import Celery
 from django.conf import settings
 from django.db import connection, transaction
 
-from recovery import outbox
+from recovery.workflows import outbox
 from recovery.models import OutboxMessage
 
 from . import worker_tasks as t

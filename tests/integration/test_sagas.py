@@ -12,7 +12,8 @@ import signal
 
 import pytest
 
-from recovery import replay, sagas
+from recovery.operations import replay
+from recovery.workflows import sagas
 from recovery.models import DeadLetter, OutboxMessage, SagaRun, SagaStep
 from tasks import standins
 from tasks.models import ServiceCall, ServiceEffect, ServiceFault

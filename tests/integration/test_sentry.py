@@ -9,9 +9,9 @@ import time
 import pytest
 from celery import states
 
-from recovery.fingerprint import fingerprint
+from recovery.core.fingerprint import fingerprint
 from recovery.models import DeadLetter
-from recovery.redaction import MASK
+from recovery.core.redaction import MASK
 
 from ..recovery.test_sentry import SentryStandIn
 from . import sentry_tasks as s
@@ -68,7 +68,7 @@ def test_a_task_that_retries_then_is_parked_is_one_sentry_event(start_worker, st
                                          for e in stand_in.events()]
     # ... grouped by the letter's fingerprint, tagged, with the real frames of the task
     assert event["fingerprint"] == ["celery-recovery", letter.fingerprint]
-    assert letter.fingerprint == fingerprint(TASK, "recovery.errors.DependencyError",
+    assert letter.fingerprint == fingerprint(TASK, "recovery.core.errors.DependencyError",
                                              "card declined for amount 9.99")
     assert {k: event["tags"].get(k) for k in ("recovery.task", "recovery.kind", "recovery.queue",
                                              "recovery.status", "recovery.permanent")} == {

@@ -1,5 +1,5 @@
 """The watchdog on real processes: a worker with two pool children, a real ``celery beat``
-running ``recovery.watchdog`` every second, Redis and PostgreSQL.
+running ``recovery.observe.watchdog`` every second, Redis and PostgreSQL.
 
 Tasks and the saga are in ``tests/integration/watchdog_tasks.py``; the workers' watchdog
 settings arrive as JSON in ``RECOVERY_TEST_WATCHDOG`` (``tests/settings.py``).
@@ -17,7 +17,8 @@ import pytest
 from celery import current_app
 from django.utils import timezone
 
-from recovery import presence, watchdog
+from recovery.delivery import presence
+from recovery.observe import watchdog
 from recovery.models import (
     DeadLetter,
     DeadLetterEvent,
@@ -27,7 +28,7 @@ from recovery.models import (
     SagaRun,
     SagaStep,
 )
-from recovery.replay import replay
+from recovery.operations.replay import replay
 
 from . import watchdog_tasks
 from .harness import wait_for
@@ -73,7 +74,7 @@ def test_a_task_hanging_past_its_deadline_opens_one_incident_that_names_it(
     assert 2 < stuck["running_seconds"] <= seen_after + 1
     # ... with its secret argument masked
     assert "tok_live_do_not_show" not in json.dumps(found.details)
-    assert "Sending due task recovery-watchdog (recovery.watchdog)" in beat.log()
+    assert "Sending due task recovery-watchdog (recovery.observe.watchdog)" in beat.log()
 
     # And later sweeps add to the same incident instead of opening another
     wait_for(lambda: incident().count >= 2, 10, message="a second sweep to find it")

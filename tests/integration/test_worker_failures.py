@@ -18,7 +18,7 @@ from kombu import Connection, Producer
 
 from config.celery import app
 from recovery.models import DeadLetter, DueRetry
-from recovery.replay import replay
+from recovery.operations.replay import replay
 
 from . import worker_tasks as t
 from .harness import wait_for
@@ -144,7 +144,7 @@ def test_database_cut_while_parking_loses_nothing(start_worker, store, key, db_p
     db_proxy.restore()
     letter = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first(), 30,
                       message="drained letter")
-    assert letter.exception_type == "recovery.errors.DependencyError"
+    assert letter.exception_type == "recovery.core.errors.DependencyError"
     assert letter.attempts == 1
     wait_for(lambda: result_state(result.id) == states.FAILURE, 10, message="FAILURE result")
     wait_for(lambda: not any(f.endswith(".json") for f in os.listdir(spool)), 10,
@@ -228,7 +228,7 @@ def test_forged_history_and_oversized_bodies_are_parked_as_poison_before_they_ru
     assert "forged or corrupt recovery_history header" in reasons[forged]
     assert "forged or corrupt recovery_history header" in reasons[nested]
     assert "message body is too large: 5.0 MiB, over the limit of 4.0 MiB" in reasons[huge]
-    # Over the limit the body, the only copy of the message, is kept whole (recovery.bounds)
+    # Over the limit the body, the only copy of the message, is kept whole (recovery.core.bounds)
     # and its decoded 5 MiB arguments are not stored a second time
     oversized = letters.get(task_id=huge)
     assert oversized.args == [] and key + "-huge" in oversized.raw_body

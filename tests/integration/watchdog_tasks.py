@@ -9,8 +9,8 @@ import time
 from celery import shared_task
 
 from recovery import RecoveryTask, RetryPolicy
-from recovery.errors import DependencyError, TransientError
-from recovery.sagas import Saga, Step
+from recovery.core.errors import DependencyError, TransientError
+from recovery.workflows.sagas import Saga, Step
 
 from .worker_tasks import store
 

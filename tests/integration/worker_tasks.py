@@ -16,14 +16,8 @@ from django.conf import settings
 from django.db import connection
 
 from recovery import RecoveryTask, RetryPolicy
-from recovery.sagas import Saga, Step
-from recovery.errors import (
-    DataIntegrityError,
-    DependencyError,
-    ResourceExhaustedError,
-    TimeoutOrDeadlockError,
-    TransientError,
-)
+from recovery.workflows.sagas import Saga, Step
+from recovery.core.errors import (DataIntegrityError, DependencyError, ResourceExhaustedError, TimeoutOrDeadlockError, TransientError)
 
 _client = None
 

@@ -1,4 +1,4 @@
-"""recovery.backoff: exponential delays, the four jitter strategies, and their bounds."""
+"""recovery.core.backoff: exponential delays, the four jitter strategies, and their bounds."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recovery.backoff import Jitter, backoff_delay, exponential_delay
+from recovery.core.backoff import Jitter, backoff_delay, exponential_delay
 
 ALL_JITTERS = [j.value for j in Jitter]
 

@@ -1,10 +1,10 @@
-"""recovery.bounds: pure functions, no database; and who reads a bounded letter."""
+"""recovery.core.bounds: pure functions, no database; and who reads a bounded letter."""
 
 from __future__ import annotations
 
-from recovery import bounds
-from recovery.escalation import letter_diagnostics
-from recovery.parking import ParkRecord
+from recovery.core import bounds
+from recovery.observe.escalation import letter_diagnostics
+from recovery.store.parking import ParkRecord
 
 
 def test_cut_keeps_short_text_and_says_how_much_it_cut_from_long_text():

@@ -42,9 +42,9 @@ def test_the_test_settings_pass_every_check():
 def test_a_full_valid_configuration_passes(recovery, settings):
     recovery(
         DEFAULT_POLICY={"max_attempts": 4, "jitter": "decorrelated",
-                        "non_retryable": ["recovery.errors.PermanentError"],
+                        "non_retryable": ["recovery.core.errors.PermanentError"],
                         "per_kind": {"resource_exhausted": {"max_delay_seconds": 3600}}},
-        CLASSIFIER_RULES=["recovery.classification.stdlib_rule"],
+        CLASSIFIER_RULES=["recovery.core.classification.stdlib_rule"],
         MAX_DELIVERIES=3,
         MESSAGE_MAX_CHARS=500,
     )
@@ -55,7 +55,7 @@ def test_a_full_valid_configuration_passes(recovery, settings):
 
 
 def test_a_policy_object_is_a_valid_default_policy(recovery):
-    from recovery.policy import RetryPolicy
+    from recovery.core.policy import RetryPolicy
 
     recovery(DEFAULT_POLICY=RetryPolicy(max_attempts=2))
     assert check_recovery_settings() == []
@@ -108,7 +108,7 @@ def test_an_invalid_default_policy_is_an_error_that_explains_it(recovery, policy
 
 @pytest.mark.parametrize(
     "rules",
-    [["myapp.rules.nope"], ["recovery.classification.no_such_rule"], ["norules"]],
+    [["myapp.rules.nope"], ["recovery.core.classification.no_such_rule"], ["norules"]],
 )
 def test_unimportable_classifier_rules_are_an_error(recovery, rules):
     recovery(CLASSIFIER_RULES=rules)
@@ -240,7 +240,7 @@ def test_a_bad_retention_is_reported(recovery, retention):
 
 
 def test_a_partial_retention_is_valid_and_keeps_the_other_defaults(recovery):
-    from recovery.retention import retention_days
+    from recovery.store.retention import retention_days
 
     recovery(RETENTION_DAYS={"resolved": 7, "compensated": None})
     assert check_recovery_settings() == []
@@ -264,7 +264,7 @@ def test_outbox_timings_must_be_positive(recovery, key):
 
 
 def test_valid_circuits_and_shared_state_pass(recovery):
-    from recovery.circuit import CircuitPolicy
+    from recovery.workflows.circuit import CircuitPolicy
 
     recovery(CIRCUITS={"payments-api": {"minimum_calls": 10, "open_seconds": 30},
                        "maps": CircuitPolicy(), "default": {}},

@@ -1,4 +1,4 @@
-"""recovery.circuit: the breaker's state machine on a fake clock, its policy, the real shared
+"""recovery.workflows.circuit: the breaker's state machine on a fake clock, its policy, the real shared
 stores (Redis and PostgreSQL) under concurrent writers, failing open, and CircuitOpenError
 crossing process boundaries."""
 
@@ -14,26 +14,12 @@ import requests
 from celery import Celery
 from django.db import connection
 
-from recovery import circuit as circuit_module
-from recovery.circuit import (
-    CLOSED,
-    HALF_OPEN,
-    OPEN,
-    Circuit,
-    CircuitOpenError,
-    CircuitPolicy,
-    guard,
-    policy_for,
-)
-from recovery.classification import classify
-from recovery.errors import (
-    DataIntegrityError,
-    DependencyError,
-    ResourceExhaustedError,
-    TimeoutOrDeadlockError,
-)
-from recovery.kinds import FailureKind
-from recovery.shared_state import KEY_PREFIX, DatabaseStore, RedisStore
+from recovery.workflows import circuit as circuit_module
+from recovery.workflows.circuit import (CLOSED, HALF_OPEN, OPEN, Circuit, CircuitOpenError, CircuitPolicy, guard, policy_for)
+from recovery.core.classification import classify
+from recovery.core.errors import (DataIntegrityError, DependencyError, ResourceExhaustedError, TimeoutOrDeadlockError)
+from recovery.core.kinds import FailureKind
+from recovery.workflows.shared_state import KEY_PREFIX, DatabaseStore, RedisStore
 
 REDIS_URL = "redis://127.0.0.1:6379/6"
 UNREACHABLE = "redis://127.0.0.1:1/0"
@@ -509,7 +495,7 @@ def test_the_module_exports_what_it_documents():
 
 
 def test_window_counts_report_the_calls_still_in_the_window(breaker, clock):
-    from recovery.circuit import window_counts
+    from recovery.workflows.circuit import window_counts
 
     calls(breaker, True, False)
     clock.advance(POLICY.window_seconds / 2)

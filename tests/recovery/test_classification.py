@@ -1,4 +1,4 @@
-"""recovery.classification: every built-in rule on real library exceptions, project rules,
+"""recovery.core.classification: every built-in rule on real library exceptions, project rules,
 the cause chain, and Retry-After parsing."""
 
 from __future__ import annotations
@@ -26,17 +26,9 @@ from django.db import connection, transaction
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recovery.classification import BUILTIN_RULES, Failure, classify, parse_retry_after
-from recovery.errors import (
-    DataIntegrityError,
-    DependencyError,
-    PermanentError,
-    RecoveryError,
-    ResourceExhaustedError,
-    TimeoutOrDeadlockError,
-    TransientError,
-)
-from recovery.kinds import FailureKind
+from recovery.core.classification import BUILTIN_RULES, Failure, classify, parse_retry_after
+from recovery.core.errors import (DataIntegrityError, DependencyError, PermanentError, RecoveryError, ResourceExhaustedError, TimeoutOrDeadlockError, TransientError)
+from recovery.core.kinds import FailureKind
 from recovery.models import DeadLetter
 
 DEPENDENCY = FailureKind.DEPENDENCY
@@ -67,7 +59,7 @@ def raised_from(outer, inner):
         return final
 
 
-# -- recovery.errors ----------------------------------------------------------------------------
+# -- recovery.core.errors ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import pytest
 from celery import Celery
 from django.db import connections
 
-from recovery import replay as service
+from recovery.operations import replay as service
 from recovery.models import DeadLetter, DeadLetterEvent
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -69,7 +69,7 @@ def make_letter(n: int = 1, **overrides) -> DeadLetter:
                                       "kwargs": {}, "options": {}, "subtask_type": None,
                                       "immutable": True}]},
                   kind="dependency", fingerprint="c" * 40, queue="celery",
-                  exception_type="recovery.errors.DependencyError",
+                  exception_type="recovery.core.errors.DependencyError",
                   exception_message="card declined")
     values.update(overrides)
     return DeadLetter.objects.create(**values)

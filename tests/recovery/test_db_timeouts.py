@@ -1,4 +1,4 @@
-"""recovery.db_timeouts: the bounds recovery gives its own connections, and only those."""
+"""recovery.store.db_timeouts: the bounds recovery gives its own connections, and only those."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from django.db import connection, connections
 from django.test import override_settings
 
-from recovery.db_timeouts import bound_thread_connection, bounded_options, unbound_thread_connection
+from recovery.store.db_timeouts import (bound_thread_connection, bounded_options, unbound_thread_connection)
 
 
 def test_bounds_are_added_only_where_the_project_set_none():

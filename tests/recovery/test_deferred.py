@@ -1,4 +1,4 @@
-"""Deferred bookkeeping writes (recovery.deferred): spooled while the database was down,
+"""Deferred bookkeeping writes (recovery.store.deferred): spooled while the database was down,
 applied by the spool drain, idempotent, never over a newer state. Real PostgreSQL and the
 project's django-db result backend; the worker-side path is in
 tests/integration/test_worker_failures.py and test_sagas.py."""
@@ -16,9 +16,9 @@ from django.conf import settings
 from django_celery_results.models import TaskResult
 
 from config.celery import app
-from recovery import deferred
+from recovery.store import deferred
 from recovery.models import DeadLetter
-from recovery.parking import drain_spool
+from recovery.store.parking import drain_spool
 
 pytestmark = pytest.mark.django_db
 

@@ -1,4 +1,4 @@
-"""recovery.degraded: operators flip named modes, code checks them, an unreadable store
+"""recovery.workflows.degraded: operators flip named modes, code checks them, an unreadable store
 means "off"."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import redis
 
-from recovery import degraded
-from recovery.shared_state import KEY_PREFIX
+from recovery.workflows import degraded
+from recovery.workflows.shared_state import KEY_PREFIX
 
 REDIS_URL = "redis://127.0.0.1:6379/6"
 

@@ -1,4 +1,4 @@
-"""recovery.deliveries on the real PostgreSQL test database: what counts as a delivery.
+"""recovery.store.deliveries on the real PostgreSQL test database: what counts as a delivery.
 
 The worker side (a real worker receiving, losing and handing back messages) is in
 ``tests/integration/test_worker_failures.py``.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from recovery.deliveries import count_redelivery, forget, note_handed_back, note_loss
+from recovery.store.deliveries import count_redelivery, forget, note_handed_back, note_loss
 from recovery.models import DeliveryCount
 
 pytestmark = pytest.mark.django_db

@@ -1,4 +1,4 @@
-"""recovery.due against real PostgreSQL and a real Redis broker: each due retry is
+"""recovery.store.due against real PostgreSQL and a real Redis broker: each due retry is
 published once, even when the broker fails in the middle of a batch."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from celery import Celery, Signature
 from celery.signals import before_task_publish
 from django.utils import timezone
 
-from recovery.due import BATCH_ROWS, hold, publish_due
+from recovery.store.due import BATCH_ROWS, hold, publish_due
 from recovery.models import DeadLetter, DueRetry
 from tests.integration.harness import TcpProxy
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from recovery import headers as hdr
-from recovery.envelope import MAX_ID_CHARS, problem
+from recovery.core import headers as hdr
+from recovery.core.envelope import MAX_ID_CHARS, problem
 
 GOOD_ID = "0b7c9a4e-6d43-4f0e-9a55-2f1f2f0c1e11"
 

@@ -1,4 +1,4 @@
-"""recovery.escalation against the real PostgreSQL test database: which parked letters
+"""recovery.observe.escalation against the real PostgreSQL test database: which parked letters
 open an incident, one incident per fingerprint while it is open, one notification per
 channel however often the threshold is crossed, and parking that never waits on it."""
 
@@ -11,11 +11,12 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from recovery import escalation, headers as hdr
-from recovery.escalation import EscalationRules, Occurrence
-from recovery.fingerprint import fingerprint
+from recovery.observe import escalation
+from recovery.core import headers as hdr
+from recovery.observe.escalation import EscalationRules, Occurrence
+from recovery.core.fingerprint import fingerprint
 from recovery.models import DeadLetter, Incident, IncidentNotification, SagaRun
-from recovery.parking import ParkRecord, park
+from recovery.store.parking import ParkRecord, park
 
 db = pytest.mark.django_db(transaction=True)
 
@@ -252,7 +253,7 @@ def test_compensation_failures_can_be_left_to_the_threshold(escalation_settings)
 
 @db
 def test_a_saga_needing_a_human_opens_an_incident_linked_to_its_run(escalation_settings):
-    from recovery.sagas import escalate as escalate_saga
+    from recovery.workflows.sagas import escalate as escalate_saga
 
     escalation_settings()
     run = SagaRun.objects.create(name="order", version="1", definition={"steps": []},
@@ -379,7 +380,7 @@ def test_a_database_error_in_escalation_never_aborts_the_callers_transaction(
 
 @db
 def test_each_saga_run_that_needs_a_human_gets_its_own_incident(escalation_settings):
-    from recovery.sagas import escalate as escalate_saga
+    from recovery.workflows.sagas import escalate as escalate_saga
 
     escalation_settings()
     runs = [SagaRun.objects.create(name="order", version="1", definition={"steps": []},

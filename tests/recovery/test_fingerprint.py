@@ -1,4 +1,4 @@
-"""recovery.fingerprint: the same problem on different data is one fingerprint."""
+"""recovery.core.fingerprint: the same problem on different data is one fingerprint."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recovery.fingerprint import fingerprint, normalise_message
+from recovery.core.fingerprint import fingerprint, normalise_message
 
 TASK = "tasks.charge_order"
 EXC = "tasks.errors.OrderNotFound"

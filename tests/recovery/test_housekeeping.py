@@ -1,4 +1,4 @@
-"""recovery.housekeeping: a blocked job delays only its own thread, a failing one
+"""recovery.delivery.housekeeping: a blocked job delays only its own thread, a failing one
 never ends it, stopping never waits forever, and which consumer may get a statement timeout
 (pure logic, no database)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
-from recovery.housekeeping import Ticker
+from recovery.delivery.housekeeping import Ticker
 
 
 def test_a_job_blocked_on_the_database_does_not_stop_the_visibility_ticks():
@@ -61,7 +61,7 @@ def test_the_consumers_connection_gets_a_statement_timeout_only_when_tasks_run_e
 
     from celery.concurrency import prefork, solo, thread
 
-    from recovery.housekeeping import Housekeeping
+    from recovery.delivery.housekeeping import Housekeeping
 
     def consumer(pool_class):
         return SimpleNamespace(pool=object.__new__(pool_class))

@@ -1,4 +1,4 @@
-"""recovery.metrics in one process: the right counter moves with the right labels, the
+"""recovery.observe.metrics in one process: the right counter moves with the right labels, the
 database backlogs are read at scrape time, and a broken exporter never stops a park."""
 
 from __future__ import annotations
@@ -10,13 +10,15 @@ import pytest
 from celery import Celery
 from django.utils import timezone
 
-from recovery import RecoveryTask, RetryPolicy, metrics, shared_state
-from recovery import replay as service
-from recovery.circuit import Circuit, CircuitPolicy
-from recovery.errors import DependencyError, PermanentError
+from recovery import RecoveryTask, RetryPolicy
+from recovery.observe import metrics
+from recovery.workflows import shared_state
+from recovery.operations import replay as service
+from recovery.workflows.circuit import Circuit, CircuitPolicy
+from recovery.core.errors import DependencyError, PermanentError
 from recovery.models import DeadLetter, DueRetry, OutboxMessage
-from recovery.parking import ParkRecord, park
-from recovery.shared_state import KEY_PREFIX, DatabaseStore
+from recovery.store.parking import ParkRecord, park
+from recovery.workflows.shared_state import KEY_PREFIX, DatabaseStore
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -42,7 +44,7 @@ def app():
 
 def record(task_id: str = "m-1", **overrides) -> ParkRecord:
     values = dict(task_id=task_id, task_name="proj.charge", kind="dependency",
-                  reason="gave up", exception_type="recovery.errors.DependencyError",
+                  reason="gave up", exception_type="recovery.core.errors.DependencyError",
                   exception_message="503")
     values.update(overrides)
     return ParkRecord(**values)
@@ -284,7 +286,7 @@ def test_the_view_reads_backlogs_from_the_database_at_scrape_time(client, settin
                                   last_failed_at=failed)
     OutboxMessage.objects.create(task_id="o-1", task_name="proj.t", signature={})
     DueRetry.objects.create(task_id="d-1", task_name="proj.t", due_at=now, signature={})
-    from recovery.parking import spool
+    from recovery.store.parking import spool
 
     spool().put(record("spooled").to_dict())
     spool().quarantine(spool().put({"task_id": "refused"}), "DataError: value too long")
@@ -316,7 +318,7 @@ def test_the_view_still_answers_when_the_database_cannot_be_read(client, monkeyp
     def down(*args, **kwargs):
         raise RuntimeError("database down")
 
-    monkeypatch.setattr("recovery.outbox.pending_count", down)
+    monkeypatch.setattr("recovery.workflows.outbox.pending_count", down)
     response = client.get("/metrics")
     assert response.status_code == 200
     text = response.content.decode()
@@ -364,7 +366,7 @@ def test_a_worker_without_a_multiprocess_dir_gets_a_private_one_and_cleans_up(
 def test_the_housekeeping_heartbeat_sets_the_workers_timestamp_gauge():
     from types import SimpleNamespace
 
-    from recovery.worker import Housekeeping
+    from recovery.delivery.worker import Housekeeping
 
     # Given a worker's consumer, named by its Celery hostname
     consumer = SimpleNamespace(hostname="w1@host-a")

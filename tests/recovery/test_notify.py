@@ -1,4 +1,4 @@
-"""recovery.notify against a real HTTP receiver and a real SMTP server on localhost:
+"""recovery.observe.notify against a real HTTP receiver and a real SMTP server on localhost:
 signed webhooks, retries with backoff, Retry-After, giving up, and the incident e-mail."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from recovery import escalation, notify, webhook_signing
-from recovery.escalation import Occurrence
+from recovery.observe import escalation, notify, webhook_signing
+from recovery.observe.escalation import Occurrence
 from recovery.models import Incident, IncidentNotification
-from recovery.parking import ParkRecord, park
+from recovery.store.parking import ParkRecord, park
 
 db = pytest.mark.django_db(transaction=True)
 SECRET = "whsec_" + "c2VjcmV0LWtleS1vZi10aGlydHktdHdvLWJ5dGVzISE="  # 32 bytes

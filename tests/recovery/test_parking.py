@@ -1,8 +1,8 @@
-"""recovery.parking against the real PostgreSQL test database: one letter per task id,
+"""recovery.store.parking against the real PostgreSQL test database: one letter per task id,
 bounded and NUL-safe text, cumulative attempts across replays, and the spool drain.
 
 Parking a new letter outside a transaction takes the single-statement PostgreSQL path
-(recovery.pg_fastpath); inside a transaction, or on a conflict, it takes the general
+(recovery.store.pg_fastpath); inside a transaction, or on a conflict, it takes the general
 path. The ``park_via`` fixture runs each test through both.
 """
 
@@ -22,9 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from config.celery import app as celery_app
-from recovery.fingerprint import fingerprint
+from recovery.core.fingerprint import fingerprint
 from recovery.models import DeadLetter
-from recovery.parking import ParkRecord, drain_spool, park, spool
+from recovery.store.parking import ParkRecord, drain_spool, park, spool
 
 FAILED_AT = "2026-03-01T12:00:00+00:00"
 LATER = "2026-03-02T08:30:00+00:00"
@@ -417,7 +417,7 @@ def test_a_spooled_record_round_trips_through_json():
 
 @pytest.mark.django_db(transaction=True)
 def test_a_spooled_file_that_is_not_a_letter_is_set_aside_and_does_not_block_the_rest():
-    from recovery.parking import ParkRecord, drain_spool, spool
+    from recovery.store.parking import ParkRecord, drain_spool, spool
 
     pending = spool()
     stray = pending.put({"unexpected": "shape"})
@@ -431,7 +431,8 @@ def test_a_spooled_file_that_is_not_a_letter_is_set_aside_and_does_not_block_the
 def test_a_database_outage_spools_the_letter_and_still_hands_the_exception_on(monkeypatch):
     from django.db import OperationalError
 
-    from recovery import escalation, parking
+    from recovery.observe import escalation
+    from recovery.store import parking
 
     def database_down(*args, **kwargs):
         raise OperationalError("connection refused")

@@ -1,4 +1,4 @@
-"""recovery.policy: RetryPolicy validation, serialisation, merging and decisions; Verdict."""
+"""recovery.core.policy: RetryPolicy validation, serialisation, merging and decisions; Verdict."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recovery.backoff import Jitter
-from recovery.classification import Failure
-from recovery.errors import DependencyError, PermanentError
-from recovery.kinds import FailureKind
-from recovery.policy import Action, Attempt, RetryPolicy, Verdict
+from recovery.core.backoff import Jitter
+from recovery.core.classification import Failure
+from recovery.core.errors import DependencyError, PermanentError
+from recovery.core.kinds import FailureKind
+from recovery.core.policy import Action, Attempt, RetryPolicy, Verdict
 
 ALL_JITTERS = [j.value for j in Jitter]
 ALL_KINDS = [k.value for k in FailureKind]
@@ -166,8 +166,8 @@ NON_RETRYABLE_PATHS = [
     "builtins.ValueError",
     "builtins.KeyError",
     "json.decoder.JSONDecodeError",
-    "recovery.errors.PermanentError",
-    "recovery.errors.DependencyError",
+    "recovery.core.errors.PermanentError",
+    "recovery.core.errors.DependencyError",
     f"{__name__}.CardDeclined",
 ]
 
@@ -244,10 +244,10 @@ def test_to_dict_keeps_every_field_value(fields):
 
 
 def test_non_retryable_classes_serialise_as_dotted_paths():
-    policy = RetryPolicy(non_retryable=[ValueError, CardDeclined, "recovery.errors.PermanentError"])
+    policy = RetryPolicy(non_retryable=[ValueError, CardDeclined, "recovery.core.errors.PermanentError"])
     data = policy.to_dict()
     assert data["non_retryable"] == [
-        "builtins.ValueError", f"{__name__}.CardDeclined", "recovery.errors.PermanentError",
+        "builtins.ValueError", f"{__name__}.CardDeclined", "recovery.core.errors.PermanentError",
     ]
     assert RetryPolicy.from_dict(data).non_retryable == (ValueError, CardDeclined, PermanentError)
 

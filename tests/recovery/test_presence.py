@@ -1,4 +1,4 @@
-"""recovery.presence on the test Redis (the shared state): which workers count as alive.
+"""recovery.delivery.presence on the test Redis (the shared state): which workers count as alive.
 
 The bootstep on a real worker, and a sweep that hears nothing from a stopped one, are in
 ``tests/integration/test_watchdog.py``.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from recovery import presence
+from recovery.delivery import presence
 
 pytestmark = pytest.mark.django_db
 

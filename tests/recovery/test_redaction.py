@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from recovery import deepjson, redaction
+from recovery.core import deepjson, redaction
 
 _APP = None
 

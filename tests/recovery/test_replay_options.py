@@ -1,4 +1,4 @@
-"""recovery.replay_options: the allow-list, on a Celery app's configuration only."""
+"""recovery.operations.replay_options: the allow-list, on a Celery app's configuration only."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import pytest
 from celery import Celery
 from kombu import Queue
 
-from recovery import headers as hdr
-from recovery.replay_options import (UnknownQueue, known_queues, replay_options,
-                                     undecodable_body)
+from recovery.core import headers as hdr
+from recovery.operations.replay_options import (UnknownQueue, known_queues, replay_options, undecodable_body)
 
 
 @pytest.fixture

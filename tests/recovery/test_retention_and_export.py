@@ -16,9 +16,10 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from config.celery import app
-from recovery import export, redaction, retention
+from recovery.store import export, retention
+from recovery.core import redaction
 from recovery.models import DeadLetter, DeadLetterEvent, DeliveryCount
-from recovery.redaction import MASK
+from recovery.core.redaction import MASK
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

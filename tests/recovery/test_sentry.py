@@ -1,4 +1,4 @@
-"""recovery.sentry through the real sentry-sdk, sending to a local HTTP stand-in for Sentry:
+"""recovery.observe.sentry through the real sentry-sdk, sending to a local HTTP stand-in for Sentry:
 the assertions read the envelopes the stand-in received, as Sentry would."""
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from sentry_sdk.integrations.logging import LoggingIntegration
 from sentry_sdk.scope import global_event_processors
 
 from config.celery import app as celery_app  # noqa: F401 - the current app knows the tasks
-from recovery import sentry
-from recovery.escalation import rules
-from recovery.fingerprint import fingerprint
+from recovery.observe import sentry
+from recovery.observe.escalation import rules
+from recovery.core.fingerprint import fingerprint
 from recovery.models import Incident
-from recovery.parking import ParkRecord
-from recovery.redaction import MASK
+from recovery.store.parking import ParkRecord
+from recovery.core.redaction import MASK
 
 CARD_TOKEN = "tok_live_4242SECRETcardtoken"
 PASSWORD = "hunter2-not-for-sentry"
@@ -106,7 +106,7 @@ def parse_envelope(body: bytes) -> tuple[dict, list[tuple[dict, bytes]]]:
 
 @shared_task(name="tests.recovery.test_sentry.charge_card", bind=True)
 def charge_card(self, order_id, card_token, amount="9.99", **options):
-    """Positional ``card_token`` is secret by its name (recovery.redaction)."""
+    """Positional ``card_token`` is secret by its name (recovery.core.redaction)."""
 
 
 @pytest.fixture(autouse=True)
@@ -168,19 +168,19 @@ def make_record(**overrides) -> ParkRecord:
         kind="dependency",
         permanent=True,
         reason="permanent failure (dependency: card declined)",
-        exception_type="recovery.errors.DependencyError",
+        exception_type="recovery.core.errors.DependencyError",
         exception_message="card declined for order 1234",
         traceback="Traceback (most recent call last):\n  File \"tasks.py\", line 9, in charge\n"
-                  "recovery.errors.DependencyError: card declined for order 1234\n",
+                  "recovery.core.errors.DependencyError: card declined for order 1234\n",
         args=[1234, CARD_TOKEN],
         kwargs={"amount": "9.99", "options": {"password": PASSWORD, "retries": 2}},
         history=[
             {"at": "2026-03-01T11:50:00+00:00", "attempt": 1, "replay": 0,
-             "exception_type": "recovery.errors.DependencyError",
+             "exception_type": "recovery.core.errors.DependencyError",
              "exception_message": "payment gateway answered 503", "kind": "dependency",
              "delay_seconds": 0.2},
             {"at": "2026-03-01T11:50:01+00:00", "attempt": 2, "replay": 0,
-             "exception_type": "recovery.errors.DependencyError",
+             "exception_type": "recovery.core.errors.DependencyError",
              "exception_message": "card declined for order 1234", "kind": "dependency",
              "delay_seconds": None},
         ],
@@ -193,7 +193,7 @@ def make_record(**overrides) -> ParkRecord:
 
 def declined(order_id, card_token):
     """Raises as a task would, with the secret in a local variable of its frame."""
-    from recovery.errors import DependencyError
+    from recovery.core.errors import DependencyError
 
     payload = {"card_token": card_token, "note": f"card {card_token}"}  # noqa: F841
     raise DependencyError(f"card declined for order {order_id}", permanent=True)
@@ -225,13 +225,13 @@ def test_a_parked_letter_is_one_event_grouped_by_its_failure_with_tags_and_maske
     assert event["level"] == "error"
     assert {key: event["tags"].get(key) for key in (
         "recovery.task", "recovery.kind", "recovery.queue", "recovery.status",
-        "recovery.permanent", "recovery.fingerprint")} == {
+        "recovery.permanent", "recovery.core.fingerprint")} == {
         "recovery.task": "tests.recovery.test_sentry.charge_card",
         "recovery.kind": "dependency",
         "recovery.queue": "payments",
         "recovery.status": "parked",
         "recovery.permanent": "true",
-        "recovery.fingerprint": fp,
+        "recovery.core.fingerprint": fp,
     }
     assert all(len(str(value)) <= 200 for value in event["tags"].values())
     # ... with the diagnostics, secrets masked (positional by parameter name, nested by key)
@@ -379,8 +379,8 @@ def test_a_broken_report_never_raises(init_sentry, stand_in, escalation, monkeyp
     def broken(*args, **kwargs):
         raise RuntimeError("diagnostics exploded")
 
-    monkeypatch.setattr("recovery.escalation.letter_diagnostics", broken)
-    with caplog.at_level(logging.WARNING, logger="recovery.sentry"):
+    monkeypatch.setattr("recovery.observe.escalation.letter_diagnostics", broken)
+    with caplog.at_level(logging.WARNING, logger="recovery.observe.sentry"):
         sentry.report_letter(make_record(), 1, live_exception(), escalation())
     assert "could not report" in caplog.text
 
@@ -406,13 +406,13 @@ def test_the_duplicate_filter_drops_a_second_report_of_a_parked_exception_only(
     sentry_sdk.capture_exception(ValueError("body cannot be decoded"))
     sentry_sdk.capture_exception(ValueError("body cannot be decoded"))  # not a copy: kept
     # ... and escalation announces the incident it opened for the letter
-    logging.getLogger("recovery.escalation").error(
+    logging.getLogger("recovery.observe.escalation").error(
         "recovery: incident #%s opened (%s): %s (%s)", 3, "threshold", "t", "/admin/")
     # ... while unrelated errors happen
     sentry_sdk.capture_exception(ValueError("another failure"))
     unrelated = live_exception()
     sentry_sdk.capture_exception(unrelated)
-    logging.getLogger("recovery.escalation").error("recovery: could not escalate x")
+    logging.getLogger("recovery.observe.escalation").error("recovery: could not escalate x")
 
     # Then only recovery's two letters and the four other errors reach Sentry
     sentry_sdk.flush(timeout=5)

@@ -1,4 +1,4 @@
-"""recovery.shared_state: which store is used, and that both real stores apply updates
+"""recovery.workflows.shared_state: which store is used, and that both real stores apply updates
 atomically (no update lost between processes or threads)."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import redis
 from django.db import connection
 
-from recovery import shared_state
+from recovery.workflows import shared_state
 from recovery.models import SharedState
-from recovery.shared_state import KEY_PREFIX, DatabaseStore, RedisStore
+from recovery.workflows.shared_state import KEY_PREFIX, DatabaseStore, RedisStore
 
 REDIS_URL = "redis://127.0.0.1:6379/6"
 

@@ -1,4 +1,4 @@
-"""recovery.spool: a durable directory of JSON records, drained oldest first."""
+"""recovery.store.spool: a durable directory of JSON records, drained oldest first."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recovery.spool import BadRecord, Spool
+from recovery.store.spool import BadRecord, Spool
 
 
 class DatabaseStillDown(Exception):

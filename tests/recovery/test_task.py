@@ -9,9 +9,11 @@ from django.db import OperationalError
 from django_celery_results.models import TaskResult
 from kombu.exceptions import EncodeError
 
-from recovery import RecoveryTask, RetryPolicy, headers as hdr, replay
+from recovery import RecoveryTask, RetryPolicy
+from recovery.core import headers as hdr
+from recovery.operations import replay
 from recovery.models import DeadLetter
-from recovery.parking import drain_spool
+from recovery.store.parking import drain_spool
 from tests.integration import worker_tasks
 from recovery.task import _ParkAwareBackend, exception_path
 
@@ -77,7 +79,7 @@ def test_task_without_policy_uses_the_settings_default(settings):
 
 def test_exception_path_is_dotted_except_for_builtins():
     assert exception_path(ValueError("x")) == "ValueError"
-    assert exception_path(RetryPolicy) == "recovery.policy.RetryPolicy"
+    assert exception_path(RetryPolicy) == "recovery.core.policy.RetryPolicy"
 
 
 @pytest.mark.django_db
@@ -97,7 +99,7 @@ def test_retry_state_is_stored_only_when_asked(settings, store_retry_state, expe
 @pytest.mark.django_db
 def test_eager_apply_retries_through_the_policy_and_parks(settings):
     """Projects that test with task_always_eager / .apply() get the same lifecycle, without sleeping."""
-    from recovery.errors import DependencyError, PermanentError
+    from recovery.core.errors import DependencyError, PermanentError
     from recovery.models import DeadLetter
 
     app = Celery("eager", set_as_current=False)

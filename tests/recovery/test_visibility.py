@@ -1,4 +1,4 @@
-"""recovery.visibility on kombu's real Redis transport, against the test Redis."""
+"""recovery.delivery.visibility on kombu's real Redis transport, against the test Redis."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.transport import redis as kombu_redis
 
 from config.celery import app as celery_app
-from recovery.housekeeping import Housekeeping
-from recovery.visibility import extend_held_messages, missing_internals
+from recovery.delivery.housekeeping import Housekeeping
+from recovery.delivery.visibility import extend_held_messages, missing_internals
 
 
 @pytest.fixture

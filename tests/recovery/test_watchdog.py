@@ -1,4 +1,4 @@
-"""recovery.watchdog on the real PostgreSQL test database: each check, what it recovers,
+"""recovery.observe.watchdog on the real PostgreSQL test database: each check, what it recovers,
 what it escalates, what it leaves alone, and its settings.
 
 No worker runs here: what the workers hold is a small stand-in (``Held``) passed to
@@ -20,7 +20,8 @@ from django.core.management import call_command
 from django.db import connection, connections, transaction
 from django.utils import timezone
 
-from recovery import sagas, watchdog
+from recovery.workflows import sagas
+from recovery.observe import watchdog
 from recovery.checks import check_recovery_settings
 from recovery.models import (
     DeadLetter,
@@ -32,9 +33,9 @@ from recovery.models import (
     SagaRun,
     SagaStep,
 )
-from recovery.redaction import MASK
-from recovery.sagas import Saga, SagaDefinitionError, Step
-from recovery.watchdog import Report, WatchdogPolicy
+from recovery.core.redaction import MASK
+from recovery.workflows.sagas import Saga, SagaDefinitionError, Step
+from recovery.observe.watchdog import Report, WatchdogPolicy
 from tests.integration import watchdog_tasks
 
 pytestmark = pytest.mark.django_db
@@ -141,10 +142,10 @@ def test_setup_adds_the_beat_entry_without_replacing_the_projects_own(watchdog_s
     watchdog_settings(INTERVAL_SECONDS=20)
     app = recovery.setup(Celery("plain", set_as_current=False))
     entry = app.conf.beat_schedule["recovery-watchdog"]
-    assert entry == {"task": "recovery.watchdog", "schedule": 20.0, "options": {"expires": 20.0}}
-    assert "recovery.watchdog" in app.conf.include
+    assert entry == {"task": "recovery.observe.watchdog", "schedule": 20.0, "options": {"expires": 20.0}}
+    assert "recovery.observe.watchdog" in app.conf.include
 
-    mine = {"task": "recovery.watchdog", "schedule": 300.0, "options": {"queue": "ops"}}
+    mine = {"task": "recovery.observe.watchdog", "schedule": 300.0, "options": {"queue": "ops"}}
     app = Celery("own", set_as_current=False)
     app.conf.beat_schedule = {"recovery-watchdog": mine, "nightly": {"task": "x", "schedule": 9}}
     recovery.setup(app)
@@ -166,7 +167,7 @@ def test_the_watchdog_task_is_a_plain_celery_task_even_under_task_cls():
 
     project.set_current()  # ...which later tests must not inherit
     for app in (project, task_cls_app.app):
-        task = app.tasks["recovery.watchdog"]
+        task = app.tasks["recovery.observe.watchdog"]
         assert not isinstance(task, RecoveryTask)
         assert task.ignore_result
 
@@ -180,7 +181,7 @@ def test_a_task_running_past_its_own_deadline_opens_one_incident_naming_it():
         "w1@host": [info("t-1", started=now - 30, kwargs={"api_token": "tok_secret"}),
                     info("t-young", started=now - 1)],
         "w2@host": [info("t-2", started=now - 10, worker="w2@host"),
-                    info("sweep", name="recovery.watchdog", started=now - 9999)],
+                    info("sweep", name="recovery.observe.watchdog", started=now - 9999)],
     })
     report = watchdog.sweep(workers=held)
     assert report.stuck_tasks == 2
@@ -226,7 +227,7 @@ def test_a_task_whose_hard_time_limit_ends_it_first_is_left_to_celery(monkeypatc
 def test_a_start_time_that_is_not_a_unix_time_counts_from_when_a_sweep_first_saw_it(broker):
     from celery import current_app
 
-    from recovery.watchdog import stuck_tasks
+    from recovery.observe.watchdog import stuck_tasks
 
     chosen = WatchdogPolicy()
     monotonic = {"w1@host": [info("t-old-celery", started=time.monotonic())]}
@@ -309,7 +310,7 @@ def test_after_the_last_redispatch_the_step_is_escalated_instead(watchdog_settin
     assert Incident.objects.get().count == 2
 
     # Resolving the incident ("fixed, try again") gives the step its re-dispatches back
-    from recovery import escalation
+    from recovery.observe import escalation
 
     escalation.resolve(incident, actor="oncall")
     sent(run)
@@ -369,7 +370,7 @@ def test_the_steps_own_timeout_wins_and_old_snapshots_use_the_default(watchdog_s
 
 
 def test_a_compensation_past_its_timeout_is_dispatched_again():
-    from recovery.errors import PermanentError
+    from recovery.core.errors import PermanentError
 
     # Given a run compensating step 0 (its timeout, 5 s, holds for its compensation too)
     saga = Saga("undo", steps=[Step(ONE, compensate=TWO, timeout_seconds=5), Step(ONE)])
@@ -567,7 +568,7 @@ def test_manage_py_watchdog_dry_run_prints_the_report_and_changes_nothing(broker
 
 def test_a_replay_given_up_for_lost_that_succeeds_later_still_resolves_its_letter(
         watchdog_settings):
-    from recovery.replay import mark_replay_succeeded
+    from recovery.operations.replay import mark_replay_succeeded
 
     watchdog_settings(REPLAYING_AFTER_SECONDS=60)
     late = letter(1, last_failed_at=timezone.now() - timedelta(minutes=5))
@@ -586,7 +587,7 @@ def test_a_replay_given_up_for_lost_that_succeeds_later_still_resolves_its_lette
 
 def test_a_letter_parked_again_for_its_own_reason_is_not_resolved_by_a_late_success(
         watchdog_settings):
-    from recovery.replay import mark_replay_succeeded
+    from recovery.operations.replay import mark_replay_succeeded
 
     watchdog_settings(REPLAYING_AFTER_SECONDS=60)
     late = letter(1, last_failed_at=timezone.now() - timedelta(minutes=5))
@@ -620,14 +621,14 @@ class Broadcasts:
 
 
 def test_when_no_worker_answers_nothing_is_taken_for_lost():
-    from recovery.watchdog import BrokerWorkers, WorkersUnreachable
+    from recovery.observe.watchdog import BrokerWorkers, WorkersUnreachable
 
     with pytest.raises(WorkersUnreachable, match="no worker answered"):
         BrokerWorkers(Broadcasts(), alive=lambda: set()).holding(["task-1"])
 
 
 def test_work_waiting_for_its_eta_prefetched_or_running_is_held_and_asked_once_per_sweep():
-    from recovery.watchdog import BrokerWorkers
+    from recovery.observe.watchdog import BrokerWorkers
 
     app = Broadcasts(
         scheduled={"a@h": [{"eta": "2026-12-05T08:00:00+00:00", "priority": 6,
@@ -647,7 +648,7 @@ def test_work_waiting_for_its_eta_prefetched_or_running_is_held_and_asked_once_p
 
 
 def test_a_live_worker_that_does_not_answer_leaves_what_it_holds_unknown():
-    from recovery.watchdog import BrokerWorkers, WorkersUnreachable
+    from recovery.observe.watchdog import BrokerWorkers, WorkersUnreachable
 
     # b@h stamped itself alive, but only a@h answers (b's main process is stopped)
     app = Broadcasts(scheduled={"a@h": []}, reserved={"a@h": []}, active={"a@h": []})
@@ -662,7 +663,7 @@ def test_a_live_worker_that_does_not_answer_leaves_what_it_holds_unknown():
 
 def test_a_sweep_that_cannot_know_what_the_workers_hold_says_so_and_parks_nothing(
         watchdog_settings, caplog):
-    from recovery.watchdog import BrokerWorkers
+    from recovery.observe.watchdog import BrokerWorkers
 
     watchdog_settings(REPLAYING_AFTER_SECONDS=60)
     waiting = letter(1)
@@ -695,6 +696,6 @@ def test_setup_after_the_configuration_was_read_still_schedules_the_watchdog():
     app.conf.timezone = "UTC"  # reading or writing the conf finalises the configuration
     _ = app.conf.beat_schedule
     recovery.setup(app)
-    assert app.conf.beat_schedule["recovery-watchdog"]["task"] == "recovery.watchdog"
-    assert "recovery.watchdog" in app.conf.include
+    assert app.conf.beat_schedule["recovery-watchdog"]["task"] == "recovery.observe.watchdog"
+    assert "recovery.observe.watchdog" in app.conf.include
     assert app.conf.broker_transport_options["visibility_timeout"] > 0

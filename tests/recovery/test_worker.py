@@ -12,7 +12,7 @@ from django_celery_results.models import TaskResult
 
 from config.celery import app
 from recovery.models import DeadLetter
-from recovery.worker import RecoveryRequest
+from recovery.delivery.worker import RecoveryRequest
 from tests.integration import worker_tasks as t
 
 pytestmark = pytest.mark.django_db

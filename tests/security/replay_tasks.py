@@ -8,8 +8,8 @@ import json
 from celery import shared_task
 
 from recovery import RecoveryTask, RetryPolicy
-from recovery import headers as hdr
-from recovery.errors import PermanentError, TransientError
+from recovery.core import headers as hdr
+from recovery.core.errors import PermanentError, TransientError
 from tests.integration.worker_tasks import QUICK, store
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from recovery import RecoveryTask, RetryPolicy
-from recovery.errors import DependencyError
+from recovery.core.errors import DependencyError
 
 CARD_TOKEN = "tok_live_4242ROWsecret"
 API_KEY = "ak_live_7788ROWsecret"

@@ -12,10 +12,11 @@ from django.core.management import call_command
 from django.db import connection
 from django.urls import reverse
 
-from recovery import escalation, redaction
+from recovery.observe import escalation
+from recovery.core import redaction
 from recovery.models import DeadLetter
-from recovery.parking import ParkRecord
-from recovery.redaction import MASK
+from recovery.store.parking import ParkRecord
+from recovery.core.redaction import MASK
 
 from . import secret_tasks
 

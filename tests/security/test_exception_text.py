@@ -16,9 +16,9 @@ import pytest
 from django.core.management import call_command
 from django.urls import reverse
 
-from recovery.fingerprint import fingerprint
+from recovery.core.fingerprint import fingerprint
 from recovery.models import DeadLetter, DeadLetterEvent
-from recovery.redaction import MASK
+from recovery.core.redaction import MASK
 from tests.integration.harness import wait_for
 
 from . import secret_tasks

@@ -11,7 +11,7 @@ import stat
 import pytest
 from django.core.management import CommandError, call_command
 
-from recovery.export import CSV_COLUMNS
+from recovery.store.export import CSV_COLUMNS
 from recovery.models import DeadLetter, DeadLetterEvent
 
 pytestmark = pytest.mark.django_db(transaction=True)

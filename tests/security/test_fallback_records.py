@@ -13,7 +13,7 @@ from django.contrib.auth.models import Permission
 from django.urls import reverse
 
 from recovery.models import FallbackUse
-from recovery.redaction import MASK
+from recovery.core.redaction import MASK
 
 from ..integration.harness import wait_for
 from . import secret_tasks

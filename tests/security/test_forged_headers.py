@@ -13,8 +13,8 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.urls import reverse
 
-from recovery import bounds
-from recovery import headers as hdr
+from recovery.core import bounds
+from recovery.core import headers as hdr
 from recovery.models import DeadLetter
 from tests.integration.conftest import key, start_worker, store, worker_env  # noqa: F401
 from tests.integration.harness import wait_for

@@ -9,7 +9,8 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from prometheus_client import CollectorRegistry
 
-from recovery import checks, conf, metrics, wiring
+from recovery import checks, conf, wiring
+from recovery.observe import metrics
 from recovery.models import DeadLetter
 
 pytestmark = pytest.mark.django_db

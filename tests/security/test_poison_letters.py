@@ -17,8 +17,8 @@ from django.urls import reverse
 from kombu.exceptions import DecodeError
 
 from recovery.models import DeadLetter
-from recovery.redaction import MASK
-from recovery.worker import park_poison
+from recovery.core.redaction import MASK
+from recovery.delivery.worker import park_poison
 
 from . import secret_tasks
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from django.urls import reverse
 
-from recovery import replay
+from recovery.operations import replay
 from recovery.models import DeadLetter
 
 from . import secret_tasks

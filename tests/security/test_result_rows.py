@@ -18,10 +18,10 @@ from django.contrib.auth.models import Permission
 from django.urls import reverse
 from django_celery_results.models import TaskResult
 
-from recovery import deferred, result_rows
+from recovery.store import deferred, result_rows
 from recovery.models import DeadLetter
-from recovery.parking import drain_spool
-from recovery.replay import replay
+from recovery.store.parking import drain_spool
+from recovery.operations.replay import replay
 
 from ..integration.conftest import key, start_worker, store, worker_env  # noqa: F401
 from ..integration.harness import wait_for

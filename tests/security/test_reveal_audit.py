@@ -16,8 +16,8 @@ from django.utils import timezone
 
 from dlq_admin.management.actor import cli_actor
 from recovery.models import DeadLetter, DeadLetterEvent
-from recovery.redaction import MASK
-from recovery.replay import mark_replay_succeeded
+from recovery.core.redaction import MASK
+from recovery.operations.replay import mark_replay_succeeded
 
 from .staff_users import staff  # noqa: F401 - the fixture
 

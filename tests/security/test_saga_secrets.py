@@ -16,11 +16,11 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.urls import reverse
 
-from recovery import sagas
-from recovery.errors import DependencyError
+from recovery.workflows import sagas
+from recovery.core.errors import DependencyError
 from recovery.models import SagaRun, SagaStep
-from recovery.redaction import MASK
-from recovery.sagas import Saga, SagaDefinitionError, Step
+from recovery.core.redaction import MASK
+from recovery.workflows.sagas import Saga, SagaDefinitionError, Step
 
 from ..recovery.test_sentry import (  # noqa: F401 - fixtures
     _forget_main_process_reports, escalation, init_sentry, stand_in, wait_for_events)

@@ -16,9 +16,9 @@ from django.core.management import call_command
 from django.urls import reverse
 from django_celery_results.models import TaskResult
 
-from recovery import redaction
+from recovery.core import redaction
 from recovery.models import DeadLetter, SagaRun
-from recovery.sagas import Saga, Step
+from recovery.workflows.sagas import Saga, Step
 from tasks import standins
 from tasks.models import ServiceFault
 

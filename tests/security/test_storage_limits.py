@@ -1,6 +1,6 @@
 """Attacks by size: a task called with 5 MB, failing with a 1 MB message and traceback, or
 carrying a history of 10,000 attempts. Each is parked (never lost, never spooled for
-ever) and its letter stays within the documented bounds (recovery.bounds)."""
+ever) and its letter stays within the documented bounds (recovery.core.bounds)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 from django.conf import settings
 from django_celery_results.models import TaskResult
 
-from recovery import bounds
-from recovery import headers as hdr
+from recovery.core import bounds
+from recovery.core import headers as hdr
 from recovery.conf import get as setting
 from recovery.models import DeadLetter
-from recovery.replay import replay
+from recovery.operations.replay import replay
 from tests.integration.conftest import key, start_worker, store, worker_env  # noqa: F401
 from tests.integration.harness import wait_for
 

@@ -12,9 +12,10 @@ import pytest
 from django.core.checks import Error
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from recovery import checks, notify
+from recovery import checks
+from recovery.observe import notify
 from recovery.models import IncidentNotification
-from recovery.parking import ParkRecord, park
+from recovery.store.parking import ParkRecord, park
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

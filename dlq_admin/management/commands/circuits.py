@@ -7,7 +7,7 @@
                                               for N seconds, default its policy's open_seconds
 
 Known circuits are those in RECOVERY["CIRCUITS"] and those a registered task declares
-(dependency="..."); a circuit used only through recovery.circuit.guard() can be reset or
+(dependency="..."); a circuit used only through recovery.workflows.circuit.guard() can be reset or
 tripped once it has a record. The same operations are on the admin page
 /admin/recovery/sharedstate/. See docs/runbooks/circuit-stuck-open.md.
 """
@@ -21,9 +21,9 @@ from django.core.management.base import BaseCommand, CommandError
 
 from dlq_admin.management.actor import cli_actor
 from dlq_admin.resilience import NAME, circuit_row, circuit_rows, known_circuits
-from recovery.circuit import Circuit
+from recovery.workflows.circuit import Circuit
 
-logger = logging.getLogger("recovery.circuit")
+logger = logging.getLogger("recovery.workflows.circuit")
 
 
 def _when(moment) -> str:

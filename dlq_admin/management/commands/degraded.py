@@ -5,7 +5,7 @@
                                                use their fallback, or run (when_degraded)
     manage.py degraded off MODE [--reason TEXT]
 
-Code can check a mode with recovery.degraded.is_on("read-only"). The same switches are on
+Code can check a mode with recovery.workflows.degraded.is_on("read-only"). The same switches are on
 the admin page /admin/recovery/sharedstate/. See docs/fallbacks.md.
 """
 
@@ -15,7 +15,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from dlq_admin.management.actor import cli_actor
 from dlq_admin.resilience import NAME, mode_rows
-from recovery import degraded
+from recovery.workflows import degraded
 
 
 class Command(BaseCommand):

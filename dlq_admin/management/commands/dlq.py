@@ -11,7 +11,7 @@
 
 Filters: --ids 1,2,3 --task-id ID --task NAME --kind KIND --status STATUS --fingerprint SHA1
 --since/--until (ISO date or time, or 30m/6h/2d ago) --limit N. Every operation goes
-through recovery.replay, so it is locked, audited (actor cli:<user>) and the same as in
+through recovery.operations.replay, so it is locked, audited (actor cli:<user>) and the same as in
 the admin. Exit status 1 when some letters could not be handled.
 """
 
@@ -29,10 +29,10 @@ from django.utils.dateparse import parse_date, parse_datetime
 
 from dlq_admin.management.actor import cli_actor
 from dlq_admin.reveals import BATCH_SIZE, record_reveals
-from recovery import redaction
-from recovery import replay as service
+from recovery.core import redaction
+from recovery.operations import replay as service
 from recovery.models import DeadLetter
-from recovery.parking import drain_spool, spool
+from recovery.store.parking import drain_spool, spool
 
 _AGO = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -170,7 +170,7 @@ class Command(BaseCommand):
             )
 
     def do_show(self, options):
-        from recovery.export import letter_record
+        from recovery.store.export import letter_record
 
         try:
             letter = DeadLetter.objects.get(pk=options["id"])
@@ -236,7 +236,7 @@ class Command(BaseCommand):
         self._bulk("compensate", options)
 
     def do_purge(self, options):
-        from recovery import retention
+        from recovery.store import retention
 
         try:
             plan = retention.plan(
@@ -275,7 +275,7 @@ class Command(BaseCommand):
         self.stdout.write(f"Purged {deleted} letter{'s' if deleted != 1 else ''}.")
 
     def do_export(self, options):
-        from recovery import export
+        from recovery.store import export
 
         qs = self._queryset(options).order_by("pk")
         if options.get("limit"):

@@ -11,7 +11,7 @@
     manage.py incidents redeliver [ID ...]     try given-up notifications again (of these
                                                incidents, or of all still open), then deliver
 
-Acknowledge and resolve go through recovery.escalation, the same service as the admin
+Acknowledge and resolve go through recovery.observe.escalation, the same service as the admin
 (actor cli:<user>). Exit status 1 when the incident does not exist.
 """
 
@@ -24,7 +24,7 @@ from django.utils import timezone
 from django.utils.timesince import timesince
 
 from dlq_admin.management.actor import cli_actor
-from recovery import escalation, notify
+from recovery.observe import escalation, notify
 from recovery.models import Incident, IncidentNotification
 
 

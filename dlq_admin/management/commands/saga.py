@@ -6,7 +6,7 @@
     manage.py saga compensate ID [--note TEXT] [--yes]   undo (held, needs_human, succeeded)
     manage.py saga reconcile [--older-than SECONDS]      outcomes the workers could not record
 
-Every operation goes through recovery.sagas, the same service as the admin: the run is
+Every operation goes through recovery.workflows.sagas, the same service as the admin: the run is
 locked, the change audited (a SagaEvent, actor cli:<user>). Exit status 1 when refused.
 """
 
@@ -20,7 +20,7 @@ from django.utils.timesince import timesince
 
 from dlq_admin.management.actor import cli_actor
 from dlq_admin.reveals import record_saga_reveal
-from recovery import saga_secrets, sagas
+from recovery.workflows import saga_secrets, sagas
 from recovery.models import SagaRun
 
 

@@ -1,4 +1,4 @@
-"""``manage.py watchdog``: one sweep of the watchdog (``recovery.watchdog``) from a shell.
+"""``manage.py watchdog``: one sweep of the watchdog (``recovery.observe.watchdog``) from a shell.
 
     manage.py watchdog              find stuck work, recover what is safe, escalate the rest
     manage.py watchdog --dry-run    only report what a sweep would find
@@ -15,7 +15,7 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from recovery import watchdog
+from recovery.observe import watchdog
 
 
 class Command(BaseCommand):

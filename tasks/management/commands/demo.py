@@ -145,7 +145,7 @@ class Command(BaseCommand):
 
     def _run_resilience(self, timeout: float) -> None:
         """Circuit breaker, fallback and degraded mode (tasks/partners.py), step by step."""
-        from recovery.circuit import Circuit
+        from recovery.workflows.circuit import Circuit
         from tasks import partners
 
         def run(task, *args):

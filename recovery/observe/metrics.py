@@ -1,0 +1,683 @@
+"""Prometheus metrics, ``recovery_*`` names, low-cardinality labels (never a task id).
+
+Two kinds:
+
+* Events, counted where they happen (task failures, retries, parked letters, replays,
+  compensations, fallbacks, circuit changes), and each worker's heartbeat. Every recording
+  function here swallows its own errors: a broken exporter never stops a task from
+  retrying or being parked.
+* Backlogs and shared state, read when scraped (:class:`DatabaseCollector`,
+  :class:`SpoolCollector`, :class:`CircuitCollector`): dead letters by status, the age of the
+  oldest parked letter, the outbox, the due-table, the spool, and every circuit's state as
+  the workers share it. Only the Django view (:mod:`recovery.observe.views`) reads the database and
+  the shared circuit state.
+
+Celery's prefork pool runs tasks in child processes, so the counters use prometheus_client's
+multiprocess mode: each process writes its values to memory-mapped files in
+``PROMETHEUS_MULTIPROC_DIR`` and a scrape sums them. The files of a dead child stay, so no
+count is lost when a child is recycled or killed. A worker started without the variable
+makes a private directory for itself and its children (:func:`ensure_multiprocess_dir`,
+called by ``recovery.setup(app)`` at ``worker_init``); see docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from celery import current_app
+
+from .. import conf
+
+__all__ = [
+    "task_failed", "retry_scheduled", "dead_letter_parked", "replay_outcome",
+    "compensation_outcome", "fallback_used", "fallback_failed", "circuit_changed",
+    "saga_escalated", "worker_heartbeat", "incident_opened", "incident_resolved",
+    "notification_outcome", "internal_error", "write_deferred", "exposition", "ensure_multiprocess_dir",
+    "multiprocess_dir", "mark_process_dead", "start_worker_server", "stop_worker_server",
+    "DatabaseCollector", "SpoolCollector", "CircuitCollector", "CIRCUIT_STATE_VALUES",
+]
+
+logger = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: recovery_circuit_state and recovery_circuit_status values
+CIRCUIT_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+#: The dead-letter statuses recovery_dead_letters counts (DeadLetter.Status values).
+OPEN_STATUSES = ("parked", "replaying")
+_LABEL_MAX_CHARS = 120
+#: The ``task`` label of every task name this process does not know (see _task_label).
+UNREGISTERED_TASK = "unregistered"
+
+# name (without _total), type, help, labels, gauge multiprocess mode
+_SPECS: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
+    "failures": ("recovery_task_failures", "counter",
+                 "Task runs that raised, by classification.", ("task", "kind", "transient"), ""),
+    "retries": ("recovery_retries", "counter",
+                "Retries scheduled by the retry policy.", ("task", "kind"), ""),
+    "parked": ("recovery_dead_letters_parked", "counter",
+               "Dead letters parked (written to the table or the spool).", ("task", "kind"), ""),
+    "replays": ("recovery_replays", "counter",
+                "Dead-letter replays by outcome: published, failed (not published), resolved "
+                "(the replayed run succeeded), parked_again.", ("outcome",), ""),
+    "compensations": ("recovery_compensations", "counter",
+                      "Compensations by outcome: published, publish_failed (dead-letter "
+                      "compensate), succeeded, failed (saga compensation steps).",
+                      ("outcome",), ""),
+    "fallbacks": ("recovery_fallbacks", "counter",
+                  "Fallbacks whose result stood as the task's result.", ("task", "reason"), ""),
+    "fallback_failures": ("recovery_fallback_failures", "counter",
+                          "Fallbacks that failed too (the task was then parked).",
+                          ("task", "reason"), ""),
+    "internal_errors": ("recovery_internal_errors", "counter",
+                        "Errors outside a task's body that were not its failure (a result "
+                        "store, the pool): the task was neither parked nor marked failed.",
+                        ("task", "exception"), ""),
+    "deferred_writes": ("recovery_deferred_writes", "counter",
+                        "Bookkeeping writes the database refused after a task succeeded, "
+                        "spooled for the drain: result, replay_succeeded, saga_succeeded.",
+                        ("type",), ""),
+    "circuit_state": ("recovery_circuit_state", "gauge",
+                      "Circuit breaker state per dependency, as last changed by this "
+                      "deployment: 0 closed, 1 half-open, 2 open.", ("dependency",),
+                      "mostrecent"),
+    "circuit_transitions": ("recovery_circuit_transitions", "counter",
+                            "Circuit breaker state changes, by the state entered.",
+                            ("dependency", "state"), ""),
+    "incidents_opened": ("recovery_incidents_opened", "counter",
+                         "Incidents opened by escalation, by reason and severity.",
+                         ("reason", "severity"), ""),
+    "incidents_resolved": ("recovery_incidents_resolved", "counter",
+                           "Incidents resolved by an operator, by reason.", ("reason",), ""),
+    "notifications": ("recovery_escalation_notifications", "counter",
+                      "Escalation notifications by channel and outcome: sent, retried "
+                      "(a delivery failed and will be tried again), failed (gave up).",
+                      ("channel", "outcome"), ""),
+    "escalations": ("recovery_saga_escalations", "counter",
+                    "Saga runs escalated to a human (a compensation failed for good).",
+                    ("saga",), ""),
+    # "max", not "livemax": a worker that died keeps its last timestamp in a shared
+    # multiprocess directory, so its age grows and the heartbeat alert fires instead of the
+    # series vanishing.
+    "heartbeat": ("recovery_worker_heartbeat_timestamp_seconds", "gauge",
+                  "Unix time of the worker's last housekeeping heartbeat, by Celery hostname.",
+                  ("worker",), "max"),
+}
+
+_lock = threading.Lock()
+_metrics: dict[str, Any] = {}
+_local_registry: Any = None
+_warned: set[str] = set()
+#: Names of tasks that ran in this process (a RecoveryTask reports itself): registered ones.
+_ran_tasks: set[str] = set()
+
+
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory in use, or None (single-process mode)."""
+    return os.environ.get(MULTIPROC_ENV) or os.environ.get(MULTIPROC_ENV.lower()) or None
+
+
+def _safe(func: Callable) -> Callable:
+    """Never let a metric break the caller; warn once per function and process."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            func(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - metrics are a side effect that must never fail
+            if func.__name__ not in _warned:
+                _warned.add(func.__name__)
+                logger.warning("recovery: metric %s failed (further failures are logged at "
+                               "debug level)", func.__name__, exc_info=True)
+            else:
+                logger.debug("recovery: metric %s failed", func.__name__, exc_info=True)
+        return None
+
+    return wrapper
+
+
+def _label(value: Any) -> str:
+    text = str(value if value is not None else "")
+    return text[:_LABEL_MAX_CHARS]
+
+
+def _ran_task_label(name: str) -> str:
+    """The label of a task that is running here: a registered task, so a known name."""
+    text = _label(name)
+    _ran_tasks.add(text)
+    return text
+
+
+def _task_label(name: Any) -> str:
+    """The label of a task name read from a message or a row, which anyone who can publish
+    may forge: kept when the app knows the task, else ``unregistered``, so a flood of
+    made-up names adds one series, not one per name."""
+    text = _label(name)
+    if text in _ran_tasks:
+        return text
+    try:
+        known = text in current_app.tasks
+    except Exception:  # noqa: BLE001 - an app that cannot list its tasks knows none
+        known = False
+    return text if known else UNREGISTERED_TASK
+
+
+def _metric(key: str) -> Any:
+    metric = _metrics.get(key)
+    if metric is not None:
+        return metric
+    with _lock:
+        metric = _metrics.get(key)
+        if metric is None:
+            from prometheus_client import CollectorRegistry, Counter, Gauge
+
+            global _local_registry
+            name, kind, help_text, labels, mode = _SPECS[key]
+            # In multiprocess mode values live in files and are collected from there: the
+            # metric objects must not be registered anywhere that is also exposed.
+            registry = None
+            if multiprocess_dir() is None:
+                if _local_registry is None:
+                    _local_registry = CollectorRegistry(auto_describe=True)
+                registry = _local_registry
+            if kind == "counter":
+                metric = Counter(name, help_text, labels, registry=registry)
+            else:
+                metric = Gauge(name, help_text, labels, registry=registry,
+                               multiprocess_mode=mode or "all")
+            _metrics[key] = metric
+    return metric
+
+
+def _reset() -> None:
+    """Forget the metric objects (they are created again, in the current mode, on next use)."""
+    global _local_registry
+    with _lock:
+        _metrics.clear()
+        _local_registry = None
+        values = sys.modules.get("prometheus_client.values")
+        if values is not None:
+            # prometheus_client picks its value class (in memory or in files) when imported;
+            # pick again now that the directory may have changed.
+            values.ValueClass = values.get_value_class()
+
+
+# -- events -----------------------------------------------------------------------------------
+
+
+@_safe
+def task_failed(task: str, kind: str, transient: bool) -> None:
+    """A task run raised; ``kind`` and ``transient`` are its classification."""
+    _metric("failures").labels(_ran_task_label(task), _label(kind), "true" if transient else "false").inc()
+
+
+@_safe
+def retry_scheduled(task: str, kind: str) -> None:
+    _metric("retries").labels(_ran_task_label(task), _label(kind)).inc()
+
+
+@_safe
+def dead_letter_parked(task: str, kind: str, replay: int = 0) -> None:
+    """A letter was parked; a replayed task parked again also counts as a replay outcome."""
+    _metric("parked").labels(_task_label(task), _label(kind)).inc()
+    if replay:
+        _metric("replays").labels("parked_again").inc()
+
+
+@_safe
+def internal_error(task: str, exception: str) -> None:
+    """An error escaped the pool child outside the task's body and was not a decoding
+    failure (see recovery.delivery.worker.RecoveryRequest)."""
+    _metric("internal_errors").labels(_task_label(task), _label(exception)).inc()
+
+
+@_safe
+def write_deferred(kind: str) -> None:
+    """A bookkeeping write after a success was spooled (recovery.store.deferred)."""
+    _metric("deferred_writes").labels(_label(kind)).inc()
+
+
+@_safe
+def replay_outcome(outcome: str, count: int = 1) -> None:
+    if count > 0:
+        _metric("replays").labels(_label(outcome)).inc(count)
+
+
+@_safe
+def compensation_outcome(outcome: str) -> None:
+    _metric("compensations").labels(_label(outcome)).inc()
+
+
+@_safe
+def fallback_used(task: str, reason: str) -> None:
+    _metric("fallbacks").labels(_ran_task_label(task), _label(reason)).inc()
+
+
+@_safe
+def fallback_failed(task: str, reason: str) -> None:
+    _metric("fallback_failures").labels(_ran_task_label(task), _label(reason)).inc()
+
+
+@_safe
+def circuit_changed(dependency: str, state: str) -> None:
+    """A circuit entered ``state`` (closed, half_open, open)."""
+    _metric("circuit_state").labels(_label(dependency)).set(CIRCUIT_STATE_VALUES[state])
+    _metric("circuit_transitions").labels(_label(dependency), _label(state)).inc()
+
+
+@_safe
+def saga_escalated(saga: str) -> None:
+    _metric("escalations").labels(_label(saga)).inc()
+
+
+@_safe
+def worker_heartbeat(hostname: str) -> None:
+    """The worker ``hostname`` (Celery's ``name@host``) is alive: its housekeeping timers run.
+
+    Called by the worker's main process every ``HEARTBEAT_INTERVAL_SECONDS``; alert on the
+    age of the timestamp (deploy/prometheus/alerts.yml, RecoveryWorkerHeartbeatMissing).
+    """
+    _metric("heartbeat").labels(_label(hostname)).set(time.time())
+
+
+@_safe
+def incident_opened(reason: str, severity: str) -> None:
+    _metric("incidents_opened").labels(_label(reason), _label(severity)).inc()
+
+
+@_safe
+def incident_resolved(reason: str) -> None:
+    _metric("incidents_resolved").labels(_label(reason)).inc()
+
+
+@_safe
+def notification_outcome(channel: str, outcome: str) -> None:
+    _metric("notifications").labels(_label(channel), _label(outcome)).inc()
+
+
+def on_commit(func: Callable, *args: Any) -> None:
+    """Record ``func(*args)`` once the current transaction commits (at once outside one), so
+    a rolled-back outcome is not counted. Never raises."""
+    try:
+        from django.db import transaction
+
+        transaction.on_commit(lambda: func(*args))
+    except Exception:  # noqa: BLE001
+        logger.debug("recovery: could not defer metric %s", getattr(func, "__name__", func),
+                     exc_info=True)
+
+
+# -- backlogs, read at scrape time ------------------------------------------------------------
+
+
+class SpoolCollector:
+    """``recovery_spool_backlog``: dead letters waiting in this host's spool directory;
+    ``recovery_spool_quarantined``: records there the drain set aside as never writable
+    (``*.bad``), each the only copy of a failed task, waiting for a human."""
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from .. import conf
+        from ..store.spool import Spool
+
+        up = GaugeMetricFamily("recovery_collector_up",
+                               "1 when the backlog source could be read at this scrape.",
+                               labels=["source"])
+        try:
+            spool = Spool(conf.spool_dir())
+            count, quarantined = len(spool), spool.quarantined()
+        except Exception:  # noqa: BLE001
+            logger.warning("recovery: could not count the spool", exc_info=True)
+            up.add_metric(["spool"], 0)
+        else:
+            up.add_metric(["spool"], 1)
+            yield GaugeMetricFamily("recovery_spool_backlog",
+                                    "Dead letters in the local spool, waiting for the database.",
+                                    value=count)
+            yield GaugeMetricFamily("recovery_spool_quarantined",
+                                    "Spooled records the drain can never write, set aside as "
+                                    "*.bad for a human.", value=quarantined)
+        yield up
+
+
+class DatabaseCollector:
+    """Backlogs kept in the database: dead letters by status, the oldest parked letter's
+    age, the outbox and the due-table, open incidents and undelivered notifications. A database error leaves them out of the scrape and
+    sets ``recovery_collector_up{source="database"}`` to 0."""
+
+    def __init__(self, using: str | None = None) -> None:
+        self.using = using
+
+    def collect(self) -> Iterator[Any]:
+        from django.db import DEFAULT_DB_ALIAS
+        from django.db.models import Count, Min
+        from django.utils import timezone
+        from prometheus_client.core import GaugeMetricFamily
+
+        from ..store.models import DeadLetter, DueRetry, Incident, IncidentNotification
+        from ..workflows.outbox import pending_count
+
+        using = self.using or DEFAULT_DB_ALIAS
+        up = GaugeMetricFamily("recovery_collector_up",
+                               "1 when the backlog source could be read at this scrape.",
+                               labels=["source"])
+        try:
+            # The open letters only, through their partial index (recovery_dl_open): closed
+            # ones grow without bound and a count of them would read the whole table.
+            letters = DeadLetter.objects.using(using).filter(status__in=OPEN_STATUSES)
+            by_status = dict.fromkeys(OPEN_STATUSES, 0)
+            for row in letters.values("status").annotate(n=Count("status")).order_by():
+                by_status[row["status"]] = row["n"]
+            oldest = letters.filter(status=DeadLetter.Status.PARKED).aggregate(
+                oldest=Min("last_failed_at"))["oldest"]
+            outbox = pending_count(using)
+            due = DueRetry.objects.using(using).count()
+            incidents = {(s, v): 0 for s in ("open", "acknowledged")
+                         for v in Incident.Severity.values}
+            for row in (Incident.objects.using(using)
+                        .filter(status__in=(Incident.Status.OPEN, Incident.Status.ACKNOWLEDGED))
+                        .values("status", "severity").annotate(n=Count("id")).order_by()):
+                incidents[(row["status"], row["severity"])] = row["n"]
+            undelivered = (IncidentNotification.objects.using(using)
+                           .filter(status=IncidentNotification.Status.PENDING).count())
+        except Exception:  # noqa: BLE001 - a scrape must answer while the database is down
+            logger.warning("recovery: metrics could not read the database", exc_info=True)
+            up.add_metric(["database"], 0)
+            yield up
+            return
+        family = GaugeMetricFamily("recovery_dead_letters", "Open dead letters (parked, "
+                                   "replaying) by status.", labels=["status"])
+        for status, count in sorted(by_status.items()):
+            family.add_metric([status], count)
+        yield family
+        age = max(0.0, (timezone.now() - oldest).total_seconds()) if oldest else 0.0
+        yield GaugeMetricFamily("recovery_dead_letters_oldest_parked_age_seconds",
+                                "Seconds since the oldest parked letter was parked (0 if none).",
+                                value=age)
+        yield GaugeMetricFamily("recovery_outbox_backlog",
+                                "Committed outbox intents not yet published.", value=outbox)
+        yield GaugeMetricFamily("recovery_due_retries_backlog",
+                                "Long-delay retries waiting in the due-table.", value=due)
+        family = GaugeMetricFamily("recovery_incidents", "Incidents not yet resolved, by status "
+                                   "and severity.", labels=["status", "severity"])
+        for (status, severity), count in sorted(incidents.items()):
+            family.add_metric([status, severity], count)
+        yield family
+        yield GaugeMetricFamily("recovery_escalation_notifications_pending",
+                                "Incident notifications waiting to be delivered (webhook, "
+                                "e-mail).", value=undelivered)
+        up.add_metric(["database"], 1)
+        yield up
+
+
+class CircuitCollector:
+    """``recovery_circuit_status{dependency}``: each circuit's state in the shared store
+    (:mod:`recovery.workflows.shared_state`), the one every worker obeys: 0 closed, 1 half-open,
+    2 open. Unlike ``recovery_circuit_state`` (the last change one process made), it is
+    true across workers, and shows circuits tripped or reset by hand.
+
+    The circuits are those ``RECOVERY["CIRCUITS"]`` configures (but ``"default"``), those
+    a registered task of the current Celery app declares (``dependency=``), and those with
+    a record in the store (used through ``recovery.workflows.circuit.guard()`` only); one that never
+    had a record is closed. An unreachable store leaves the gauge out of the scrape and
+    sets ``recovery_collector_up{source="shared_state"}`` to 0. Only the Django view
+    exposes it: every worker would report the same records.
+    """
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from ..workflows import shared_state
+        from ..workflows.circuit import Circuit, CircuitPolicy
+
+        up = GaugeMetricFamily("recovery_collector_up",
+                               "1 when the backlog source could be read at this scrape.",
+                               labels=["source"])
+        try:
+            store = shared_state.store()
+            names = _configured_circuits() | _declared_dependencies() | _stored_circuits(store)
+            # The policy plays no part in reading a record: do not build one from settings.
+            states = {name: Circuit(name, CircuitPolicy(), store=store).state()["state"]
+                      for name in sorted(names)}
+        except Exception:  # noqa: BLE001 - a scrape must answer while the store is down
+            logger.warning("recovery: metrics could not read the circuits' shared state",
+                           exc_info=True)
+            up.add_metric(["shared_state"], 0)
+            yield up
+            return
+        family = GaugeMetricFamily("recovery_circuit_status",
+                                   "Circuit breaker state per dependency in the state every "
+                                   "worker shares: 0 closed, 1 half-open, 2 open.",
+                                   labels=["dependency"])
+        for name, state in states.items():
+            if state in CIRCUIT_STATE_VALUES:
+                family.add_metric([_label(name)], CIRCUIT_STATE_VALUES[state])
+        yield family
+        up.add_metric(["shared_state"], 1)
+        yield up
+
+
+def _configured_circuits() -> set[str]:
+    from .. import conf
+
+    circuits = conf.get("CIRCUITS") or {}
+    return {name for name in circuits if isinstance(name, str) and name != "default"}
+
+
+def _declared_dependencies() -> set[str]:
+    """The ``dependency`` of every task registered on the current Celery app."""
+    from celery import current_app
+
+    try:
+        current_app.loader.import_default_modules()  # the task modules, as a worker imports them
+    except Exception:  # noqa: BLE001 - list the tasks already registered rather than none
+        if "_declared_dependencies" not in _warned:
+            _warned.add("_declared_dependencies")
+            logger.warning("recovery: metrics could not import the Celery task modules",
+                           exc_info=True)
+    names = set()
+    for task in list(current_app.tasks.values()):
+        value = getattr(task, "dependency", None)
+        if isinstance(value, str) and value:
+            names.add(value)
+    return names
+
+
+def _stored_circuits(store: Any) -> set[str]:
+    """Circuits with a record in the store: one SCAN of its Redis db, or one query."""
+    from ..workflows.shared_state import KEY_PREFIX, DatabaseStore, RedisStore
+
+    prefix = "circuit:"  # recovery.workflows.circuit.Circuit.key
+    if isinstance(store, RedisStore):
+        start = len(KEY_PREFIX + prefix)
+        return {key.decode("utf-8", "replace")[start:]
+                for key in store.client.scan_iter(match=f"{KEY_PREFIX}{prefix}*", count=1000)}
+    if isinstance(store, DatabaseStore):
+        from ..store.models import SharedState
+
+        return {key[len(prefix):] for key in SharedState.objects
+                .filter(key__startswith=prefix).values_list("key", flat=True)}
+    return set()
+
+
+class _Merged:
+    """Several collectors as one, so families of the same name (collector_up) merge."""
+
+    def __init__(self, *collectors: Any) -> None:
+        self.collectors = collectors
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        up = None
+        for collector in self.collectors:
+            for family in collector.collect():
+                if family.name == "recovery_collector_up":
+                    if up is None:
+                        up = GaugeMetricFamily(family.name, family.documentation,
+                                               labels=["source"])
+                    up.samples.extend(family.samples)
+                else:
+                    yield family
+        if up is not None:
+            yield up
+
+
+_scrape_cache: dict[str, tuple[float, list[Any]]] = {}
+
+
+class _Cached:
+    """A scrape-time collector whose families the next scrapes of this process reuse for
+    ``RECOVERY["METRICS_CACHE_SECONDS"]``: several Prometheus replicas (or a dashboard)
+    scraping cost one set of database queries per window. A reading with a source down is
+    not kept, so the next scrape tries again."""
+
+    def __init__(self, key: str, collector: Any) -> None:
+        self.key, self.collector = key, collector
+
+    def collect(self) -> Iterator[Any]:
+        seconds = conf.get("METRICS_CACHE_SECONDS") or 0
+        now = time.monotonic()
+        kept = _scrape_cache.get(self.key)
+        if kept is not None and now - kept[0] < seconds:
+            yield from kept[1]
+            return
+        families = list(self.collector.collect())
+        if seconds > 0 and all(sample.value == 1 for family in families
+                               if family.name == "recovery_collector_up"
+                               for sample in family.samples):
+            _scrape_cache[self.key] = (now, families)
+        yield from families
+
+
+class _Events:
+    """The event metrics: from the multiprocess files, or from this process's registry."""
+
+    def collect(self) -> Iterator[Any]:
+        path = multiprocess_dir()
+        if path is not None:
+            from prometheus_client import CollectorRegistry, multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=path)
+            yield from registry.collect()
+        elif _local_registry is not None:
+            yield from _local_registry.collect()
+
+
+def registry(*, database: bool = False) -> Any:
+    """A registry to expose: the event metrics, the spool backlog and, with ``database``
+    (the Django view), the database backlogs and the shared circuit states."""
+    from prometheus_client import CollectorRegistry
+
+    collectors: list[Any] = [SpoolCollector()]
+    if database:
+        collectors[:0] = [_Cached("database", DatabaseCollector()),
+                          _Cached("shared_state", CircuitCollector())]
+    result = CollectorRegistry(auto_describe=False)
+    result.register(_Events())
+    result.register(_Merged(*collectors))
+    return result
+
+
+def exposition(*, database: bool = False) -> tuple[bytes, str]:
+    """(body, content type) of a scrape in the Prometheus text format."""
+    from prometheus_client import exposition as text_format
+
+    # The 0.0.4 text format: every recovery_* name is a classic one, and every Prometheus
+    # 2.x and 3.x server reads it.
+    content_type = getattr(text_format, "CONTENT_TYPE_PLAIN_0_0_4",
+                           text_format.CONTENT_TYPE_LATEST)
+    return text_format.generate_latest(registry(database=database)), content_type
+
+
+# -- prefork workers --------------------------------------------------------------------------
+
+_owned_dir: str | None = None
+_server: Any = None
+
+
+def ensure_multiprocess_dir() -> str:
+    """Make sure this process and the pool children it forks count into one directory.
+
+    Keeps ``PROMETHEUS_MULTIPROC_DIR`` when it is set (the deployer empties it before the
+    worker starts); otherwise creates a private one for this worker and sets the variable,
+    which the children inherit. Call it in the worker's main process before the pool starts
+    (``recovery.setup`` does, at ``worker_init``).
+    """
+    global _owned_dir
+    path = multiprocess_dir()
+    if path is None:
+        _remove_stale_private_dirs()
+        path = tempfile.mkdtemp(prefix=f"recovery-metrics-{os.getpid()}-")
+        os.environ[MULTIPROC_ENV] = path
+        _owned_dir = path
+    else:
+        os.makedirs(path, exist_ok=True)
+    _reset()
+    return path
+
+
+def _remove_stale_private_dirs() -> None:
+    """Remove private directories of workers that died without shutting down (SIGKILL)."""
+    import glob
+
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "recovery-metrics-*-*")):
+        try:
+            pid = int(os.path.basename(path).split("-")[2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, IndexError, OSError):
+            continue
+
+
+def mark_process_dead(pid: int) -> None:
+    """A pool child exited: drop its live gauges (its counters stay counted). Never raises."""
+    path = multiprocess_dir()
+    if path is None:
+        return
+    try:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, path)
+    except Exception:  # noqa: BLE001
+        logger.debug("recovery: could not mark metrics process %s dead", pid, exc_info=True)
+
+
+def start_worker_server(port: int, address: str = "127.0.0.1") -> Any:
+    """Serve this worker's metrics (all its pool children's, summed) on ``port``, on
+    loopback unless ``address`` says otherwise (``RECOVERY["METRICS_ADDRESS"]``)."""
+    global _server
+    from prometheus_client import start_http_server
+
+    if _server is not None:
+        return _server
+    server, _thread = start_http_server(int(port), addr=address, registry=registry())
+    _server = server
+    logger.info("recovery: metrics served on http://%s:%s/metrics", address, port)
+    return server
+
+
+def stop_worker_server() -> None:
+    """Stop the endpoint and remove the private multiprocess directory, if this worker made one."""
+    global _server, _owned_dir
+    server, _server = _server, None
+    if server is not None:
+        try:
+            server.shutdown()
+            server.server_close()
+        except Exception:  # noqa: BLE001
+            logger.debug("recovery: could not stop the metrics server", exc_info=True)
+    path, _owned_dir = _owned_dir, None
+    if path is not None and os.environ.get(MULTIPROC_ENV) == path:
+        shutil.rmtree(path, ignore_errors=True)

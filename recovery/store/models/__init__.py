@@ -1,0 +1,557 @@
+"""Durable state of the recovery runtime: dead letters, the retry due-table and
+per-task delivery counts.
+
+Dead-letter status transitions (anything else is a bug):
+
+    parked     -> replaying | resolved | discarded | compensated
+    replaying  -> resolved (the replayed run succeeded) | parked (it failed for good, or
+                  its publish failed)
+    compensated -> parked (the compensation could not be published)
+    resolved, discarded, compensated -> parked (only when the same task id fails again)
+
+A task id has at most one letter: parking is an upsert on ``task_id`` and a
+replay reuses the row.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils import timezone
+
+from ...core.deepjson import DeepJSONField
+
+__all__ = ["DeadLetter", "DueRetry", "DeliveryCount", "DeadLetterEvent", "OutboxMessage",
+           "SharedState", "FallbackUse", "SagaRun", "SagaStep", "SagaEvent", "Incident",
+           "IncidentNotification"]
+
+
+class DeadLetter(models.Model):
+    class Status(models.TextChoices):
+        PARKED = "parked", "Parked"
+        REPLAYING = "replaying", "Replaying"
+        RESOLVED = "resolved", "Resolved"
+        DISCARDED = "discarded", "Discarded"
+        COMPENSATED = "compensated", "Compensated"
+
+    class Kind(models.TextChoices):
+        DEPENDENCY = "dependency", "External dependency"
+        DATA_INTEGRITY = "data_integrity", "Data integrity"
+        RESOURCE_EXHAUSTED = "resource_exhausted", "Resource exhausted"
+        TIMEOUT = "timeout", "Timeout or deadlock"
+        POISON = "poison", "Poison message"
+        OTHER = "other", "Other"
+
+    task_id = models.CharField(
+        "task id", max_length=255, unique=True,
+        help_text="Celery task id; poison messages without one get poison-<sha256 of body>.",
+    )
+    task_name = models.CharField("task name", max_length=255, db_index=True)
+    args = DeepJSONField("positional arguments", default=list, blank=True)
+    kwargs = DeepJSONField("keyword arguments", default=dict, blank=True)
+    headers = DeepJSONField(
+        "execution options", default=dict, blank=True,
+        help_text="What a replay needs to continue the workflow: chain, link, chord, "
+                  "group, root/parent ids and custom headers.",
+    )
+    raw_body = models.TextField(
+        "raw body", blank=True, default="",
+        help_text="The undecoded message body of a poison message (base64: prefix if binary).",
+    )
+    content_type = models.CharField(max_length=128, blank=True, default="")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PARKED)
+    kind = models.CharField(max_length=32, choices=Kind.choices, default=Kind.OTHER)
+    permanent = models.BooleanField(
+        default=False, help_text="Whether the classifier judged the last failure permanent.",
+    )
+    reason = models.CharField(
+        max_length=255, blank=True, default="",
+        help_text="Why it was parked: the classification and the policy's verdict.",
+    )
+    exception_type = models.CharField("exception type", max_length=255, blank=True, default="")
+    exception_message = models.TextField("exception message", blank=True, default="")
+    traceback = models.TextField(blank=True, default="")
+    attempts = models.PositiveIntegerField(
+        default=0, help_text="Runs that failed, cumulative across replays.",
+    )
+    replay_count = models.PositiveIntegerField("replays", default=0)
+    history = DeepJSONField(
+        default=list, blank=True,
+        help_text="One entry per failed attempt: at, attempt, replay (0 for the original "
+                  "run), kind, exception_type, exception_message, delay_seconds (the delay "
+                  "chosen before the next attempt, or null).",
+    )
+    queue = models.CharField("origin queue", max_length=255, blank=True, default="")
+    worker = models.CharField(max_length=255, blank=True, default="")
+    fingerprint = models.CharField(
+        max_length=40,
+        help_text="Groups the same failure on different data (see recovery.fingerprint).",
+    )
+    first_failed_at = models.DateTimeField("first failed", default=timezone.now)
+    last_failed_at = models.DateTimeField("last failed", default=timezone.now)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "dead letter"
+        verbose_name_plural = "dead letters"
+        ordering = ("-last_failed_at",)
+        permissions = [
+            ("replay_deadletter", "Can replay dead letters"),
+            ("discard_deadletter", "Can discard dead letters"),
+            ("resolve_deadletter", "Can mark dead letters resolved"),
+            ("compensate_deadletter", "Can compensate dead letters"),
+            ("reveal_deadletter_secrets", "Can reveal secrets in dead letters"),
+        ]
+        indexes = [
+            models.Index(fields=["status", "-last_failed_at"], name="recovery_dl_status_last"),
+            models.Index(fields=["kind", "-last_failed_at"], name="recovery_dl_kind_last"),
+            models.Index(fields=["task_name", "-last_failed_at"], name="recovery_dl_task_last"),
+            # The admin's default order (Meta.ordering plus its -pk tie-break), date ranges
+            # and date_hierarchy's first/next date: without it, a full sort at 1M rows.
+            models.Index(fields=["-last_failed_at", "-id"], name="recovery_dl_last_failed"),
+            # Escalation's "N letters of one fingerprint in M minutes" and the failure
+            # groups; it replaces the plain fingerprint index (same prefix).
+            models.Index(fields=["fingerprint", "-last_failed_at"], name="recovery_dl_fp_last"),
+            # The backlog a metrics scrape counts (recovery.metrics.DatabaseCollector): as
+            # small as the open letters, however many closed ones the table keeps.
+            models.Index(fields=["status", "last_failed_at"], name="recovery_dl_open",
+                         condition=models.Q(status__in=["parked", "replaying"])),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_name}[{self.task_id}] {self.status}"
+
+
+class DueRetry(models.Model):
+    """A retry whose delay is too long to hold safely as a broker ETA message.
+
+    Workers publish rows that are due (``recovery.due``); ``signature`` is the
+    Celery signature dict of the next attempt.
+    """
+
+    task_id = models.CharField(max_length=255, db_index=True)
+    task_name = models.CharField(max_length=255)
+    due_at = models.DateTimeField(db_index=True)
+    signature = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "due retry"
+        verbose_name_plural = "due retries"
+        ordering = ("due_at",)
+
+    def __str__(self) -> str:
+        return f"{self.task_name}[{self.task_id}] due {self.due_at:%Y-%m-%d %H:%M:%S}"
+
+
+class DeliveryCount(models.Model):
+    """How often a task id was redelivered (lost worker, hard time limit, restore).
+
+    The broker keeps no count, so a task that kills its worker every time would
+    loop forever; past ``RECOVERY["MAX_DELIVERIES"]`` it is parked instead.
+    """
+
+    task_id = models.CharField(max_length=255, primary_key=True)
+    deliveries = models.PositiveIntegerField(default=1)
+    last_failure = models.CharField(
+        max_length=255, blank=True, default="",
+        help_text="How the last delivery was lost (worker lost, hard time limit).",
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "delivery count"
+        verbose_name_plural = "delivery counts"
+
+    def __str__(self) -> str:
+        return f"{self.task_id}: {self.deliveries}"
+
+
+class DeadLetterEvent(models.Model):
+    """One operator action on a letter: the audit trail. Never edited or deleted."""
+
+    class Action(models.TextChoices):
+        REPLAYED = "replayed", "Replayed"
+        REPLAY_FAILED = "replay_failed", "Replay could not be published"
+        EDITED = "edited", "Payload edited"
+        DISCARDED = "discarded", "Discarded"
+        RESOLVED = "resolved", "Resolved by hand"
+        COMPENSATED = "compensated", "Compensation started"
+        COMPENSATE_FAILED = "compensate_failed", "Compensation could not be published"
+        REPLAY_LOST = "replay_lost", "Replay never reported back"
+        REVEALED = "revealed", "Secrets revealed"
+
+    letter = models.ForeignKey(DeadLetter, on_delete=models.CASCADE, related_name="events")
+    action = models.CharField(max_length=32, choices=Action.choices)
+    actor = models.CharField(max_length=150, help_text="Who acted: a username, or cli:<user>.")
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    note = models.TextField(blank=True, default="")
+    before = models.JSONField(null=True, blank=True, help_text="The payload before an edit.")
+    after = models.JSONField(null=True, blank=True, help_text="The payload after an edit.")
+    outcome = models.CharField(max_length=255, blank=True, default="")
+
+    class Meta:
+        verbose_name = "dead-letter event"
+        verbose_name_plural = "dead-letter events"
+        ordering = ("-at", "-pk")
+
+    def __str__(self) -> str:
+        return f"{self.action} by {self.actor} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class OutboxMessage(models.Model):
+    """A task to publish once the transaction that wrote this row commits
+    (``recovery.outbox``). Sent rows are kept ``OUTBOX_KEEP_SENT_HOURS`` for inspection."""
+
+    task_id = models.CharField(max_length=255, unique=True)
+    task_name = models.CharField(max_length=255)
+    signature = models.JSONField(help_text="The Celery signature to publish, as a dict.")
+    not_before = models.DateTimeField(
+        null=True, blank=True, help_text="Run no earlier than this (countdown/eta at enqueue).")
+    created_at = models.DateTimeField(default=timezone.now)
+    next_attempt_at = models.DateTimeField(
+        default=timezone.now, help_text="When the relay may try to publish it (again).")
+    sent_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0, help_text="Publish attempts so far.")
+    last_error = models.CharField(max_length=255, blank=True, default="")
+
+    class Meta:
+        verbose_name = "outbox message"
+        verbose_name_plural = "outbox messages"
+        ordering = ("-created_at",)
+        indexes = [
+            models.Index(fields=["next_attempt_at"], name="recovery_outbox_pending",
+                         condition=models.Q(sent_at__isnull=True)),
+            models.Index(fields=["sent_at"], name="recovery_outbox_sent",
+                         condition=models.Q(sent_at__isnull=False)),
+        ]
+
+    def __str__(self) -> str:
+        state = f"sent {self.sent_at:%Y-%m-%d %H:%M:%S}" if self.sent_at else "pending"
+        return f"{self.task_name}[{self.task_id}] {state}"
+
+
+class SharedState(models.Model):
+    """Small shared records (circuit breakers, degraded-mode switches) when they are kept in
+    the database rather than Redis: the embedded default, or ``SHARED_STATE_URL="database"``."""
+
+    key = models.CharField(max_length=255, primary_key=True)
+    value = models.JSONField(default=dict)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "shared state"
+        verbose_name_plural = "shared state"
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class FallbackUse(models.Model):
+    """A task that gave up (or met an open circuit or a degraded mode) and returned its
+    fallback's result instead: the degradation, recorded where operators can see it."""
+
+    class Reason(models.TextChoices):
+        GAVE_UP = "gave_up", "Policy gave up"
+        CIRCUIT_OPEN = "circuit_open", "Circuit open"
+        DEGRADED = "degraded", "Degraded mode"
+
+    task_id = models.CharField(max_length=255, db_index=True)
+    task_name = models.CharField(max_length=255)
+    fallback = models.CharField(max_length=255)
+    reason = models.CharField(max_length=16, choices=Reason.choices)
+    dependency = models.CharField(max_length=255, blank=True, default="")
+    exception_type = models.CharField(max_length=255, blank=True, default="")
+    exception_message = models.TextField(blank=True, default="")
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        verbose_name = "fallback use"
+        verbose_name_plural = "fallback uses"
+        ordering = ("-at",)
+
+    def __str__(self) -> str:
+        return f"{self.task_name}[{self.task_id}] -> {self.fallback} ({self.reason})"
+
+
+class SagaRun(models.Model):
+    """One run of a saga (``recovery.sagas``): where it is, what it carries, how it ended.
+
+    The definition it started with is kept on the row, so changing a saga's code never
+    changes the steps of a run already in flight; workers advance a run from this
+    snapshot only.
+
+    Status transitions (``recovery.sagas`` drives them all, under a lock on this row):
+
+        running      -> succeeded | compensating | held | failed
+        compensating -> compensated | failed (nothing to undo) | needs_human
+        held         -> running (resume) | compensating (compensate by hand)
+        needs_human  -> compensating (compensate by hand, after the cause is fixed)
+        failed       -> running (resume)
+        succeeded    -> compensating (compensate by hand)
+    """
+
+    class Status(models.TextChoices):
+        RUNNING = "running", "Running"
+        COMPENSATING = "compensating", "Compensating"
+        COMPENSATED = "compensated", "Compensated"
+        SUCCEEDED = "succeeded", "Succeeded"
+        HELD = "held", "Held for an operator"
+        NEEDS_HUMAN = "needs_human", "Needs a human"
+        FAILED = "failed", "Failed"
+
+    name = models.CharField("saga", max_length=200, db_index=True)
+    version = models.CharField(
+        max_length=64,
+        help_text="The definition's explicit version=, or a digest of its steps and options.",
+    )
+    definition = models.JSONField(
+        help_text="The definition this run started with (steps, compensations, options); "
+                  "the run continues with it even after the code changes.",
+    )
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
+    context = models.JSONField(
+        default=dict, blank=True,
+        help_text="The start arguments merged with what each completed step returned.",
+    )
+    idempotency_key = models.CharField(
+        "idempotency key", max_length=255, unique=True, null=True, blank=True,
+        help_text="start(..., idempotency_key=) with a key already used returns that run.",
+    )
+    current_step = models.PositiveIntegerField(
+        "current step", null=True, blank=True,
+        help_text="Index of the step (or of the step being compensated) last dispatched.",
+    )
+    error = models.TextField(blank=True, default="", help_text="Why the run stopped, if it did.")
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "saga run"
+        verbose_name_plural = "saga runs"
+        ordering = ("-created_at", "-id")
+        permissions = [
+            ("resume_sagarun", "Can resume saga runs from the failed step"),
+            ("compensate_sagarun", "Can compensate saga runs"),
+        ]
+        indexes = [
+            models.Index(fields=["status", "-created_at"], name="recovery_saga_status"),
+            models.Index(fields=["name", "-created_at"], name="recovery_saga_name"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} #{self.pk} {self.status}"
+
+
+class SagaStep(models.Model):
+    """A step of a run, or the compensation of one (``role``): one row each, with the task
+    id it runs under, its timings and its error. Step rows are created with the run
+    (pending); compensation rows when first dispatched."""
+
+    class Role(models.TextChoices):
+        STEP = "step", "Step"
+        COMPENSATION = "compensation", "Compensation"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        SKIPPED = "skipped", "Skipped (optional step failed)"
+        COMPENSATED = "compensated", "Compensated"
+
+    run = models.ForeignKey(SagaRun, on_delete=models.CASCADE, related_name="steps")
+    index = models.PositiveIntegerField(help_text="Position of the step in the definition, from 0.")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.STEP)
+    task_name = models.CharField("task name", max_length=255)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    task_id = models.CharField(
+        "task id", max_length=255, blank=True, default="", db_index=True,
+        help_text="saga-<run>-<index>-step|compensation, with .<n> from the second dispatch.",
+    )
+    dispatches = models.PositiveIntegerField(
+        default=0, help_text="Times it was dispatched: 1, plus one per resume or re-compensation.")
+    attempts = models.PositiveIntegerField(
+        default=0, help_text="Times a worker started it (retries and redeliveries included).")
+    dispatched_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(
+        null=True, blank=True, help_text="First start of the current dispatch.")
+    finished_at = models.DateTimeField(null=True, blank=True)
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True, default="")
+
+    class Meta:
+        verbose_name = "saga step"
+        verbose_name_plural = "saga steps"
+        ordering = ("run", "index", "-role")
+        constraints = [
+            models.UniqueConstraint(fields=["run", "index", "role"], name="recovery_saga_step_once"),
+        ]
+        indexes = [
+            # recovery.sagas.reconcile: steps still running, oldest dispatch first
+            models.Index(fields=["dispatched_at"], name="recovery_saga_step_running",
+                         condition=models.Q(status="running")),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.run_id}/{self.index} {self.role} {self.task_name} {self.status}"
+
+
+class SagaEvent(models.Model):
+    """An operator action on a run, or an escalation: the run's audit trail."""
+
+    class Action(models.TextChoices):
+        RESUMED = "resumed", "Resumed from the failed step"
+        COMPENSATED = "compensated", "Compensation started by hand"
+        ESCALATED = "escalated", "Escalated (needs a human)"
+        REDISPATCHED = "redispatched", "Dispatched again by the watchdog"
+        REVEALED = "revealed", "Secrets revealed"
+
+    run = models.ForeignKey(SagaRun, on_delete=models.CASCADE, related_name="events")
+    action = models.CharField(max_length=16, choices=Action.choices)
+    actor = models.CharField(max_length=150, help_text="A username, cli:<user>, or system.")
+    at = models.DateTimeField(default=timezone.now)
+    note = models.TextField(blank=True, default="")
+    outcome = models.CharField(max_length=255, blank=True, default="")
+
+    class Meta:
+        verbose_name = "saga event"
+        verbose_name_plural = "saga events"
+        ordering = ("-at", "-pk")
+
+    def __str__(self) -> str:
+        return f"{self.action} by {self.actor} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class Incident(models.Model):
+    """A problem a human must look at: one per failure fingerprint while it is open.
+
+    ``recovery.escalation`` opens it (a critical task parked, a fingerprint crossed its
+    threshold, a compensation failed, the watchdog found stuck work) and notifies the
+    channels once; later occurrences only link their letters and raise ``count``.
+
+    Status transitions: open -> acknowledged -> resolved, or open -> resolved. A resolved
+    incident stays closed: the next occurrence opens a new one.
+    """
+
+    class Status(models.TextChoices):
+        OPEN = "open", "Open"
+        ACKNOWLEDGED = "acknowledged", "Acknowledged"
+        RESOLVED = "resolved", "Resolved"
+
+    class Reason(models.TextChoices):
+        CRITICAL_TASK = "critical_task", "A critical task failed for good"
+        THRESHOLD = "threshold", "Too many dead letters of one failure"
+        COMPENSATION_FAILED = "compensation_failed", "A compensation failed"
+        STUCK_TASK = "stuck_task", "A task runs past its deadline"
+        STUCK_SAGA_STEP = "stuck_saga_step", "A saga step runs past its timeout"
+        STUCK_REPLAY = "stuck_replay", "Replayed letters never reported back"
+        OUTBOX_STUCK = "outbox_stuck", "Outbox messages not sent"
+
+    class Severity(models.TextChoices):
+        CRITICAL = "critical", "Critical"
+        ERROR = "error", "Error"
+        WARNING = "warning", "Warning"
+
+    fingerprint = models.CharField(
+        max_length=64,
+        help_text="What makes two occurrences the same incident: the letters' failure "
+                  "fingerprint, or watchdog:<what>:<name>.",
+    )
+    reason = models.CharField(max_length=32, choices=Reason.choices)
+    severity = models.CharField(max_length=16, choices=Severity.choices, default=Severity.ERROR)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN)
+    title = models.CharField(max_length=255)
+    task_name = models.CharField("task name", max_length=255, blank=True, default="")
+    kind = models.CharField(max_length=32, blank=True, default="")
+    queue = models.CharField(max_length=255, blank=True, default="")
+    count = models.PositiveIntegerField(
+        default=1, help_text="Occurrences since it opened (letters parked, checks that found it).")
+    details = models.JSONField(
+        default=dict, blank=True,
+        help_text="Diagnostics of the latest occurrence as sent to the channels (secrets "
+                  "masked): exception, traceback, arguments, history, classification, links.",
+    )
+    letters = models.ManyToManyField(DeadLetter, related_name="incidents", blank=True)
+    saga_run = models.ForeignKey(
+        "SagaRun", null=True, blank=True, on_delete=models.SET_NULL, related_name="incidents")
+    first_seen_at = models.DateTimeField("first seen", default=timezone.now)
+    last_seen_at = models.DateTimeField("last seen", default=timezone.now)
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+    acknowledged_by = models.CharField(max_length=150, blank=True, default="")
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolved_by = models.CharField(max_length=150, blank=True, default="")
+    note = models.TextField(blank=True, default="", help_text="What the on-call found or did.")
+
+    class Meta:
+        verbose_name = "incident"
+        verbose_name_plural = "incidents"
+        ordering = ("-last_seen_at", "-id")
+        permissions = [
+            ("acknowledge_incident", "Can acknowledge incidents"),
+            ("resolve_incident", "Can resolve incidents"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["fingerprint"], name="recovery_incident_one_open",
+                condition=models.Q(status__in=["open", "acknowledged"]),
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["status", "-last_seen_at"], name="recovery_incident_status"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.title} ({self.status})"
+
+    @property
+    def is_open(self) -> bool:
+        return self.status != self.Status.RESOLVED
+
+
+class IncidentNotification(models.Model):
+    """One message to one channel about one incident event: the delivery outbox.
+
+    Unique per (incident, channel, event), so an incident is announced once however
+    often its threshold is crossed; workers deliver pending rows with backoff.
+    """
+
+    class Channel(models.TextChoices):
+        WEBHOOK = "webhook", "Webhook"
+        EMAIL = "email", "E-mail to ADMINS"
+
+    class Event(models.TextChoices):
+        OPENED = "opened", "Opened"
+        RESOLVED = "resolved", "Resolved"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        SENT = "sent", "Sent"
+        FAILED = "failed", "Gave up"
+
+    incident = models.ForeignKey(Incident, on_delete=models.CASCADE, related_name="notifications")
+    channel = models.CharField(max_length=16, choices=Channel.choices)
+    event = models.CharField(max_length=16, choices=Event.choices)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(default=timezone.now)
+    last_error = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "incident notification"
+        verbose_name_plural = "incident notifications"
+        ordering = ("-created_at", "-id")
+        constraints = [
+            models.UniqueConstraint(fields=["incident", "channel", "event"],
+                                    name="recovery_notification_once"),
+        ]
+        indexes = [
+            models.Index(fields=["next_attempt_at"], name="recovery_notification_due",
+                         condition=models.Q(status="pending")),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.channel} {self.event} for incident {self.incident_id}: {self.status}"

@@ -1,0 +1,132 @@
+"""Park a new letter and its FAILURE result in one PostgreSQL statement.
+
+The common case (a task id parked for the first time, django-celery-results as
+the result backend) would otherwise cost a transaction of six round trips.
+One data-modifying CTE inserts the letter and, only if the letter was new,
+upserts the FAILURE row, atomically and in a single round trip, so parking
+costs less than django-celery-results storing the FAILURE on its own. Any
+other case (a conflict, another backend or database) returns None and the
+general path in :mod:`recovery.store.parking` handles it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from django.db import connection
+from django.utils import timezone
+
+__all__ = ["insert_new_letter", "missing_internals"]
+
+logger = logging.getLogger(__name__)
+
+_LETTER_JSON = ("args", "kwargs", "headers", "history")
+# django-celery-results' parts the fast path builds the FAILURE row with; the private
+# ones are how its DatabaseBackend.store_result builds it.
+_BACKEND_ATTRIBUTES = ("TaskModel", "encode_result", "encode_content", "current_task_children",
+                       "_get_meta_from_request", "_get_extended_properties")
+
+
+def _is_django_celery_results(backend: Any) -> bool:
+    cls = backend if isinstance(backend, type) else type(backend)
+    return cls.__module__.startswith("django_celery_results.")
+
+
+def missing_internals(backend: Any) -> str | None:
+    """What is missing, for a django-celery-results backend (instance or class), of the
+    internals the fast path uses; None when all are there or it is another backend.
+    Without them every letter would silently take the six-round-trip general path."""
+    if backend is None or not _is_django_celery_results(backend):
+        return None
+    missing = [name for name in _BACKEND_ATTRIBUTES if not hasattr(backend, name)]
+    if not missing:
+        return None
+    try:
+        release = version("django-celery-results")
+    except PackageNotFoundError:
+        release = "(unknown version)"
+    return (f"django-celery-results {release} has no DatabaseBackend.{', '.join(missing)}: "
+            f"recovery.store.pg_fastpath cannot store a letter's FAILURE result with the letter. "
+            f"Install a django-celery-results release celery-recovery is tested with (2.6), "
+            f"or upgrade celery-recovery.")
+
+
+def applicable(backend: Any) -> bool:
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        return False
+    if backend is None:
+        return True
+    return _is_django_celery_results(backend)
+
+
+def _result_row(backend: Any, record: Any, request: Any) -> dict[str, Any] | None:
+    from celery import states
+    from django_celery_results.models import TaskResult
+
+    if backend is None or record.result is None:
+        return None
+    if not isinstance(backend.TaskModel(), TaskResult):
+        return None
+    traceback = record.result.get("traceback")
+    encoded = backend.encode_result(record.result["result"], states.FAILURE)
+    content_type, content_encoding, result = backend.encode_content(encoded)
+    meta = {**backend._get_meta_from_request(request),
+            "children": backend.current_task_children(request)}
+    _, _, encoded_meta = backend.encode_content(meta)
+    row = {
+        "task_id": record.task_id, "status": states.FAILURE, "result": result,
+        "traceback": traceback, "meta": encoded_meta, "content_type": content_type,
+        "content_encoding": content_encoding,
+        **backend._get_extended_properties(request, traceback),
+    }
+    return row
+
+
+def insert_new_letter(values: dict[str, Any], record: Any, backend: Any, request: Any) -> int | None:
+    """Insert the letter (and result); returns its id, or None if the task id already has one."""
+    from django_celery_results.models import TaskResult
+
+    from .models import DeadLetter
+
+    try:
+        result_row = _result_row(backend, record, request)
+    except (AttributeError, TypeError):
+        # The worker refuses to start without these internals (recovery.delivery.housekeeping);
+        # here, outside a worker, park on the general path, but say so.
+        logger.warning("recovery: fast path unavailable, parking %s on the general path: %s",
+                     record.task_id, missing_internals(backend) or "see traceback",
+                     exc_info=True)
+        return None
+    if record.result is not None and result_row is None:
+        return None
+    now = timezone.now()
+    letter = {**values, "created_at": now, "updated_at": now, "replay_count": 0}
+    letter_columns = [DeadLetter._meta.get_field(name).column for name in letter]
+    letter_params = [json.dumps(v) if name in _LETTER_JSON else v for name, v in letter.items()]
+    placeholders = ", ".join("%s::jsonb" if name in _LETTER_JSON else "%s" for name in letter)
+    sql = (
+        f'WITH letter AS (INSERT INTO "{DeadLetter._meta.db_table}" '
+        f'({", ".join(f"{c!s}" for c in letter_columns)}) VALUES ({placeholders}) '
+        'ON CONFLICT (task_id) DO NOTHING RETURNING id)'
+    )
+    params: list[Any] = list(letter_params)
+    if result_row is not None:
+        table = TaskResult._meta.db_table
+        result_row = {**result_row, "date_created": now, "date_done": now}
+        columns = [TaskResult._meta.get_field(name).column for name in result_row]
+        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns
+                            if c not in ("task_id", "date_created"))
+        sql += (
+            f', result AS (INSERT INTO "{table}" ({", ".join(columns)}) '
+            f'SELECT {", ".join(["%s"] * len(columns))} WHERE EXISTS (SELECT 1 FROM letter) '
+            f'ON CONFLICT (task_id) DO UPDATE SET {updates})'
+        )
+        params.extend(result_row.values())
+    sql += " SELECT id FROM letter"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    return row[0] if row else None

@@ -1,0 +1,99 @@
+"""Small JSON records every worker on every machine must agree on (circuit breakers,
+degraded-mode switches), updated atomically.
+
+Kept in Redis when there is one (``RECOVERY["SHARED_STATE_URL"]``, or the broker's URL
+when the broker is Redis), otherwise in the database (``SharedState``), which is what
+the embedded demo default uses. Updates are read-modify-write transactions: Redis
+``WATCH``/``MULTI`` retried on conflict, or a row lock in the database.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any, Protocol
+
+from .. import conf
+
+__all__ = ["Store", "RedisStore", "DatabaseStore", "store"]
+
+KEY_PREFIX = "recovery:state:"
+
+
+class Store(Protocol):
+    def get(self, key: str) -> dict: ...
+
+    def update(self, key: str, change: Callable[[dict], Any]) -> Any:
+        """Apply ``change`` to the record (mutating it) atomically; return what it returns."""
+
+
+class RedisStore:
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+    def get(self, key: str) -> dict:
+        raw = self.client.get(KEY_PREFIX + key)
+        return json.loads(raw) if raw else {}
+
+    def update(self, key: str, change: Callable[[dict], Any]) -> Any:
+        import redis
+
+        name = KEY_PREFIX + key
+        with self.client.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(name)
+                    raw = pipe.get(name)
+                    record = json.loads(raw) if raw else {}
+                    before = dict(record)
+                    result = change(record)
+                    if record == before:
+                        pipe.unwatch()
+                        return result
+                    pipe.multi()
+                    pipe.set(name, json.dumps(record))
+                    pipe.execute()
+                    return result
+                except redis.WatchError:
+                    continue
+
+
+class DatabaseStore:
+    def get(self, key: str) -> dict:
+        from ..store.models import SharedState
+
+        row = SharedState.objects.filter(key=key).first()
+        return dict(row.value) if row else {}
+
+    def update(self, key: str, change: Callable[[dict], Any]) -> Any:
+        from django.db import transaction
+
+        from ..store.models import SharedState
+
+        with transaction.atomic():
+            row, _ = SharedState.objects.select_for_update().get_or_create(key=key)
+            record = dict(row.value or {})
+            result = change(record)
+            if record != row.value:
+                row.value = record
+                row.save(update_fields=["value", "updated_at"])
+            return result
+
+
+def store() -> Store:
+    """The configured store (Redis if one is known, else the database)."""
+    url = conf.get("SHARED_STATE_URL")
+    if url is None:
+        from django.conf import settings
+
+        broker = str(getattr(settings, "CELERY_BROKER_URL", "") or "")
+        url = broker if broker.startswith(("redis://", "rediss://")) else "database"
+    return _store_for(url)
+
+
+@lru_cache(maxsize=8)
+def _store_for(url: str) -> Store:
+    return DatabaseStore() if url == "database" else RedisStore(url)
