@@ -1,0 +1,169 @@
+"""What the failure lifecycle announces, so that the parts that watch it need not be called.
+
+The lifecycle (:mod:`recovery.task`, the store, the worker, operations and workflows)
+says what happened by sending an event; metrics, escalation, Sentry, sagas and the
+replay service listen. The sender therefore imports nothing of the listener: a letter
+is parked without the store knowing that Prometheus or an incident exists, and a new
+observer is one more ``connect`` in :mod:`recovery.subscriptions`, not one more import
+inside a function.
+
+Each receiver runs in its own ``try``: what one raises is logged and the others still
+hear the event. This is the rule "our bookkeeping is never the task's failure" made
+structural: a broken exporter cannot stop a letter from being parked, nor fail a task
+whose body succeeded.
+
+Receivers take keyword arguments only, named as in each event's docstring, and should
+accept ``**extra`` so an event can grow a field without breaking them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+__all__ = [
+    "Event",
+    "ALL",
+    "task_failed",
+    "retry_scheduled",
+    "fallback_ran",
+    "task_succeeded",
+    "task_parked",
+    "letter_parked",
+    "bookkeeping_deferred",
+    "internal_error",
+    "replay_finished",
+    "compensation_finished",
+    "circuit_changed",
+    "saga_needs_human",
+    "worker_started",
+    "worker_heartbeat",
+    "worker_stopping",
+]
+
+logger = logging.getLogger(__name__)
+
+Receiver = Callable[..., Any]
+
+
+class Event:
+    """One kind of thing that happened, and the receivers that want to hear of it.
+
+    Connect at start-up (:func:`recovery.subscriptions.connect` does it for recovery's
+    own listeners, from ``AppConfig.ready``). Connecting the same receiver twice keeps
+    one, so a second ``connect`` is harmless.
+    """
+
+    def __init__(self, name: str, doc: str) -> None:
+        self.name = name
+        self.__doc__ = doc
+        self._receivers: tuple[Receiver, ...] = ()
+
+    def connect(self, receiver: Receiver) -> Receiver:
+        """Have ``receiver(**fields)`` called on every :meth:`send`; usable as a decorator."""
+        if receiver not in self._receivers:
+            self._receivers = (*self._receivers, receiver)
+        return receiver
+
+    def disconnect(self, receiver: Receiver) -> None:
+        self._receivers = tuple(r for r in self._receivers if r != receiver)
+
+    @property
+    def receivers(self) -> tuple[Receiver, ...]:
+        return self._receivers
+
+    def send(self, **fields: Any) -> None:
+        """Call every receiver, in the order they connected, each in its own ``try``."""
+        for receiver in self._receivers:
+            try:
+                receiver(**fields)
+            except Exception:  # noqa: BLE001 - a listener never changes what happened
+                logger.exception("recovery: a receiver of %s (%s) failed; the task's outcome "
+                                 "stands", self.name, getattr(receiver, "__qualname__", receiver))
+
+    def __repr__(self) -> str:
+        return f"<Event {self.name}: {len(self._receivers)} receiver(s)>"
+
+
+# -- a task's run (recovery.task) -------------------------------------------------------------
+
+task_failed = Event("task_failed", """A task's body raised and was classified.
+
+Fields: ``task_name``, ``kind`` (a ``FailureKind`` value), ``transient`` (bool).""")
+
+retry_scheduled = Event("retry_scheduled", """A failed task was sent again after a backoff.
+
+Fields: ``task_name``, ``kind``.""")
+
+fallback_ran = Event("fallback_ran", """A task's fallback ran in its place.
+
+Fields: ``task_name``, ``reason`` (``failed``, ``circuit_open``, ``degraded``),
+``succeeded`` (False when the fallback raised too).""")
+
+task_succeeded = Event("task_succeeded", """A task's body returned; sent from ``on_success``.
+
+Fields: ``task`` (the task), ``task_id``, ``retval``, ``request``. Listeners do the
+bookkeeping a success implies (a replayed letter is resolved, a saga moves on); each
+spools what the database refuses.""")
+
+task_parked = Event("task_parked", """A task failed for good and its letter is kept.
+
+Fields: ``task``, ``task_id``, ``request``, ``exc``, ``letter_id`` (None when spooled).""")
+
+# -- the store (recovery.store) ---------------------------------------------------------------
+
+letter_parked = Event("letter_parked", """A dead letter was written, or spooled.
+
+Fields: ``record`` (the ``ParkRecord``), ``letter_id`` (None while spooled), ``exc``
+(the exception when the parker had it), ``first_report`` (False when a spooled letter
+reaches the database later: it was counted and reported when it was spooled).""")
+
+bookkeeping_deferred = Event("bookkeeping_deferred", """A bookkeeping write the database
+refused went to the spool, to be applied by its drain.
+
+Fields: ``kind`` (``result``, ``replay_succeeded``, ``saga_completion`` ...).""")
+
+# -- the worker (recovery.delivery) -----------------------------------------------------------
+
+internal_error = Event("internal_error", """Recovery's own code failed around a task; the
+message was left to the broker.
+
+Fields: ``task_name``, ``error_type`` (the exception's class name).""")
+
+worker_started = Event("worker_started", """A worker's housekeeping started (consumer step).
+
+Fields: ``hostname``.""")
+
+worker_heartbeat = Event("worker_heartbeat", """A worker's housekeeping is alive (every few
+seconds, from its own thread).
+
+Fields: ``hostname``.""")
+
+worker_stopping = Event("worker_stopping", """A worker's housekeeping is stopping.
+
+Fields: ``hostname``.""")
+
+# -- operations (recovery.operations) ---------------------------------------------------------
+
+replay_finished = Event("replay_finished", """Replays reached an outcome.
+
+Fields: ``outcome`` (``published``, ``failed``, ``resolved``), ``count``.""")
+
+compensation_finished = Event("compensation_finished", """A compensation reached an outcome.
+
+Fields: ``outcome`` (``published``, ``publish_failed``, ``succeeded``, ``failed``).""")
+
+# -- workflows (recovery.workflows) -----------------------------------------------------------
+
+circuit_changed = Event("circuit_changed", """A dependency's circuit breaker changed state.
+
+Fields: ``dependency``, ``state`` (``closed``, ``half_open``, ``open``).""")
+
+saga_needs_human = Event("saga_needs_human", """A saga cannot finish on its own (its
+compensation failed for good, or it is held).
+
+Fields: ``run`` (the ``SagaRun``), ``reason`` (one line, already scrubbed).""")
+
+ALL: tuple[Event, ...] = tuple(value for value in dict(globals()).values()
+                               if isinstance(value, Event))
