@@ -8,55 +8,11 @@ from django.db import models
 from django.utils import timezone
 
 from .letters import DeadLetter, DeadLetterEvent
+from .retries import DeliveryCount, DueRetry
 
 __all__ = ["DeadLetter", "DueRetry", "DeliveryCount", "DeadLetterEvent", "OutboxMessage",
            "SharedState", "FallbackUse", "SagaRun", "SagaStep", "SagaEvent", "Incident",
            "IncidentNotification"]
-
-
-class DueRetry(models.Model):
-    """A retry whose delay is too long to hold safely as a broker ETA message.
-
-    Workers publish rows that are due (``recovery.due``); ``signature`` is the
-    Celery signature dict of the next attempt.
-    """
-
-    task_id = models.CharField(max_length=255, db_index=True)
-    task_name = models.CharField(max_length=255)
-    due_at = models.DateTimeField(db_index=True)
-    signature = models.JSONField()
-    created_at = models.DateTimeField(auto_now_add=True)
-
-    class Meta:
-        verbose_name = "due retry"
-        verbose_name_plural = "due retries"
-        ordering = ("due_at",)
-
-    def __str__(self) -> str:
-        return f"{self.task_name}[{self.task_id}] due {self.due_at:%Y-%m-%d %H:%M:%S}"
-
-
-class DeliveryCount(models.Model):
-    """How often a task id was redelivered (lost worker, hard time limit, restore).
-
-    The broker keeps no count, so a task that kills its worker every time would
-    loop forever; past ``RECOVERY["MAX_DELIVERIES"]`` it is parked instead.
-    """
-
-    task_id = models.CharField(max_length=255, primary_key=True)
-    deliveries = models.PositiveIntegerField(default=1)
-    last_failure = models.CharField(
-        max_length=255, blank=True, default="",
-        help_text="How the last delivery was lost (worker lost, hard time limit).",
-    )
-    updated_at = models.DateTimeField(auto_now=True)
-
-    class Meta:
-        verbose_name = "delivery count"
-        verbose_name_plural = "delivery counts"
-
-    def __str__(self) -> str:
-        return f"{self.task_id}: {self.deliveries}"
 
 
 class OutboxMessage(models.Model):
