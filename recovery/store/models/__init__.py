@@ -1,5 +1,18 @@
-"""Recovery's tables, one module per concern; the package re-exports them all, so
-``recovery.store.models.X`` and ``recovery.models.X`` name the same class.
+"""Recovery's tables, one module per concern.
+
+* ``letters``: dead letters and the operators' audit trail (their status transitions
+  are told there).
+* ``retries``: the due-table of long retry delays, and per-task delivery counts.
+* ``outbox``: tasks to publish once the transaction that wrote them commits.
+* ``resilience``: shared circuit and degraded-mode state, and the fallbacks taken.
+* ``sagas``: saga runs, their steps and their audit trail.
+* ``incidents``: failures escalated to a human, and the notifications about them.
+
+Django finds the models through ``recovery.models``, which re-exports this package, so
+``recovery.models.X`` and ``recovery.store.models.X`` are the same class. Every model
+belongs to the ``recovery`` app whichever module defines it, so the split left table
+names, indexes and migrations as they were. The imports run from the tables others
+point at to the tables that point at them, which is the order the app registry lists.
 """
 
 from __future__ import annotations

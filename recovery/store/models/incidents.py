@@ -21,8 +21,8 @@ __all__ = ["Incident", "IncidentNotification"]
 class Incident(models.Model):
     """A problem a human must look at: one per failure fingerprint while it is open.
 
-    ``recovery.escalation`` opens it (a critical task parked, a fingerprint crossed its
-    threshold, a compensation failed, the watchdog found stuck work) and notifies the
+    ``recovery.observe.escalation`` opens it (a critical task parked, a fingerprint crossed
+    its threshold, a compensation failed, the watchdog found stuck work) and notifies the
     channels once; later occurrences only link their letters and raise ``count``.
 
     Status transitions: open -> acknowledged -> resolved, or open -> resolved. A resolved

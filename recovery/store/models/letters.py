@@ -29,6 +29,9 @@ __all__ = ["DeadLetter", "DeadLetterEvent"]
 
 
 class DeadLetter(models.Model):
+    """A task that failed for good, or a message that could not be decoded, kept for an
+    operator: one row per task id, reused by every replay."""
+
     class Status(models.TextChoices):
         PARKED = "parked", "Parked"
         REPLAYING = "replaying", "Replaying"
@@ -115,8 +118,8 @@ class DeadLetter(models.Model):
             # Escalation's "N letters of one fingerprint in M minutes" and the failure
             # groups; it replaces the plain fingerprint index (same prefix).
             models.Index(fields=["fingerprint", "-last_failed_at"], name="recovery_dl_fp_last"),
-            # The backlog a metrics scrape counts (recovery.metrics.DatabaseCollector): as
-            # small as the open letters, however many closed ones the table keeps.
+            # The backlog a metrics scrape counts (recovery.observe.metrics.DatabaseCollector):
+            # as small as the open letters, however many closed ones the table keeps.
             models.Index(fields=["status", "last_failed_at"], name="recovery_dl_open",
                          condition=models.Q(status__in=["parked", "replaying"])),
         ]

@@ -16,7 +16,8 @@ __all__ = ["OutboxMessage"]
 
 class OutboxMessage(models.Model):
     """A task to publish once the transaction that wrote this row commits
-    (``recovery.outbox``). Sent rows are kept ``OUTBOX_KEEP_SENT_HOURS`` for inspection."""
+    (``recovery.workflows.outbox``). Sent rows are kept ``OUTBOX_KEEP_SENT_HOURS`` for
+    inspection."""
 
     task_id = models.CharField(max_length=255, unique=True)
     task_name = models.CharField(max_length=255)

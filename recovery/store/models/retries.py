@@ -19,7 +19,7 @@ __all__ = ["DueRetry", "DeliveryCount"]
 class DueRetry(models.Model):
     """A retry whose delay is too long to hold safely as a broker ETA message.
 
-    Workers publish rows that are due (``recovery.due``); ``signature`` is the
+    Workers publish rows that are due (``recovery.store.due``); ``signature`` is the
     Celery signature dict of the next attempt.
     """
 

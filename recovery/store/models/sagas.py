@@ -17,13 +17,13 @@ __all__ = ["SagaRun", "SagaStep", "SagaEvent"]
 
 
 class SagaRun(models.Model):
-    """One run of a saga (``recovery.sagas``): where it is, what it carries, how it ended.
+    """One run of a saga: where it is, what it carries, how it ended.
 
     The definition it started with is kept on the row, so changing a saga's code never
     changes the steps of a run already in flight; workers advance a run from this
     snapshot only.
 
-    Status transitions (``recovery.sagas`` drives them all, under a lock on this row):
+    Status transitions (``recovery.workflows.sagas`` makes them all, under this row's lock):
 
         running      -> succeeded | compensating | held | failed
         compensating -> compensated | failed (nothing to undo) | needs_human
@@ -131,7 +131,7 @@ class SagaStep(models.Model):
             models.UniqueConstraint(fields=["run", "index", "role"], name="recovery_saga_step_once"),
         ]
         indexes = [
-            # recovery.sagas.reconcile: steps still running, oldest dispatch first
+            # recovery.workflows.sagas.reconcile: steps still running, oldest dispatch first
             models.Index(fields=["dispatched_at"], name="recovery_saga_step_running",
                          condition=models.Q(status="running")),
         ]
