@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 from django.contrib import admin, messages
-from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count
 from django.http import Http404, HttpResponseRedirect
@@ -18,9 +17,8 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 from django.utils.safestring import mark_safe
-from django.utils.text import capfirst
+from django.utils.text import Truncator
 from django.utils.timesince import timesince
-from django.utils.translation import ngettext
 
 from recovery import conf
 from recovery.core import redaction
@@ -30,18 +28,20 @@ from recovery.workflows.sagas import saga_of_letter
 
 from . import groups as failure_groups
 from .changelist import ChangeListAtScale, TaskNameFilter
+from .confirmation import ConfirmedOperationsMixin, Operation, Outcome
 from .forms import ReplayForm
-from .hostile import NUL_REFUSED, has_nul
+from .hostile import has_nul
 from .lookups import SafeLookupsMixin
 from .reveals import record_reveals, reveals_anything
 from . import resilience_admin  # noqa: F401 - registers the circuits/degraded/fallback admin
 
-#: operation -> (permission codename, past tense)
+_PARKED = (DeadLetter.Status.PARKED,)
+#: what an operator may do to parked letters (what each does: DeadLetterAdmin.explain)
 OPERATIONS = {
-    "replay": ("replay_deadletter", "replayed"),
-    "discard": ("discard_deadletter", "discarded"),
-    "resolve": ("resolve_deadletter", "resolved"),
-    "compensate": ("compensate_deadletter", "compensated"),
+    "replay": Operation("replay_deadletter", "replayed", _PARKED),
+    "discard": Operation("discard_deadletter", "discarded", _PARKED),
+    "resolve": Operation("resolve_deadletter", "resolved", _PARKED),
+    "compensate": Operation("compensate_deadletter", "compensated", _PARKED),
 }
 
 
@@ -98,14 +98,6 @@ class DeadLetterEventInline(admin.TabularInline):
         return False
 
 
-def _with_shown(letters) -> list[DeadLetter]:
-    """``letters`` for a template, each with ``.shown`` (what a person may see of it)."""
-    letters = list(letters)
-    for letter in letters:
-        letter.shown = redaction.shown_letter(letter)
-    return letters
-
-
 def _pre(text: str) -> str:
     return format_html("<pre>{}</pre>", redaction.clipped(text))
 
@@ -115,7 +107,8 @@ def _pretty(value) -> str:
 
 
 @admin.register(DeadLetter)
-class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
+class DeadLetterAdmin(ConfirmedOperationsMixin, SafeLookupsMixin, ChangeListAtScale,
+                      admin.ModelAdmin):
     # indexed change list: see .changelist; what it may be filtered by: see .lookups
     payload_fields = ("args", "kwargs", "headers", "raw_body", "traceback", "history", "events",
                       "exception_message")  # text stored before scrubbing may quote secrets
@@ -129,6 +122,9 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
     inlines = (DeadLetterEventInline,)
     change_form_template = "admin/recovery/deadletter/change_form.html"
     change_list_template = "admin/recovery/deadletter/change_list.html"
+    operations = OPERATIONS
+    confirmation_noun = ("parked dead letter", "parked dead letters")
+    confirmation_item = ("letter", "letters")
     show_full_result_count = False
     list_per_page = 50
     fieldsets = (
@@ -231,62 +227,60 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
 
     # -- permissions ------------------------------------------------------------------
 
-    def _has(self, request, operation: str) -> bool:
-        return request.user.has_perm(f"recovery.{OPERATIONS[operation][0]}")
-
     def has_replay_permission(self, request) -> bool:
-        return self._has(request, "replay")
+        return self.has_operation_permission(request, "replay")
 
     def has_discard_permission(self, request) -> bool:
-        return self._has(request, "discard")
+        return self.has_operation_permission(request, "discard")
 
     def has_resolve_permission(self, request) -> bool:
-        return self._has(request, "resolve")
+        return self.has_operation_permission(request, "resolve")
 
     def has_compensate_permission(self, request) -> bool:
-        return self._has(request, "compensate")
+        return self.has_operation_permission(request, "compensate")
 
-    # -- bulk actions (confirmation page first) ------------------------------------------
+    # -- bulk actions (the confirmation flow: .confirmation) -----------------------------
 
     @admin.action(permissions=["replay"], description="Replay selected dead letters")
     def replay_selected(self, request, queryset):
-        return self._confirm_and_run(request, queryset, "replay")
+        return self.confirm_selected(request, queryset, "replay")
 
     @admin.action(permissions=["discard"], description="Discard selected dead letters")
     def discard_selected(self, request, queryset):
-        return self._confirm_and_run(request, queryset, "discard")
+        return self.confirm_selected(request, queryset, "discard")
 
     @admin.action(permissions=["resolve"], description="Mark selected dead letters resolved")
     def resolve_selected(self, request, queryset):
-        return self._confirm_and_run(request, queryset, "resolve")
+        return self.confirm_selected(request, queryset, "resolve")
 
     @admin.action(permissions=["compensate"], description="Compensate selected dead letters")
     def compensate_selected(self, request, queryset):
-        return self._confirm_and_run(request, queryset, "compensate")
+        return self.confirm_selected(request, queryset, "compensate")
 
-    def _confirm_and_run(self, request, queryset, operation: str):
-        parked = queryset.filter(status=DeadLetter.Status.PARKED)
-        count = parked.count()
-        if self._too_many(request, count, operation, "--ids …"):
-            return None
-        if request.POST.get("post") == "yes":
-            self._run(request, parked, operation, note=request.POST.get("note", ""))
-            return None
-        context = {
-            **self.admin_site.each_context(request),
-            "title": f"{capfirst(operation)} dead letters?",
-            "operation": operation,
-            "letters": _with_shown(parked.order_by("pk")[:200]),
-            "count": count,
-            "skipped": queryset.count() - count,
-            "queryset": queryset,
-            "action_name": f"{operation}_selected",
-            "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
-            "explanation": self._explain(operation, parked),
-            "opts": self.model._meta,
-            "media": self.media,
-        }
-        return TemplateResponse(request, "admin/recovery/deadletter/confirm_action.html", context)
+    def get_bulk_max(self, request) -> int:
+        return conf.get("ADMIN_BULK_MAX")
+
+    def refuse_bulk(self, request, operation: str, count: int) -> bool:
+        return self._too_many(request, count, operation, "--ids …")
+
+    def perform(self, request, operation: str, letters, note: str) -> Outcome:
+        result = service.bulk(operation, letters, actor=request.user.get_username(), note=note)
+        return Outcome(result.done, result.failed, result.errors[0] if result.errors else "")
+
+    def act_on_one(self, request, operation: str, letter: DeadLetter, note: str) -> None:
+        """One letter goes through its own service call: a letter that cannot be acted on
+        says why (the bulk call would skip it)."""
+        try:
+            getattr(service, operation)(letter, actor=request.user.get_username(), note=note)
+        except service.ReplayError as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+        else:
+            self.message_user(request, f"Dead letter {letter.pk} was {OPERATIONS[operation].past}.",
+                              messages.SUCCESS)
+
+    def confirmation_summary(self, letter: DeadLetter) -> str:
+        message = redaction.shown_letter(letter).exception_message
+        return f"{letter.task_name} — {letter.exception_type}: {Truncator(message).chars(120)}"
 
     def _too_many(self, request, count: int, operation: str, selector: str) -> bool:
         """Web requests handle up to ``RECOVERY["ADMIN_BULK_MAX"]`` letters; more belong to
@@ -304,8 +298,7 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
         )
         return True
 
-    @staticmethod
-    def _explain(operation: str, letters) -> str:
+    def explain(self, operation: str, letters) -> str:
         if operation == "replay":
             return ("Each letter is republished under its own task id with a fresh attempt "
                     "budget; it is resolved when the replayed run succeeds and parked again "
@@ -328,23 +321,7 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
             return "The letters stay on record as discarded; nothing is run."
         return "The letters are marked resolved (the work was done some other way); nothing is run."
 
-    def _run(self, request, queryset, operation: str, note: str = "") -> None:
-        if has_nul(note):
-            self.message_user(request, f"The note {NUL_REFUSED}.", messages.ERROR)
-            return
-        result = service.bulk(operation, queryset, actor=request.user.get_username(), note=note)
-        past = OPERATIONS[operation][1]
-        message = ngettext("%(count)d dead letter was %(past)s.",
-                           "%(count)d dead letters were %(past)s.", result.done) % {
-            "count": result.done, "past": past}
-        if result.failed:
-            message += " " + ngettext("%(count)d could not be: %(error)s",
-                                      "%(count)d could not be; first error: %(error)s",
-                                      result.failed) % {"count": result.failed,
-                                                        "error": result.errors[0]}
-        self.message_user(request, message, messages.WARNING if result.failed else messages.SUCCESS)
-
-    # -- one letter: replay form, discard / resolve confirmation -----------------------
+    # -- extra views: failure groups, one letter's replay form and operations -------------
 
     def get_urls(self):
         wrap = self.admin_site.admin_view
@@ -354,12 +331,7 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
                  name="recovery_deadletter_group"),
             path("<int:object_id>/replay/", wrap(self.replay_view),
                  name="recovery_deadletter_replay"),
-            path("<int:object_id>/discard/", wrap(self.operation_view), {"operation": "discard"},
-                 name="recovery_deadletter_discard"),
-            path("<int:object_id>/resolve/", wrap(self.operation_view), {"operation": "resolve"},
-                 name="recovery_deadletter_resolve"),
-            path("<int:object_id>/compensate/", wrap(self.operation_view),
-                 {"operation": "compensate"}, name="recovery_deadletter_compensate"),
+            *self.operation_urls("discard", "resolve", "compensate"),
             *super().get_urls(),
         ]
 
@@ -394,14 +366,14 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
         if operation is not None:
             if operation not in OPERATIONS:
                 raise Http404(f"unknown operation {operation!r}")
-            if not self._has(request, operation):
+            if not self.has_operation_permission(request, operation):
                 raise PermissionDenied
         if request.method == "POST":
             if operation is None or request.POST.get("post") != "yes":
                 raise Http404("a group operation is posted from its confirmation page")
             count = parked.count()
             if not self._too_many(request, count, operation, f"--fingerprint {fingerprint}"):
-                self._run(request, parked, operation, note=request.POST.get("note", ""))
+                self.run_operation(request, operation, parked)
             return HttpResponseRedirect(
                 reverse("admin:recovery_deadletter_group", args=[fingerprint]))
         total = letters.count()
@@ -420,8 +392,8 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
             "by_status": sorted(letters.order_by().values_list("status").annotate(n=Count("pk"))),
             "letters": parked.order_by("pk")[:200],
             "operation": operation,
-            "explanation": self._explain(operation, parked) if operation else "",
-            "operations": [op for op in OPERATIONS if self._has(request, op)
+            "explanation": self.explain(operation, parked) if operation else "",
+            "operations": [op for op in OPERATIONS if self.has_operation_permission(request, op)
                            and (op != "compensate" or self._compensation(sample) is not None)],
             "opts": self.model._meta,
         }
@@ -471,36 +443,6 @@ class DeadLetterAdmin(SafeLookupsMixin, ChangeListAtScale, admin.ModelAdmin):
             "can_edit": request.user.has_perm("recovery.change_deadletter"),
         }
         return TemplateResponse(request, "admin/recovery/deadletter/replay_form.html", context)
-
-    def operation_view(self, request, object_id, operation):
-        if operation not in ("discard", "resolve", "compensate"):
-            raise Http404(f"unknown operation {operation!r}")
-        letter = self._letter_or_404(request, object_id)
-        if not self._has(request, operation):
-            raise PermissionDenied
-        if request.method == "POST":
-            try:
-                if has_nul(request.POST.get("note", "")):
-                    raise service.ReplayError(f"The note {NUL_REFUSED}.")
-                getattr(service, operation)(letter, actor=request.user.get_username(),
-                                            note=request.POST.get("note", ""))
-            except service.ReplayError as exc:
-                self.message_user(request, str(exc), messages.ERROR)
-            else:
-                self.message_user(request, f"Dead letter {letter.pk} was {OPERATIONS[operation][1]}.",
-                                  messages.SUCCESS)
-            return HttpResponseRedirect(reverse("admin:recovery_deadletter_change", args=[letter.pk]))
-        context = {
-            **self.admin_site.each_context(request),
-            "title": f"{capfirst(operation)} dead letter {letter.pk}?",
-            "operation": operation,
-            "letters": _with_shown([letter]),
-            "count": 1,
-            "single": True,
-            "explanation": self._explain(operation, DeadLetter.objects.filter(pk=letter.pk)),
-            "opts": self.model._meta,
-        }
-        return TemplateResponse(request, "admin/recovery/deadletter/confirm_action.html", context)
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         letter = self.object_or_none(request, object_id)

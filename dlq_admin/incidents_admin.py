@@ -16,39 +16,34 @@ from __future__ import annotations
 
 import json
 
-from django.contrib import admin, messages
-from django.contrib.admin import helpers
-from django.core.exceptions import PermissionDenied
+from django.contrib import admin
 from django.db.models import Case, IntegerField, Value, When
-from django.http import Http404, HttpResponseRedirect
-from django.shortcuts import get_object_or_404
-from django.template.response import TemplateResponse
-from django.urls import path, reverse
+from django.template.defaultfilters import pluralize
+from django.urls import reverse
 from django.utils.html import format_html, format_html_join
-from django.utils.text import capfirst
-from django.utils.translation import ngettext
+from django.utils.text import Truncator
 
 from recovery.observe import escalation
 from recovery.models import Incident, IncidentNotification
 
-from .hostile import NUL_REFUSED, has_nul
+from .confirmation import ConfirmedOperationsMixin, Operation, Outcome
 from .lookups import SafeLookupsMixin
 
-#: operation -> (permission codename, past tense, statuses it acts on, explanation)
-#: Incidents one bulk action acts on; more are refused with a message (act again).
+#: Incidents one bulk action acts on; more are left for the next run of the action.
 BULK_MAX = 500
 
 OPERATIONS = {
-    "acknowledge": (
+    "acknowledge": Operation(
         "acknowledge_incident", "acknowledged", (Incident.Status.OPEN,),
         "Tells the other operators that someone is on it. The incident stays open: new "
         "letters of the same failure keep adding to it and notify nobody again.",
     ),
-    "resolve": (
+    "resolve": Operation(
         "resolve_incident", "resolved", (Incident.Status.OPEN, Incident.Status.ACKNOWLEDGED),
         "Closes the incident; the next letter of the same failure opens a new one and "
         "notifies again. A webhook that was told of the opening is told of the resolution "
         "(a ticket bridge closes its ticket).",
+        state="open or acknowledged",
     ),
 }
 
@@ -92,7 +87,7 @@ class IncidentNotificationInline(admin.TabularInline):
 
 
 @admin.register(Incident)
-class IncidentAdmin(SafeLookupsMixin, admin.ModelAdmin):
+class IncidentAdmin(ConfirmedOperationsMixin, SafeLookupsMixin, admin.ModelAdmin):
     payload_fields = ("details", "letters", "notifications")
     list_display = ("status", "severity", "reason", "title", "task_name", "count",
                     "first_seen_at", "last_seen_at")
@@ -102,6 +97,8 @@ class IncidentAdmin(SafeLookupsMixin, admin.ModelAdmin):
     actions = ("acknowledge_selected", "resolve_selected")
     inlines = (IncidentNotificationInline,)
     change_form_template = "admin/recovery/incident/change_form.html"
+    operations = OPERATIONS
+    confirmation_note_label = "Note (optional, kept on the incident):"
     list_per_page = 50
     fieldsets = (
         (None, {"fields": ("title", "status", "severity", "reason", "count", "task_name", "kind",
@@ -225,14 +222,11 @@ class IncidentAdmin(SafeLookupsMixin, admin.ModelAdmin):
 
     # -- permissions --------------------------------------------------------------------------
 
-    def _has(self, request, operation: str) -> bool:
-        return request.user.has_perm(f"recovery.{OPERATIONS[operation][0]}")
-
     def has_acknowledge_permission(self, request) -> bool:
-        return self._has(request, "acknowledge")
+        return self.has_operation_permission(request, "acknowledge")
 
     def has_resolve_permission(self, request) -> bool:
-        return self._has(request, "resolve")
+        return self.has_operation_permission(request, "resolve")
 
     def has_add_permission(self, request) -> bool:
         return False
@@ -243,27 +237,20 @@ class IncidentAdmin(SafeLookupsMixin, admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None) -> bool:
         return request.user.is_active and request.user.is_superuser
 
-    # -- acknowledge and resolve -------------------------------------------------------------
+    # -- acknowledge and resolve (the flow: .confirmation) -----------------------------------
 
     def get_urls(self):
-        wrap = self.admin_site.admin_view
-        return [
-            path("<int:object_id>/acknowledge/", wrap(self.operation_view),
-                 {"operation": "acknowledge"}, name="recovery_incident_acknowledge"),
-            path("<int:object_id>/resolve/", wrap(self.operation_view),
-                 {"operation": "resolve"}, name="recovery_incident_resolve"),
-            *super().get_urls(),
-        ]
+        return [*self.operation_urls("acknowledge", "resolve"), *super().get_urls()]
 
-    def _apply(self, request, incidents, operation: str, note: str) -> None:
-        """Run the operation on each incident it applies to; one message for all."""
-        if has_nul(note):
-            self.message_user(request, f"The note {NUL_REFUSED}.", messages.ERROR)
-            return
-        codename, past, statuses, _ = OPERATIONS[operation]
+    def get_bulk_max(self, request) -> int:
+        return BULK_MAX  # read at call time: a test lowers it
+
+    def perform(self, request, operation: str, incidents, note: str) -> Outcome:
+        """Acknowledge or resolve each incident still in a status the operation applies to
+        (resolving one twice would tell its webhook twice)."""
         done = 0
         for incident in incidents:
-            if incident.status not in statuses:
+            if incident.status not in OPERATIONS[operation].statuses:
                 continue
             try:
                 after = getattr(escalation, operation)(
@@ -271,57 +258,20 @@ class IncidentAdmin(SafeLookupsMixin, admin.ModelAdmin):
             except Incident.DoesNotExist:  # deleted meanwhile
                 continue
             done += after.status != incident.status
-        message = ngettext("%(count)d incident was %(past)s.", "%(count)d incidents were %(past)s.",
-                           done) % {"count": done, "past": past}
-        self.message_user(request, message, messages.SUCCESS if done else messages.WARNING)
+        return Outcome(done)
 
-    def _confirm(self, request, operation: str, incidents, **extra):
-        actionable = [i for i in incidents if i.status in OPERATIONS[operation][2]]
-        context = {
-            **self.admin_site.each_context(request),
-            "title": f"{capfirst(operation)} incident{'s' if len(incidents) != 1 else ''}?",
-            "operation": operation,
-            "incidents": actionable,
-            "skipped": len(incidents) - len(actionable),
-            "statuses": " or ".join(OPERATIONS[operation][2]),
-            "explanation": OPERATIONS[operation][3],
-            "opts": self.model._meta,
-            **extra,
-        }
-        return TemplateResponse(request, "admin/recovery/incident/confirm.html", context)
-
-    def _bulk(self, request, queryset, operation: str):
-        incidents = list(queryset.order_by("pk")[:BULK_MAX])
-        if request.POST.get("post") == "yes":
-            self._apply(request, incidents, operation, request.POST.get("note", "").strip())
-            return None
-        selected = queryset.count()
-        return self._confirm(request, operation, incidents, queryset=queryset,
-                             capped=selected if selected > len(incidents) else None,
-                             bulk_max=BULK_MAX,
-                             action_name=f"{operation}_selected",
-                             action_checkbox_name=helpers.ACTION_CHECKBOX_NAME)
+    def confirmation_summary(self, incident: Incident) -> str:
+        return (f"{incident.get_severity_display()} — {Truncator(incident.title).chars(160)} "
+                f"({incident.get_status_display().lower()}, {incident.count} "
+                f"occurrence{pluralize(incident.count)})")
 
     @admin.action(permissions=["acknowledge"], description="Acknowledge selected incidents")
     def acknowledge_selected(self, request, queryset):
-        return self._bulk(request, queryset, "acknowledge")
+        return self.confirm_selected(request, queryset, "acknowledge")
 
     @admin.action(permissions=["resolve"], description="Resolve selected incidents")
     def resolve_selected(self, request, queryset):
-        return self._bulk(request, queryset, "resolve")
-
-    def operation_view(self, request, object_id, operation):
-        """One incident: GET asks for confirmation, POST (the buttons on its page) acts."""
-        if operation not in OPERATIONS:
-            raise Http404(f"unknown operation {operation!r}")
-        if not self.has_view_permission(request) or not self._has(request, operation):
-            raise PermissionDenied
-        incident = get_object_or_404(Incident, pk=object_id)
-        if request.method == "POST":
-            self._apply(request, [incident], operation, request.POST.get("note", "").strip())
-            return HttpResponseRedirect(reverse("admin:recovery_incident_change",
-                                                args=[incident.pk]))
-        return self._confirm(request, operation, [incident], single=True)
+        return self.confirm_selected(request, queryset, "resolve")
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         incident = (Incident.objects.filter(pk=object_id).only("status").first()
@@ -329,9 +279,9 @@ class IncidentAdmin(SafeLookupsMixin, admin.ModelAdmin):
         status = incident.status if incident is not None else None
         extra_context = {
             **(extra_context or {}),
-            "can_acknowledge": (status in OPERATIONS["acknowledge"][2]
+            "can_acknowledge": (status in OPERATIONS["acknowledge"].statuses
                                 and self.has_acknowledge_permission(request)),
-            "can_resolve": (status in OPERATIONS["resolve"][2]
+            "can_resolve": (status in OPERATIONS["resolve"].statuses
                             and self.has_resolve_permission(request)),
         }
         return super().change_view(request, object_id, form_url, extra_context)

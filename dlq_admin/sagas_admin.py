@@ -9,35 +9,27 @@ from __future__ import annotations
 
 import json
 
-from django.contrib import admin, messages
-from django.contrib.admin import helpers
-from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpResponseRedirect
-from django.shortcuts import get_object_or_404
-from django.template.response import TemplateResponse
-from django.urls import path, reverse
+from django.contrib import admin
 from django.utils import timezone
 from django.utils.html import format_html
-from django.utils.text import capfirst
+from django.utils.text import Truncator
 from django.utils.timesince import timesince
-from django.utils.translation import ngettext
 
 from recovery.workflows import saga_secrets, sagas
 from recovery.models import SagaEvent, SagaRun, SagaStep
 
-from .hostile import NUL_REFUSED, has_nul
+from .confirmation import ConfirmedOperationsMixin, Operation, Outcome
 from .lookups import SafeLookupsMixin
 from .reveals import record_saga_reveal
 
-#: operation -> (permission codename, past tense, which statuses it acts on, explanation)
 OPERATIONS = {
-    "resume": (
+    "resume": Operation(
         "resume_sagarun", "resumed", (SagaRun.Status.HELD, SagaRun.Status.FAILED),
         "The failed step is dispatched again under a new task id, with a fresh attempt "
         "budget and the run's current context; the steps before it are not run again. Its "
         "old dead letter is closed as resolved. Fix the cause first.",
     ),
-    "compensate": (
+    "compensate": Operation(
         "compensate_sagarun", "compensated",
         (SagaRun.Status.HELD, SagaRun.Status.NEEDS_HUMAN, SagaRun.Status.SUCCEEDED),
         "The completed steps are undone in reverse order, each by its compensation. On a "
@@ -159,7 +151,7 @@ class WaitingFilter(admin.SimpleListFilter):
 
 
 @admin.register(SagaRun)
-class SagaRunAdmin(SafeLookupsMixin, admin.ModelAdmin):
+class SagaRunAdmin(ConfirmedOperationsMixin, SafeLookupsMixin, admin.ModelAdmin):
     payload_fields = ("context", "error", "definition", "steps", "events")
     list_display = ("id", "name", "status", "step_shown", "version", "age", "updated_at")
     list_filter = ("status", WaitingFilter, "name")
@@ -167,6 +159,8 @@ class SagaRunAdmin(SafeLookupsMixin, admin.ModelAdmin):
     actions = ("resume_selected", "compensate_selected")
     inlines = (SagaStepInline, SagaEventInline)
     change_form_template = "admin/recovery/sagarun/change_form.html"
+    operations = OPERATIONS
+    confirmation_item = ("run", "runs")
     list_per_page = 50
     fields = ("name", "version", "status", "step_shown", "error_shown", "idempotency_key",
               "created_at", "updated_at", "finished_at", "context_pretty", "definition_pretty")
@@ -215,14 +209,11 @@ class SagaRunAdmin(SafeLookupsMixin, admin.ModelAdmin):
 
     # -- permissions ----------------------------------------------------------------------
 
-    def _has(self, request, operation: str) -> bool:
-        return request.user.has_perm(f"recovery.{OPERATIONS[operation][0]}")
-
     def has_resume_permission(self, request) -> bool:
-        return self._has(request, "resume")
+        return self.has_operation_permission(request, "resume")
 
     def has_compensate_permission(self, request) -> bool:
-        return self._has(request, "compensate")
+        return self.has_operation_permission(request, "compensate")
 
     def has_add_permission(self, request) -> bool:
         return False
@@ -233,23 +224,12 @@ class SagaRunAdmin(SafeLookupsMixin, admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
 
-    # -- operations -----------------------------------------------------------------------
+    # -- operations (the flow: .confirmation) ---------------------------------------------
 
     def get_urls(self):
-        wrap = self.admin_site.admin_view
-        return [
-            path("<int:object_id>/resume/", wrap(self.operation_view), {"operation": "resume"},
-                 name="recovery_sagarun_resume"),
-            path("<int:object_id>/compensate/", wrap(self.operation_view),
-                 {"operation": "compensate"}, name="recovery_sagarun_compensate"),
-            *super().get_urls(),
-        ]
+        return [*self.operation_urls("resume", "compensate"), *super().get_urls()]
 
-    def _apply(self, request, runs, operation: str, note: str) -> None:
-        """Run the operation on each run; one message for all."""
-        if has_nul(note):
-            self.message_user(request, f"The note {NUL_REFUSED}.", messages.ERROR)
-            return
+    def perform(self, request, operation: str, runs, note: str) -> Outcome:
         done, errors = 0, []
         for run in runs:
             try:
@@ -258,70 +238,28 @@ class SagaRunAdmin(SafeLookupsMixin, admin.ModelAdmin):
                 errors.append(str(exc))
             else:
                 done += 1
-        past = OPERATIONS[operation][1]
-        message = ngettext("%(count)d saga run was %(past)s.", "%(count)d saga runs were %(past)s.",
-                           done) % {"count": done, "past": past}
-        if errors:
-            message += " " + ngettext("%(count)d could not be: %(error)s",
-                                      "%(count)d could not be; first error: %(error)s",
-                                      len(errors)) % {"count": len(errors), "error": errors[0]}
-        self.message_user(request, message, messages.WARNING if errors else messages.SUCCESS)
+        return Outcome(done, len(errors), errors[0] if errors else "")
 
-    def _confirm(self, request, operation: str, runs, **extra):
-        actionable = [run for run in runs if run.status in OPERATIONS[operation][2]]
-        for run in actionable:
-            run.error_shown = _shown_error(run, run.error)
-        context = {
-            **self.admin_site.each_context(request),
-            "title": f"{capfirst(operation)} saga run{'s' if len(runs) != 1 else ''}?",
-            "operation": operation,
-            "runs": actionable,
-            "skipped": len(runs) - len(actionable),
-            "statuses": ", ".join(OPERATIONS[operation][2]),
-            "explanation": OPERATIONS[operation][3],
-            "opts": self.model._meta,
-            **extra,
-        }
-        return TemplateResponse(request, "admin/recovery/sagarun/confirm.html", context)
-
-    def operation_view(self, request, object_id, operation):
-        if operation not in OPERATIONS:
-            raise Http404(f"unknown operation {operation!r}")
-        if not self.has_view_permission(request):
-            raise PermissionDenied
-        if not self._has(request, operation):
-            raise PermissionDenied
-        run = get_object_or_404(SagaRun, pk=object_id)
-        if request.method == "POST":
-            self._apply(request, [run], operation, request.POST.get("note", ""))
-            return HttpResponseRedirect(reverse("admin:recovery_sagarun_change", args=[run.pk]))
-        return self._confirm(request, operation, [run], single=True)
-
-    def _bulk(self, request, queryset, operation: str):
-        runs = list(queryset.order_by("pk")[:500])
-        if request.POST.get("post") == "yes":
-            self._apply(request, [r for r in runs if r.status in OPERATIONS[operation][2]],
-                        operation, request.POST.get("note", ""))
-            return None
-        return self._confirm(request, operation, runs, queryset=queryset,
-                             action_name=f"{operation}_selected",
-                             action_checkbox_name=helpers.ACTION_CHECKBOX_NAME)
+    def confirmation_summary(self, run: SagaRun) -> str:
+        error = _shown_error(run, run.error)  # masked: the run was not fetched to reveal
+        return f"{run.name} — {run.status}" + (f": {Truncator(error).chars(160)}" if error else "")
 
     @admin.action(permissions=["resume"], description="Resume selected runs from the failed step")
     def resume_selected(self, request, queryset):
-        return self._bulk(request, queryset, "resume")
+        return self.confirm_selected(request, queryset, "resume")
 
     @admin.action(permissions=["compensate"], description="Compensate selected runs")
     def compensate_selected(self, request, queryset):
-        return self._bulk(request, queryset, "compensate")
+        return self.confirm_selected(request, queryset, "compensate")
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         run = self.object_or_none(request, object_id)
         status = run.status if run is not None else None
         extra_context = {
             **(extra_context or {}),
-            "can_resume": status in OPERATIONS["resume"][2] and self.has_resume_permission(request),
-            "can_compensate": (status in OPERATIONS["compensate"][2]
+            "can_resume": (status in OPERATIONS["resume"].statuses
+                           and self.has_resume_permission(request)),
+            "can_compensate": (status in OPERATIONS["compensate"].statuses
                                and self.has_compensate_permission(request)),
             "can_reveal": (run is not None and request.GET.get("reveal") != "1"
                            and request.user.has_perm("recovery.reveal_deadletter_secrets")),

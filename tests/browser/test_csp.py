@@ -86,3 +86,43 @@ def test_every_operator_page_works_under_the_policy(page, live_server):
     page.check("#action-toggle")
     expect(page.locator(".action-counter")).to_contain_text("2 of 2 selected")
     assert page.csp_violations == []
+
+
+def test_every_confirmation_page_works_under_the_policy(page, live_server):
+    # Given a parked letter, an open incident, a held saga run, and an operator who may act
+    letter = DeadLetter.objects.create(
+        task_id="csp-c1", task_name="tasks.tasks.charge_payment", args=[1, 500],
+        fingerprint="c" * 40, exception_type="DependencyError", exception_message="declined")
+    incident = Incident.objects.create(fingerprint="c" * 40, reason=Incident.Reason.THRESHOLD,
+                                       title="payments failing")
+    run = SagaRun.objects.create(name="order", status=SagaRun.Status.HELD,
+                                 context={"order_id": 1}, definition={"steps": []})
+    make_staff("csp-confirmer", *EVERYTHING, "resolve_incident", "resume_sagarun",
+               "compensate_sagarun")
+    log_in(page, "csp-confirmer")
+    # When they open each operation's confirmation page
+    for url_name, pk in [("deadletter_discard", letter.pk), ("deadletter_resolve", letter.pk),
+                         ("deadletter_compensate", letter.pk),
+                         ("incident_acknowledge", incident.pk), ("incident_resolve", incident.pk),
+                         ("sagarun_resume", run.pk), ("sagarun_compensate", run.pk)]:
+        response = page.goto(reverse(f"admin:recovery_{url_name}", args=[pk]))
+        # Then it asks, and nothing on it was refused
+        assert response.status == 200, url_name
+        expect(page.locator("#content")).to_contain_text("You are about to")
+        assert page.csp_violations == [], (url_name, page.csp_violations)
+    # When they run a bulk action from a change list: the row, the action, Go, then Yes
+    for model, action, done in [
+            ("incident", "acknowledge_selected", "1 incident was acknowledged."),
+            ("deadletter", "discard_selected", "1 dead letter was discarded.")]:
+        page.goto(reverse(f"admin:recovery_{model}_changelist"))
+        page.check("#result_list input.action-select")
+        page.select_option("select[name=action]", action)
+        with page.expect_navigation():
+            page.get_by_role("button", name="Go").click()
+        expect(page.locator("#content")).to_contain_text("You are about to")
+        page.fill("#id_note", "from the browser")
+        with page.expect_navigation():
+            page.click('input[type=submit][value^="Yes, "]')
+        # Then it is done, with one message, and the policy refused nothing
+        expect(page.locator("ul.messagelist li")).to_have_text(done)
+    assert page.csp_violations == []
