@@ -7,8 +7,12 @@ class RecoveryConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        # The composition root: imported here, once the models are loaded, as Django
+        # documents for checks and signal receivers.
         from . import checks  # noqa: F401 - registers the system checks
-        from .workflows import sagas  # noqa: F401 - records when saga steps start (task_prerun)
+        from . import subscriptions
         from .observe import sentry
+        from .workflows import sagas  # noqa: F401 - records when saga steps start (task_prerun)
 
+        subscriptions.connect()
         sentry.install()  # drops the Celery integration's second event of a parked task

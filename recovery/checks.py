@@ -11,9 +11,13 @@ from django.core.checks import Error, Warning, register
 from kombu.transport import redis as kombu_redis
 
 from . import conf
-from .store import pg_fastpath
+from .core.policy import default_policy
 from .delivery import visibility
 from .observe import webhook_signing
+from .store import pg_fastpath
+from .observe.escalation import EscalationRules
+from .observe.watchdog import WatchdogPolicy
+from .workflows.circuit import CircuitPolicy
 
 
 @register()
@@ -32,7 +36,7 @@ def check_recovery_settings(app_configs=None, **kwargs):
             id="recovery.E002",
         ))
     try:
-        conf.default_policy()
+        default_policy()
     except (TypeError, ValueError) as exc:
         problems.append(Error(
             f"RECOVERY['DEFAULT_POLICY'] is invalid: {exc}",
@@ -90,8 +94,6 @@ def check_recovery_settings(app_configs=None, **kwargs):
     problems.extend(_check_shared_state(user))
     problems.extend(_check_metrics_access(user))
     if "ESCALATION" in user:
-        from .observe.escalation import EscalationRules
-
         try:
             escalation = EscalationRules.from_dict(user["ESCALATION"])
         except (TypeError, ValueError) as bad:
@@ -107,8 +109,6 @@ def check_recovery_settings(app_configs=None, **kwargs):
                                 escalation.webhook_url, escalation.webhook_secret,
                                 debug=settings.DEBUG))
     if "WATCHDOG" in user:
-        from .observe.watchdog import WatchdogPolicy
-
         try:
             WatchdogPolicy.from_dict(user["WATCHDOG"])
         except ValueError as exc:
@@ -136,8 +136,6 @@ def check_recovery_settings(app_configs=None, **kwargs):
 
 
 def _check_shared_state(user: dict) -> list:
-    from .workflows.circuit import CircuitPolicy
-
     problems = []
     circuits = user.get("CIRCUITS")
     if circuits is not None:

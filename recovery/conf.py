@@ -18,7 +18,7 @@ from typing import Any
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-__all__ = ["DEFAULTS", "get", "default_policy", "classifier_rules", "spool_dir"]
+__all__ = ["DEFAULTS", "get", "classifier_rules", "spool_dir"]
 
 DEFAULTS: Mapping[str, Any] = {
     # RetryPolicy (as a dict or a RetryPolicy) used by tasks that declare none.
@@ -179,40 +179,6 @@ def get(name: str) -> Any:
     if name in user:
         return user[name]
     return DEFAULTS[name]
-
-
-def default_policy():
-    from .core.policy import RetryPolicy
-
-    value = get("DEFAULT_POLICY")
-    if value is None:
-        return RetryPolicy()
-    if isinstance(value, RetryPolicy):
-        return value
-    return _policy_from_dict(_freeze(value))
-
-
-@lru_cache(maxsize=64)
-def _policy_from_dict(frozen):
-    from .core.policy import RetryPolicy
-
-    return RetryPolicy.from_dict(_thaw(frozen))
-
-
-def _freeze(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)):
-        return ("__list__", tuple(_freeze(v) for v in value))
-    return value
-
-
-def _thaw(value: Any) -> Any:
-    if isinstance(value, tuple) and value and value[0] == "__list__":
-        return [_thaw(v) for v in value[1]]
-    if isinstance(value, tuple):
-        return {k: _thaw(v) for k, v in value}
-    return value
 
 
 def classifier_rules() -> tuple:

@@ -22,6 +22,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from celery.exceptions import Reject
+from django.db import transaction
+
 __all__ = [
     "Event",
     "ALL",
@@ -37,6 +40,7 @@ __all__ = [
     "compensation_finished",
     "circuit_changed",
     "saga_needs_human",
+    "incident_opened",
     "worker_started",
     "worker_heartbeat",
     "worker_stopping",
@@ -55,9 +59,12 @@ class Event:
     one, so a second ``connect`` is harmless.
     """
 
-    def __init__(self, name: str, doc: str) -> None:
+    def __init__(self, name: str, doc: str, *, may_raise: tuple[type[BaseException], ...] = ()
+                 ) -> None:
         self.name = name
         self.__doc__ = doc
+        #: what a receiver may raise to the sender on purpose (anything else is logged)
+        self.may_raise = may_raise
         self._receivers: tuple[Receiver, ...] = ()
 
     def connect(self, receiver: Receiver) -> Receiver:
@@ -78,9 +85,19 @@ class Event:
         for receiver in self._receivers:
             try:
                 receiver(**fields)
+            except self.may_raise:
+                raise
             except Exception:  # noqa: BLE001 - a listener never changes what happened
                 logger.exception("recovery: a receiver of %s (%s) failed; the task's outcome "
                                  "stands", self.name, getattr(receiver, "__qualname__", receiver))
+
+    def send_on_commit(self, **fields: Any) -> None:
+        """:meth:`send` once the current transaction commits (at once outside one), so an
+        outcome that is rolled back is not announced."""
+        try:
+            transaction.on_commit(lambda: self.send(**fields))
+        except Exception:  # noqa: BLE001 - an announcement never fails the sender
+            logger.exception("recovery: could not announce %s", self.name)
 
     def __repr__(self) -> str:
         return f"<Event {self.name}: {len(self._receivers)} receiver(s)>"
@@ -105,7 +122,9 @@ task_succeeded = Event("task_succeeded", """A task's body returned; sent from ``
 
 Fields: ``task`` (the task), ``task_id``, ``retval``, ``request``. Listeners do the
 bookkeeping a success implies (a replayed letter is resolved, a saga moves on); each
-spools what the database refuses.""")
+spools what the database refuses. A listener that could keep its record nowhere (database
+and spool both refused) raises ``Reject(requeue=True)``: the message comes back and the
+idempotent task runs again rather than lose the record.""", may_raise=(Reject,))
 
 task_parked = Event("task_parked", """A task failed for good and its letter is kept.
 
@@ -142,7 +161,7 @@ Fields: ``hostname``.""")
 
 worker_stopping = Event("worker_stopping", """A worker's housekeeping is stopping.
 
-Fields: ``hostname``.""")
+Fields: ``hostname``, ``timeout_seconds`` (how long a listener may wait for its thread).""")
 
 # -- operations (recovery.operations) ---------------------------------------------------------
 
@@ -159,6 +178,10 @@ Fields: ``outcome`` (``published``, ``publish_failed``, ``succeeded``, ``failed`
 circuit_changed = Event("circuit_changed", """A dependency's circuit breaker changed state.
 
 Fields: ``dependency``, ``state`` (``closed``, ``half_open``, ``open``).""")
+
+incident_opened = Event("incident_opened", """An incident was opened (not one added to).
+
+Fields: ``incident``, ``occurrence`` (what opened it), ``rules`` (the escalation rules).""")
 
 saga_needs_human = Event("saga_needs_human", """A saga cannot finish on its own (its
 compensation failed for good, or it is held).

@@ -41,29 +41,29 @@ from typing import Any
 
 from celery import Task, states
 from celery.exceptions import Ignore, Reject, Retry
-from django.db import DatabaseError
+from django.db import DatabaseError, InterfaceError
 from kombu.exceptions import EncodeError
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from . import conf
+from . import conf, events
 from .core import headers as hdr, redaction
-from .observe import metrics
-from .store import result_rows
 from .core.bounds import cut, delay_seconds
 from .core.classification import Failure, Rule, classify
-from .core.errors import TransientError
-from .core.policy import Attempt, RetryPolicy, Verdict
+from .core.errors import DependencyError, TransientError, exception_path
+from .core.policy import Attempt, RetryPolicy, Verdict, default_policy
+from .store import deferred, result_rows
+from .store.connections import discard_broken_connections
+from .store.due import hold
+from .store.models import FallbackUse
+from .store.parking import ParkRecord, park
+from .workflows import degraded
+from .workflows.circuit import Circuit, CircuitOpenError
+from .workflows.sagas import is_current
 
 __all__ = ["RecoveryTask", "exception_path"]
 
 logger = logging.getLogger(__name__)
-
-
-def exception_path(exc: BaseException | type) -> str:
-    cls = exc if isinstance(exc, type) else type(exc)
-    module = cls.__module__
-    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
 def _json_safe(value: Any) -> Any:
@@ -178,8 +178,6 @@ def _bookkeeping_write(task_id: str, result: Any, request: Any, write, backend: 
     """Run ``write`` (a SUCCESS result store); retry it once on a fresh connection, then
     spool it. A result that cannot be serialized (``EncodeError``) is the task's own
     problem and propagates: Celery records it as the task's FAILURE."""
-    from .store.parking import discard_broken_connections
-
     try:
         return write()
     except DatabaseError:
@@ -202,8 +200,6 @@ def _bookkeeping_write(task_id: str, result: Any, request: Any, write, backend: 
 
 def _defer_success(task_id: str, result: Any, request: Any, backend: Any,
                    error: BaseException) -> None:
-    from .store import deferred
-
     try:
         deferred.defer_result(backend, task_id, result, request)
     except Exception as spool_exc:  # noqa: BLE001
@@ -235,27 +231,6 @@ def _isolated(what: str, func, *args: Any, **kwargs: Any) -> None:
         logger.exception("recovery: %s failed; the task's outcome stands", what)
 
 
-def _resolve_replay(task_id: str) -> None:
-    """Resolve the letter a successful replay came from; spool it if the database is down."""
-    from .store import deferred
-    from .store.parking import discard_broken_connections
-    from .operations.replay import mark_replay_succeeded
-
-    for _ in range(2):
-        try:
-            mark_replay_succeeded(task_id)
-            return
-        except DatabaseError as exc:
-            discard_broken_connections()
-            error = exc
-    try:
-        deferred.defer(deferred.REPLAY_SUCCEEDED, task_id=task_id)
-    except OSError as spool_exc:
-        logger.critical("recovery: replay of %s succeeded but its letter could not be marked "
-                        "resolved (%s) nor spooled (%s); resolve it by hand", task_id, error,
-                        spool_exc)
-
-
 class RecoveryTask(Task):
     """Base class for tasks that must survive permanent failures.
 
@@ -285,6 +260,9 @@ class RecoveryTask(Task):
             None means ``RECOVERY["WATCHDOG"]["TASK_DEADLINE_SECONDS"]``.
     """
 
+    #: This task sends ``task_succeeded`` and ``task_parked`` (:mod:`recovery.events`),
+    #: which sagas listen to: what ``Saga.validate`` checks a step for.
+    announces_outcome = True
     retry_policy: RetryPolicy | None = None
     classifier_rules: Sequence[Rule] = ()
     compensate: Any = None
@@ -362,22 +340,16 @@ class RecoveryTask(Task):
         started = time.time()
         saga = hdr.read(request, hdr.SAGA)
         if saga:
-            from .workflows.sagas import is_current
-
             if not is_current(saga, request.id, replay=bool(hdr.read(request, hdr.REPLAY))):
                 logger.warning("%s[%s]: stale saga message (its step has moved on); dropped "
                                "without running", self.name, request.id)
                 raise Ignore()
         if self.degraded_mode and self.when_degraded != "run":
-            from .workflows import degraded
-
             if degraded.is_on(self.degraded_mode):
                 return self._on_degraded(args, kwargs)
         breaker = None
         trial = False
         if self.dependency:
-            from .workflows.circuit import Circuit, CircuitOpenError
-
             breaker = Circuit(self.dependency)
             decision = breaker.allow()
             trial = decision.trial
@@ -428,8 +400,6 @@ class RecoveryTask(Task):
         return self._defer(exc, delay, args, kwargs)
 
     def _on_degraded(self, args: Any, kwargs: Any) -> Any:
-        from .core.errors import DependencyError
-
         exc = DependencyError(f"degraded mode {self.degraded_mode!r} is on")
         if self.when_degraded == "fallback":
             outcome = self._run_fallback(exc, args, kwargs, reason="degraded")
@@ -480,7 +450,6 @@ class RecoveryTask(Task):
         error is kept on ``self.request`` for the letter)."""
         if self.fallback is None:
             return None
-        from .store.models import FallbackUse
 
         name = repr(self.fallback)
         try:
@@ -496,9 +465,9 @@ class RecoveryTask(Task):
             logger.error("%s[%s]: fallback %s failed too: %r", self.name, self.request.id, name,
                          fallback_exc)
             self.request._recovery_fallback_error = (name, fallback_exc)
-            metrics.fallback_failed(self.name, reason)
+            events.fallback_ran.send(task_name=self.name, reason=reason, succeeded=False)
             return None
-        metrics.fallback_used(self.name, reason)
+        events.fallback_ran.send(task_name=self.name, reason=reason, succeeded=True)
         try:
             FallbackUse.objects.create(
                 task_id=self.request.id or "", task_name=self.name, fallback=name, reason=reason,
@@ -515,15 +484,11 @@ class RecoveryTask(Task):
         return _FallbackOutcome(value)
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
-        # Bookkeeping after a body that returned: none of it may fail the task, and none
-        # may be lost (a write the database refuses is spooled).
-        if hdr.read(self.request, hdr.REPLAY):
-            _isolated("resolving the replayed letter", _resolve_replay, task_id)
-        saga = hdr.read(self.request, hdr.SAGA)
-        if saga:
-            from .workflows.sagas import on_task_succeeded
-
-            on_task_succeeded(saga, retval, task_id)
+        # Bookkeeping after a body that returned (a replayed letter resolved, a saga step
+        # recorded): none of it may fail the task, and none may be lost (a write the
+        # database refuses is spooled). Its listeners are in recovery.subscriptions.
+        events.task_succeeded.send(task=self, task_id=task_id, retval=retval,
+                                   request=self.request)
         super().on_success(retval, task_id, args, kwargs)
 
     def retry(self, args=None, kwargs=None, exc=None, throw=True, eta=None, countdown=None,
@@ -557,7 +522,7 @@ class RecoveryTask(Task):
 
     def effective_policy(self) -> RetryPolicy:
         """The policy for the current request (header > task attribute > settings > default)."""
-        base = self.retry_policy or conf.default_policy()
+        base = self.retry_policy or default_policy()
         override = hdr.read(self.request, hdr.POLICY)
         if override:
             try:
@@ -575,7 +540,8 @@ class RecoveryTask(Task):
         parked (the caller then re-raises it so Celery records the failure)."""
         request = self.request
         failure = self.classify(exc)
-        metrics.task_failed(self.name, failure.kind.value, not failure.permanent)
+        events.task_failed.send(task_name=self.name, kind=failure.kind.value,
+                                transient=not failure.permanent)
         history = list(hdr.read(request, hdr.HISTORY, []) or [])
         # Elapsed time counts from the start of the first attempt of this run.
         started_at = float(hdr.read(request, hdr.STARTED_AT, 0) or 0) or started or time.time()
@@ -603,7 +569,7 @@ class RecoveryTask(Task):
                 self._schedule_retry(exc, verdict, history, started_at, args, kwargs,
                                      options or {})
             except Retry:
-                metrics.retry_scheduled(self.name, failure.kind.value)
+                events.retry_scheduled.send(task_name=self.name, kind=failure.kind.value)
                 raise
         outcome = self._run_fallback(exc, args, kwargs, reason="gave_up")
         if outcome is not None:
@@ -651,21 +617,15 @@ class RecoveryTask(Task):
                    headers=headers, **options)
 
     def _hold_in_due_table(self, signature, delay: float) -> bool:
-        from django.db import Error as DatabaseError
-
-        from .store.due import hold
-
         try:
             hold(signature, timezone.now() + timedelta(seconds=delay))
-        except DatabaseError as db_exc:
+        except (DatabaseError, InterfaceError) as db_exc:
             logger.warning("%s[%s]: due-table unavailable (%s); using a broker countdown",
                            self.name, self.request.id, db_exc)
             return False
         return True
 
     def _park(self, exc, failure: Failure, verdict: Verdict, history, args, kwargs) -> None:
-        from .store.parking import ParkRecord, park
-
         request = self.request
         store_errors = not self.ignore_result or self.store_errors_even_if_ignored
         real_backend = Task.backend.fget(self)
@@ -718,11 +678,8 @@ class RecoveryTask(Task):
         request._recovery_result_stored = outcome.result_stored
         logger.warning("%s[%s] parked as a dead letter (%s): %s", self.name, request.id,
                        failure.kind.value, verdict.reason)
-        saga = hdr.read(request, hdr.SAGA)
-        if saga:
-            from .workflows.sagas import on_task_parked
-
-            on_task_parked(saga, request.id, exc)
+        events.task_parked.send(task=self, task_id=request.id, request=request, exc=exc,
+                                letter_id=outcome.letter_id)
 
     @staticmethod
     def _replay_options(request) -> dict:

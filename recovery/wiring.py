@@ -10,11 +10,17 @@ Celery app, so the project says once, where it builds its app::
 
 from __future__ import annotations
 
+import logging
 import os
-import threading
 from typing import Any
 
 from celery import Celery, signals
+from django.db import close_old_connections
+
+from . import conf
+from .core.task_modules import import_task_modules
+from .observe import metrics
+from .store.db_timeouts import unbound_thread_connection
 
 __all__ = ["setup", "CONSUMER", "import_task_modules"]
 
@@ -44,8 +50,6 @@ def setup(app: Celery) -> Celery:
             app.steps["consumer"].add(step)
 
     def _transport_options(sender: Any = None, **kwargs: Any) -> None:
-        from . import conf
-
         options = dict(sender.conf.broker_transport_options or {})
         options.setdefault("visibility_timeout", float(conf.get("VISIBILITY_TIMEOUT_SECONDS")))
         # Scan for stranded messages every 10 s instead of kombu's ~100 s.
@@ -77,7 +81,8 @@ WATCHDOG_ENTRY = "recovery-watchdog"
 
 
 def _watchdog_schedule(sender: Any = None, **kwargs: Any) -> None:
-    """Have workers register ``recovery.observe.watchdog`` and Celery beat run it every
+    """Have workers register the task ``recovery.watchdog`` (``recovery.observe.watchdog``)
+    and Celery beat run it every
     ``RECOVERY["WATCHDOG"]["INTERVAL_SECONDS"]`` (None: no entry). A ``beat_schedule``
     entry of the project's own named ``recovery-watchdog`` is left as it is; so is
     django-celery-beat's copy in the database, which it takes from ``beat_schedule``.
@@ -86,8 +91,6 @@ def _watchdog_schedule(sender: Any = None, **kwargs: Any) -> None:
     names the module (imported with the task modules) instead of importing it. A bad
     value is reported by ``manage.py check`` (``recovery.E016``).
     """
-    from . import conf
-
     include = tuple(sender.conf.include or ())
     if "recovery.observe.watchdog" not in include:
         sender.conf.include = (*include, "recovery.observe.watchdog")
@@ -98,7 +101,7 @@ def _watchdog_schedule(sender: Any = None, **kwargs: Any) -> None:
         return
     schedule = dict(sender.conf.beat_schedule or {})
     schedule.setdefault(WATCHDOG_ENTRY, {
-        "task": "recovery.observe.watchdog",
+        "task": "recovery.watchdog",
         "schedule": float(interval),
         # A sweep that could not start within one interval is superseded by the next.
         "options": {"expires": float(interval)},
@@ -109,19 +112,12 @@ def _watchdog_schedule(sender: Any = None, **kwargs: Any) -> None:
 def _unbound_child_connection(sender: Any = None, **kwargs: Any) -> None:
     """A pool child forked after the consumer bounded its connection (recovery.store.db_timeouts)
     runs the project's tasks on the project's database settings, unchanged."""
-    from .store.db_timeouts import unbound_thread_connection
-
     unbound_thread_connection()
 
 
 def _metrics_worker_init(sender: Any = None, **kwargs: Any) -> None:
     """In the worker's main process, before the pool forks: one multiprocess metrics
     directory for the worker and its children, and the endpoint if METRICS_PORT is set."""
-    import logging
-
-    from . import conf
-    from .observe import metrics
-
     try:
         metrics.ensure_multiprocess_dir()
         port = conf.get("METRICS_PORT")
@@ -132,14 +128,10 @@ def _metrics_worker_init(sender: Any = None, **kwargs: Any) -> None:
 
 
 def _metrics_child_exit(sender: Any = None, pid: int | None = None, **kwargs: Any) -> None:
-    from .observe import metrics
-
     metrics.mark_process_dead(pid or os.getpid())
 
 
 def _metrics_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
-    from .observe import metrics
-
     metrics.stop_worker_server()
 
 
@@ -148,23 +140,9 @@ def _reuse_connection(sender: Any = None, **kwargs: Any) -> None:
 
     Not for eager calls: they run inside the caller's transaction (a test, a view).
     """
-    from django.db import close_old_connections
-
     request = getattr(sender, "request", None)
     if getattr(request, "is_eager", False):
         return
     close_old_connections()
 
 
-_IMPORTING = threading.RLock()
-
-
-def import_task_modules(app: Celery) -> None:
-    """Import the project's task modules the way a worker does (outside a worker, in the
-    admin or ``manage.py``, they are imported lazily).
-
-    Serialised: while one thread is in Celery's autodiscovery, a second one returns at
-    once (``celery.loaders.base._RACE_PROTECTION``) and would find the tasks missing.
-    """
-    with _IMPORTING:
-        app.loader.import_default_modules()

@@ -12,6 +12,7 @@ from .kinds import FailureKind
 
 __all__ = [
     "RecoveryError",
+    "exception_path",
     "TransientError",
     "PermanentError",
     "DependencyError",
@@ -94,3 +95,11 @@ class TimeoutOrDeadlockError(RecoveryError):
     """The work timed out or lost a deadlock; usually resolves when retried."""
 
     kind = FailureKind.TIMEOUT
+
+
+def exception_path(exc: BaseException | type) -> str:
+    """The dotted path letters, fingerprints and policies name an exception class by
+    (``builtins`` left out: ``ValueError``, not ``builtins.ValueError``)."""
+    cls = exc if isinstance(exc, type) else type(exc)
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"

@@ -15,16 +15,19 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
 
 from django.utils.module_loading import import_string
 
+from .. import conf
+
 from .backoff import Jitter, Uniform, backoff_delay
 from .classification import Failure
 from .kinds import FailureKind
 
-__all__ = ["RetryPolicy", "Verdict", "Action", "Attempt"]
+__all__ = ["RetryPolicy", "Verdict", "Action", "Attempt", "default_policy"]
 
 # A server asking for more than this is treated as asking for this (and a policy with
 # max_elapsed_seconds parks instead): it keeps scheduling arithmetic finite.
@@ -257,3 +260,36 @@ class RetryPolicy:
                 f"gave up: next attempt would pass max_elapsed_seconds={policy.max_elapsed_seconds:g}"
             )
         return Verdict.retry(delay, reason)
+
+
+def default_policy() -> RetryPolicy:
+    """The project's ``RECOVERY["DEFAULT_POLICY"]`` (a ``RetryPolicy`` or its dict form),
+    or the library default; a dict is parsed once per distinct value."""
+    value = conf.get("DEFAULT_POLICY")
+    if value is None:
+        return RetryPolicy()
+    if isinstance(value, RetryPolicy):
+        return value
+    return _policy_from_dict(_freeze(value))
+
+
+@lru_cache(maxsize=64)
+def _policy_from_dict(frozen: Any) -> RetryPolicy:
+    return RetryPolicy.from_dict(_thaw(frozen))
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable copy of a settings value, so the parse can be cached."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return ("__list__", tuple(_freeze(v) for v in value))
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, tuple) and value and value[0] == "__list__":
+        return [_thaw(v) for v in value[1]]
+    if isinstance(value, tuple):
+        return {k: _thaw(v) for k, v in value}
+    return value

@@ -37,6 +37,7 @@ from celery import current_app
 
 from .. import conf
 from . import deepjson, headers as hdr
+from .task_modules import import_task_modules
 
 __all__ = ["MASK", "MAX_DEPTH", "SHOWN_MAX_CHARS", "is_secret_key", "mask", "masked_payload",
            "has_secrets", "hidden_values", "scrub_text", "scrub_strings",
@@ -129,8 +130,6 @@ def _positional_names(task_name: str, count: int, app: Any) -> list[str | None] 
     if app is not None and task_name not in app.tasks and not getattr(app, "_recovery_loaded", False):
         # Outside a worker (admin, manage.py) task modules are imported lazily: load them
         # once, the way a worker does, so positional secrets are masked by name there too.
-        from ..wiring import import_task_modules
-
         import_task_modules(app)
         app._recovery_loaded = True
     task = app.tasks.get(task_name) if app is not None else None

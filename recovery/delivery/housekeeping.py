@@ -27,14 +27,14 @@ from celery import bootsteps
 from django.db import Error as DatabaseError
 from django.db import connection
 
-from .. import conf
+from .. import conf, events
 from ..store import db_timeouts, pg_fastpath
-from ..observe import metrics, notify
-from . import visibility
+from ..store.connections import discard_broken_connections
 from ..store.due import publish_due
+from ..store.parking import drain_spool
 from ..workflows.outbox import relay
-from ..store.parking import discard_broken_connections, drain_spool
 from ..workflows.sagas import reconcile
+from . import visibility
 
 __all__ = ["Housekeeping", "Ticker", "STOP_WAIT_SECONDS"]
 
@@ -134,7 +134,6 @@ class Housekeeping(bootsteps.StartStopStep):
         super().__init__(c, **kwargs)
         self._timers: list = []
         self._tickers: list[Ticker] = []
-        self._deliverer: notify.Deliverer | None = None
 
     def start(self, c):
         self.require_internals(c)
@@ -153,7 +152,8 @@ class Housekeeping(bootsteps.StartStopStep):
                                     self._heartbeat, (c,), priority=10),
         ]
         self._heartbeat(c)
-        self._deliverer = notify.Deliverer().start()
+        # Listeners start their own threads (notification delivery, recovery.observe.notify).
+        events.worker_started.send(hostname=c.hostname)
 
     def stop(self, c):
         # Every thread is told at once and all share one wait: a hung database delays a
@@ -162,9 +162,7 @@ class Housekeeping(bootsteps.StartStopStep):
         tickers, self._tickers = self._tickers, []
         for ticker in tickers:
             ticker.request_stop()
-        deliverer, self._deliverer = self._deliverer, None
-        if deliverer is not None:
-            deliverer.stop(timeout=STOP_WAIT_SECONDS)
+        events.worker_stopping.send(hostname=c.hostname, timeout_seconds=STOP_WAIT_SECONDS)
         for ticker in tickers:
             ticker.stop(max(0.0, deadline - time.monotonic()))
         for entry in self._timers:
@@ -215,8 +213,7 @@ class Housekeeping(bootsteps.StartStopStep):
 
     @staticmethod
     def _heartbeat(c) -> None:
-        metrics.worker_heartbeat(c.hostname)
-        notify.flush_counts()
+        events.worker_heartbeat.send(hostname=c.hostname)
 
     @staticmethod
     def _extend(c) -> None:

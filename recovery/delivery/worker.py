@@ -36,12 +36,17 @@ from celery.worker.request import Request
 from celery.worker.state import task_ready
 from kombu.serialization import loads, prepare_accept_content
 
-from .. import conf
+from django.db import Error as DatabaseError
+
+from .. import conf, events
 from ..core import envelope, redaction
-from ..observe import metrics
-from ..store import result_rows
 from ..core.envelope import EnvelopeError
+from ..core.errors import exception_path
 from ..core.kinds import FailureKind
+from ..store import result_rows
+from ..store.deliveries import count_redelivery, note_loss
+from ..store.parking import ParkRecord, park
+from .housekeeping import Housekeeping
 
 __all__ = ["RecoveryConsumer", "RecoveryRequest", "Housekeeping", "park_poison"]
 
@@ -101,9 +106,6 @@ def park_poison(*, task_id: str | None, task_name: str, body: Any, content_type:
                 headers: dict | None, delivery_info: dict | None, exc: BaseException | None,
                 reason: str, kind: FailureKind = FailureKind.POISON, hostname: str = "") -> Any:
     """Park a message that cannot run as a dead letter keeping its raw body."""
-    from ..store.parking import ParkRecord, park
-    from ..task import exception_path
-
     raw = _raw_text(body)
     if not task_id:
         task_id = "poison-" + hashlib.sha256(_body_bytes(body)).hexdigest()
@@ -276,10 +278,6 @@ class RecoveryRequest(Request):
         return super().revoked()
 
     def _count_delivery(self) -> tuple[int, str] | None:
-        from django.db import Error as DatabaseError
-
-        from ..store.deliveries import count_redelivery
-
         try:
             return count_redelivery(self.id)
         except DatabaseError:
@@ -401,25 +399,11 @@ class RecoveryRequest(Request):
         logger.error("recovery: %s[%s] hit an internal error outside its body (%s: %s); the "
                      "body may have run, so it is neither parked nor marked failed",
                      self.name, self.id, type(exc).__name__, exc)
-        metrics.internal_error(self.name, type(exc).__name__)
+        events.internal_error.send(task_name=self.name, error_type=type(exc).__name__)
         return super().on_failure(exc_info, send_failed_event=False, return_ok=True)
 
     def _note_loss(self, description: str) -> None:
-        from django.db import Error as DatabaseError
-
-        from ..store.deliveries import note_loss
-
         try:
             note_loss(self.id, description)
         except DatabaseError:
             logger.warning("recovery: cannot record loss of %s (database down)", self.id)
-
-
-def __getattr__(name: str) -> Any:
-    # Housekeeping lives in recovery.delivery.housekeeping, which imports the models: imported on
-    # first use, so that recovery.setup() can import this module before Django is set up.
-    if name == "Housekeeping":
-        from .housekeeping import Housekeeping
-
-        return Housekeeping
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,8 @@ occurrence opens it and queues one notification per channel
 event); later occurrences link their letters and raise the count, and notify nobody
 again. Workers deliver the notifications (:mod:`recovery.observe.notify`) with backoff, so a
 slow or failing channel never holds up parking. Sentry is told of every parked letter
-directly (:mod:`recovery.observe.sentry`): its SDK queues and sends in the background already.
+directly (:mod:`recovery.observe.sentry` listens to ``letter_parked`` and
+``incident_opened``): its SDK queues and sends in the background already.
 
 Everything here runs after the letter is safely written and inside its own
 ``try``: escalation may be lost to a crash, a parked letter never is.
@@ -25,21 +26,27 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from celery import current_app
+from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F
+from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 
-from .. import conf
+from .. import conf, events
 from ..core import headers as hdr, redaction
-from . import metrics
 from ..core.bounds import attempt_count
-from ..store.models import DeadLetter, Incident, IncidentNotification
+from ..core.fingerprint import fingerprint
+from ..store.models import DeadLetter, Incident, IncidentNotification, SagaRun, SagaStep
+from ..workflows import saga_secrets
+from . import metrics
 
 if TYPE_CHECKING:
     from ..store.parking import ParkRecord
 
 __all__ = [
-    "EscalationRules", "Occurrence", "rules", "on_parked", "escalate", "acknowledge",
+    "EscalationRules", "Occurrence", "rules", "on_parked", "on_saga_needs_human", "escalate",
+    "acknowledge",
     "resolve", "letter_diagnostics", "admin_url", "OPEN_STATUSES",
 ]
 
@@ -108,8 +115,6 @@ class EscalationRules:
 
     def channels(self) -> list[str]:
         """The notification channels that are switched on and configured."""
-        from django.conf import settings
-
         chosen = []
         if self.webhook_url:
             chosen.append(IncidentNotification.Channel.WEBHOOK)
@@ -156,7 +161,6 @@ def admin_url(path: str, base: str | None = None) -> str:
 
 def _reverse(name: str, args: Iterable[Any], fallback: str) -> str:
     # recovery never imports the admin; it only asks the URLconf for the page by name.
-    from django.urls import NoReverseMatch, reverse
 
     try:
         return reverse(name, args=list(args))
@@ -204,8 +208,6 @@ def letter_diagnostics(record: "ParkRecord", letter_id: int | None, base: str = 
 
 
 def _fingerprint(record: "ParkRecord") -> str:
-    from ..core.fingerprint import fingerprint
-
     return fingerprint(record.task_name, record.exception_type, record.exception_message)
 
 
@@ -216,8 +218,6 @@ def _is_critical(task_name: str, chosen: EscalationRules) -> bool:
     if task_name in chosen.critical_tasks:
         return True
     try:
-        from celery import current_app
-
         task = current_app.tasks.get(task_name)
     except Exception:  # noqa: BLE001 - an app that cannot load its tasks is not critical
         return False
@@ -250,29 +250,20 @@ def _threshold_crossed(fp: str, chosen: EscalationRules) -> list[int]:
 _WINDOW_MAX = 1000
 
 
-def on_parked(record: "ParkRecord", letter_id: int | None, exc: BaseException | None = None,
-              *, report: bool = True) -> None:
-    """Escalate a letter that was just parked, if a rule says so. Never raises.
+def on_parked(record: "ParkRecord", letter_id: int | None, **_: Any) -> None:
+    """On ``letter_parked``: escalate the letter, if a rule says so. Never raises.
 
-    Called by :func:`recovery.store.parking.park` after the letter is written; ``letter_id`` is
-    None while it sits in the spool, and the drain calls again with ``report=False`` (Sentry
-    heard of it the first time).
+    ``letter_id`` is None while the letter sits in the spool: it escalates when the drain
+    writes it (the event comes again, with its id).
     """
+    if letter_id is None:
+        return
     try:
         chosen = rules()
     except ValueError as bad:
         logger.error("recovery: escalation is off, RECOVERY['ESCALATION'] is invalid: %s", bad)
         return
-    if chosen.sentry and report:
-        try:
-            from . import sentry
 
-            sentry.report_letter(record, letter_id, exc, chosen)
-        except Exception:  # noqa: BLE001 - a broken exporter never stops parking
-            logger.exception("recovery: could not report %s[%s] to Sentry", record.task_name,
-                             record.task_id)
-    if letter_id is None:
-        return
     def run() -> None:
         try:
             _escalate_letter(record, letter_id, chosen)
@@ -332,14 +323,38 @@ def escalate(occurrence: Occurrence) -> Incident | None:
     except Exception:  # noqa: BLE001
         logger.exception("recovery: could not escalate %s", occurrence.title or occurrence.fingerprint)
         return None
-    if opened and chosen.sentry and occurrence.letter_id is None:
-        try:
-            from . import sentry
-
-            sentry.report_incident(incident, chosen)
-        except Exception:  # noqa: BLE001
-            logger.exception("recovery: could not report incident %s to Sentry", incident.pk)
     return incident
+
+
+def on_saga_needs_human(run: SagaRun, reason: str, failed_step: SagaStep | None = None,
+                        hidden: Any = (), **_: Any) -> None:
+    """On ``saga_needs_human``: one incident per run left half undone
+    (``RECOVERY["ESCALATION"]["ON_COMPENSATION_FAILURE"]``), linked to the run."""
+    metrics.saga_escalated(run.name)
+    try:
+        if not rules().on_compensation_failure:
+            return
+    except ValueError:
+        return
+    failed = failed_step
+    escalate(Occurrence(
+        # One incident per run: each run left half undone needs its own fix.
+        fingerprint=f"saga:{run.pk}:compensation_failed:{run.name}"[:64],
+        reason=Incident.Reason.COMPENSATION_FAILED,
+        severity=Incident.Severity.CRITICAL,
+        title=f"Saga {run.name} run {run.pk} needs a human: {reason}"[:255],
+        task_name=failed.task_name if failed else "",
+        details={
+            "saga": run.name, "run": run.pk, "status": run.status, "reason": reason,
+            "failed_step": ({"index": failed.index, "role": failed.role, "task": failed.task_name,
+                             "task_id": failed.task_id,
+                             "error": saga_secrets.scrub(failed.error, hidden)} if failed else None),
+            "context": saga_secrets.masked(run, run.context),
+            "runbook": "docs/runbooks/saga-compensation-failed.md",
+            "links": {"run": admin_url(f"/admin/recovery/sagarun/{run.pk}/change/")},
+        },
+        saga_run_id=run.pk,
+    ))
 
 
 _ADD_TO_OPEN_SQL = """
@@ -453,6 +468,7 @@ def _upsert(occurrence: Occurrence, chosen: EscalationRules) -> tuple[Incident, 
         log = logger.critical if occurrence.severity == Incident.Severity.CRITICAL else logger.error
         log("recovery: incident #%s opened (%s): %s (%s)", incident.pk, occurrence.reason,
             occurrence.title, incident_link(incident.pk, chosen.admin_base_url))
+        events.incident_opened.send(incident=incident, occurrence=occurrence, rules=chosen)
     return incident, opened
 
 

@@ -23,6 +23,7 @@ called by ``recovery.setup(app)`` at ``worker_init``); see docs/metrics.md.
 from __future__ import annotations
 
 import functools
+import glob
 import logging
 import os
 import shutil
@@ -30,12 +31,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from celery import current_app
 
 from .. import conf
+from ..store.spool import Spool
 
 __all__ = [
     "task_failed", "retry_scheduled", "dead_letter_parked", "replay_outcome",
@@ -43,7 +45,7 @@ __all__ = [
     "saga_escalated", "worker_heartbeat", "incident_opened", "incident_resolved",
     "notification_outcome", "internal_error", "write_deferred", "exposition", "ensure_multiprocess_dir",
     "multiprocess_dir", "mark_process_dead", "start_worker_server", "stop_worker_server",
-    "DatabaseCollector", "SpoolCollector", "CircuitCollector", "CIRCUIT_STATE_VALUES",
+    "SpoolCollector", "CIRCUIT_STATE_VALUES", "Cached",
 ]
 
 logger = logging.getLogger(__name__)
@@ -144,14 +146,15 @@ def _safe(func: Callable) -> Callable:
     return wrapper
 
 
-def _label(value: Any) -> str:
+def label(value: Any) -> str:
+    """A label value cut to a bounded length (Prometheus keeps every distinct value)."""
     text = str(value if value is not None else "")
     return text[:_LABEL_MAX_CHARS]
 
 
 def _ran_task_label(name: str) -> str:
     """The label of a task that is running here: a registered task, so a known name."""
-    text = _label(name)
+    text = label(name)
     _ran_tasks.add(text)
     return text
 
@@ -160,7 +163,7 @@ def _task_label(name: Any) -> str:
     """The label of a task name read from a message or a row, which anyone who can publish
     may forge: kept when the app knows the task, else ``unregistered``, so a flood of
     made-up names adds one series, not one per name."""
-    text = _label(name)
+    text = label(name)
     if text in _ran_tasks:
         return text
     try:
@@ -216,18 +219,18 @@ def _reset() -> None:
 @_safe
 def task_failed(task: str, kind: str, transient: bool) -> None:
     """A task run raised; ``kind`` and ``transient`` are its classification."""
-    _metric("failures").labels(_ran_task_label(task), _label(kind), "true" if transient else "false").inc()
+    _metric("failures").labels(_ran_task_label(task), label(kind), "true" if transient else "false").inc()
 
 
 @_safe
 def retry_scheduled(task: str, kind: str) -> None:
-    _metric("retries").labels(_ran_task_label(task), _label(kind)).inc()
+    _metric("retries").labels(_ran_task_label(task), label(kind)).inc()
 
 
 @_safe
 def dead_letter_parked(task: str, kind: str, replay: int = 0) -> None:
     """A letter was parked; a replayed task parked again also counts as a replay outcome."""
-    _metric("parked").labels(_task_label(task), _label(kind)).inc()
+    _metric("parked").labels(_task_label(task), label(kind)).inc()
     if replay:
         _metric("replays").labels("parked_again").inc()
 
@@ -236,46 +239,46 @@ def dead_letter_parked(task: str, kind: str, replay: int = 0) -> None:
 def internal_error(task: str, exception: str) -> None:
     """An error escaped the pool child outside the task's body and was not a decoding
     failure (see recovery.delivery.worker.RecoveryRequest)."""
-    _metric("internal_errors").labels(_task_label(task), _label(exception)).inc()
+    _metric("internal_errors").labels(_task_label(task), label(exception)).inc()
 
 
 @_safe
 def write_deferred(kind: str) -> None:
     """A bookkeeping write after a success was spooled (recovery.store.deferred)."""
-    _metric("deferred_writes").labels(_label(kind)).inc()
+    _metric("deferred_writes").labels(label(kind)).inc()
 
 
 @_safe
 def replay_outcome(outcome: str, count: int = 1) -> None:
     if count > 0:
-        _metric("replays").labels(_label(outcome)).inc(count)
+        _metric("replays").labels(label(outcome)).inc(count)
 
 
 @_safe
 def compensation_outcome(outcome: str) -> None:
-    _metric("compensations").labels(_label(outcome)).inc()
+    _metric("compensations").labels(label(outcome)).inc()
 
 
 @_safe
 def fallback_used(task: str, reason: str) -> None:
-    _metric("fallbacks").labels(_ran_task_label(task), _label(reason)).inc()
+    _metric("fallbacks").labels(_ran_task_label(task), label(reason)).inc()
 
 
 @_safe
 def fallback_failed(task: str, reason: str) -> None:
-    _metric("fallback_failures").labels(_ran_task_label(task), _label(reason)).inc()
+    _metric("fallback_failures").labels(_ran_task_label(task), label(reason)).inc()
 
 
 @_safe
 def circuit_changed(dependency: str, state: str) -> None:
     """A circuit entered ``state`` (closed, half_open, open)."""
-    _metric("circuit_state").labels(_label(dependency)).set(CIRCUIT_STATE_VALUES[state])
-    _metric("circuit_transitions").labels(_label(dependency), _label(state)).inc()
+    _metric("circuit_state").labels(label(dependency)).set(CIRCUIT_STATE_VALUES[state])
+    _metric("circuit_transitions").labels(label(dependency), label(state)).inc()
 
 
 @_safe
 def saga_escalated(saga: str) -> None:
-    _metric("escalations").labels(_label(saga)).inc()
+    _metric("escalations").labels(label(saga)).inc()
 
 
 @_safe
@@ -285,34 +288,67 @@ def worker_heartbeat(hostname: str) -> None:
     Called by the worker's main process every ``HEARTBEAT_INTERVAL_SECONDS``; alert on the
     age of the timestamp (deploy/prometheus/alerts.yml, RecoveryWorkerHeartbeatMissing).
     """
-    _metric("heartbeat").labels(_label(hostname)).set(time.time())
+    _metric("heartbeat").labels(label(hostname)).set(time.time())
 
 
 @_safe
 def incident_opened(reason: str, severity: str) -> None:
-    _metric("incidents_opened").labels(_label(reason), _label(severity)).inc()
+    _metric("incidents_opened").labels(label(reason), label(severity)).inc()
 
 
 @_safe
 def incident_resolved(reason: str) -> None:
-    _metric("incidents_resolved").labels(_label(reason)).inc()
+    _metric("incidents_resolved").labels(label(reason)).inc()
 
 
 @_safe
 def notification_outcome(channel: str, outcome: str) -> None:
-    _metric("notifications").labels(_label(channel), _label(outcome)).inc()
+    _metric("notifications").labels(label(channel), label(outcome)).inc()
 
 
-def on_commit(func: Callable, *args: Any) -> None:
-    """Record ``func(*args)`` once the current transaction commits (at once outside one), so
-    a rolled-back outcome is not counted. Never raises."""
-    try:
-        from django.db import transaction
+# -- receivers of recovery.events (connected by recovery.subscriptions) -----------------------
 
-        transaction.on_commit(lambda: func(*args))
-    except Exception:  # noqa: BLE001
-        logger.debug("recovery: could not defer metric %s", getattr(func, "__name__", func),
-                     exc_info=True)
+
+def count_task_failed(task_name: str, kind: str, transient: bool, **_: Any) -> None:
+    task_failed(task_name, kind, transient)
+
+
+def count_retry_scheduled(task_name: str, kind: str, **_: Any) -> None:
+    retry_scheduled(task_name, kind)
+
+
+def count_fallback(task_name: str, reason: str, succeeded: bool, **_: Any) -> None:
+    (fallback_used if succeeded else fallback_failed)(task_name, reason)
+
+
+def count_parked(record: Any, first_report: bool = True, **_: Any) -> None:
+    # A spooled letter was counted when it was spooled, not again when the drain writes it.
+    if first_report:
+        dead_letter_parked(record.task_name, record.kind, record.replay)
+
+
+def count_deferred(kind: str, **_: Any) -> None:
+    write_deferred(kind)
+
+
+def count_internal_error(task_name: str, error_type: str, **_: Any) -> None:
+    internal_error(task_name, error_type)
+
+
+def count_replays(outcome: str, count: int = 1, **_: Any) -> None:
+    replay_outcome(outcome, count)
+
+
+def count_compensation(outcome: str, **_: Any) -> None:
+    compensation_outcome(outcome)
+
+
+def record_circuit(dependency: str, state: str, **_: Any) -> None:
+    circuit_changed(dependency, state)
+
+
+def record_heartbeat(hostname: str, **_: Any) -> None:
+    worker_heartbeat(hostname)
 
 
 # -- backlogs, read at scrape time ------------------------------------------------------------
@@ -325,9 +361,6 @@ class SpoolCollector:
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
-
-        from .. import conf
-        from ..store.spool import Spool
 
         up = GaugeMetricFamily("recovery_collector_up",
                                "1 when the backlog source could be read at this scrape.",
@@ -347,166 +380,6 @@ class SpoolCollector:
                                     "Spooled records the drain can never write, set aside as "
                                     "*.bad for a human.", value=quarantined)
         yield up
-
-
-class DatabaseCollector:
-    """Backlogs kept in the database: dead letters by status, the oldest parked letter's
-    age, the outbox and the due-table, open incidents and undelivered notifications. A database error leaves them out of the scrape and
-    sets ``recovery_collector_up{source="database"}`` to 0."""
-
-    def __init__(self, using: str | None = None) -> None:
-        self.using = using
-
-    def collect(self) -> Iterator[Any]:
-        from django.db import DEFAULT_DB_ALIAS
-        from django.db.models import Count, Min
-        from django.utils import timezone
-        from prometheus_client.core import GaugeMetricFamily
-
-        from ..store.models import DeadLetter, DueRetry, Incident, IncidentNotification
-        from ..workflows.outbox import pending_count
-
-        using = self.using or DEFAULT_DB_ALIAS
-        up = GaugeMetricFamily("recovery_collector_up",
-                               "1 when the backlog source could be read at this scrape.",
-                               labels=["source"])
-        try:
-            # The open letters only, through their partial index (recovery_dl_open): closed
-            # ones grow without bound and a count of them would read the whole table.
-            letters = DeadLetter.objects.using(using).filter(status__in=OPEN_STATUSES)
-            by_status = dict.fromkeys(OPEN_STATUSES, 0)
-            for row in letters.values("status").annotate(n=Count("status")).order_by():
-                by_status[row["status"]] = row["n"]
-            oldest = letters.filter(status=DeadLetter.Status.PARKED).aggregate(
-                oldest=Min("last_failed_at"))["oldest"]
-            outbox = pending_count(using)
-            due = DueRetry.objects.using(using).count()
-            incidents = {(s, v): 0 for s in ("open", "acknowledged")
-                         for v in Incident.Severity.values}
-            for row in (Incident.objects.using(using)
-                        .filter(status__in=(Incident.Status.OPEN, Incident.Status.ACKNOWLEDGED))
-                        .values("status", "severity").annotate(n=Count("id")).order_by()):
-                incidents[(row["status"], row["severity"])] = row["n"]
-            undelivered = (IncidentNotification.objects.using(using)
-                           .filter(status=IncidentNotification.Status.PENDING).count())
-        except Exception:  # noqa: BLE001 - a scrape must answer while the database is down
-            logger.warning("recovery: metrics could not read the database", exc_info=True)
-            up.add_metric(["database"], 0)
-            yield up
-            return
-        family = GaugeMetricFamily("recovery_dead_letters", "Open dead letters (parked, "
-                                   "replaying) by status.", labels=["status"])
-        for status, count in sorted(by_status.items()):
-            family.add_metric([status], count)
-        yield family
-        age = max(0.0, (timezone.now() - oldest).total_seconds()) if oldest else 0.0
-        yield GaugeMetricFamily("recovery_dead_letters_oldest_parked_age_seconds",
-                                "Seconds since the oldest parked letter was parked (0 if none).",
-                                value=age)
-        yield GaugeMetricFamily("recovery_outbox_backlog",
-                                "Committed outbox intents not yet published.", value=outbox)
-        yield GaugeMetricFamily("recovery_due_retries_backlog",
-                                "Long-delay retries waiting in the due-table.", value=due)
-        family = GaugeMetricFamily("recovery_incidents", "Incidents not yet resolved, by status "
-                                   "and severity.", labels=["status", "severity"])
-        for (status, severity), count in sorted(incidents.items()):
-            family.add_metric([status, severity], count)
-        yield family
-        yield GaugeMetricFamily("recovery_escalation_notifications_pending",
-                                "Incident notifications waiting to be delivered (webhook, "
-                                "e-mail).", value=undelivered)
-        up.add_metric(["database"], 1)
-        yield up
-
-
-class CircuitCollector:
-    """``recovery_circuit_status{dependency}``: each circuit's state in the shared store
-    (:mod:`recovery.workflows.shared_state`), the one every worker obeys: 0 closed, 1 half-open,
-    2 open. Unlike ``recovery_circuit_state`` (the last change one process made), it is
-    true across workers, and shows circuits tripped or reset by hand.
-
-    The circuits are those ``RECOVERY["CIRCUITS"]`` configures (but ``"default"``), those
-    a registered task of the current Celery app declares (``dependency=``), and those with
-    a record in the store (used through ``recovery.workflows.circuit.guard()`` only); one that never
-    had a record is closed. An unreachable store leaves the gauge out of the scrape and
-    sets ``recovery_collector_up{source="shared_state"}`` to 0. Only the Django view
-    exposes it: every worker would report the same records.
-    """
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
-
-        from ..workflows import shared_state
-        from ..workflows.circuit import Circuit, CircuitPolicy
-
-        up = GaugeMetricFamily("recovery_collector_up",
-                               "1 when the backlog source could be read at this scrape.",
-                               labels=["source"])
-        try:
-            store = shared_state.store()
-            names = _configured_circuits() | _declared_dependencies() | _stored_circuits(store)
-            # The policy plays no part in reading a record: do not build one from settings.
-            states = {name: Circuit(name, CircuitPolicy(), store=store).state()["state"]
-                      for name in sorted(names)}
-        except Exception:  # noqa: BLE001 - a scrape must answer while the store is down
-            logger.warning("recovery: metrics could not read the circuits' shared state",
-                           exc_info=True)
-            up.add_metric(["shared_state"], 0)
-            yield up
-            return
-        family = GaugeMetricFamily("recovery_circuit_status",
-                                   "Circuit breaker state per dependency in the state every "
-                                   "worker shares: 0 closed, 1 half-open, 2 open.",
-                                   labels=["dependency"])
-        for name, state in states.items():
-            if state in CIRCUIT_STATE_VALUES:
-                family.add_metric([_label(name)], CIRCUIT_STATE_VALUES[state])
-        yield family
-        up.add_metric(["shared_state"], 1)
-        yield up
-
-
-def _configured_circuits() -> set[str]:
-    from .. import conf
-
-    circuits = conf.get("CIRCUITS") or {}
-    return {name for name in circuits if isinstance(name, str) and name != "default"}
-
-
-def _declared_dependencies() -> set[str]:
-    """The ``dependency`` of every task registered on the current Celery app."""
-    from celery import current_app
-
-    try:
-        current_app.loader.import_default_modules()  # the task modules, as a worker imports them
-    except Exception:  # noqa: BLE001 - list the tasks already registered rather than none
-        if "_declared_dependencies" not in _warned:
-            _warned.add("_declared_dependencies")
-            logger.warning("recovery: metrics could not import the Celery task modules",
-                           exc_info=True)
-    names = set()
-    for task in list(current_app.tasks.values()):
-        value = getattr(task, "dependency", None)
-        if isinstance(value, str) and value:
-            names.add(value)
-    return names
-
-
-def _stored_circuits(store: Any) -> set[str]:
-    """Circuits with a record in the store: one SCAN of its Redis db, or one query."""
-    from ..workflows.shared_state import KEY_PREFIX, DatabaseStore, RedisStore
-
-    prefix = "circuit:"  # recovery.workflows.circuit.Circuit.key
-    if isinstance(store, RedisStore):
-        start = len(KEY_PREFIX + prefix)
-        return {key.decode("utf-8", "replace")[start:]
-                for key in store.client.scan_iter(match=f"{KEY_PREFIX}{prefix}*", count=1000)}
-    if isinstance(store, DatabaseStore):
-        from ..store.models import SharedState
-
-        return {key[len(prefix):] for key in SharedState.objects
-                .filter(key__startswith=prefix).values_list("key", flat=True)}
-    return set()
 
 
 class _Merged:
@@ -535,7 +408,7 @@ class _Merged:
 _scrape_cache: dict[str, tuple[float, list[Any]]] = {}
 
 
-class _Cached:
+class Cached:
     """A scrape-time collector whose families the next scrapes of this process reuse for
     ``RECOVERY["METRICS_CACHE_SECONDS"]``: several Prometheus replicas (or a dashboard)
     scraping cost one set of database queries per window. A reading with a source down is
@@ -574,22 +447,20 @@ class _Events:
             yield from _local_registry.collect()
 
 
-def registry(*, database: bool = False) -> Any:
-    """A registry to expose: the event metrics, the spool backlog and, with ``database``
-    (the Django view), the database backlogs and the shared circuit states."""
+def registry(*, backlogs: Sequence[Any] = ()) -> Any:
+    """A registry to expose: the event metrics, the spool backlog and ``backlogs``, more
+    scrape-time collectors (the Django view adds the database's and the shared circuit
+    states: :func:`recovery.observe.backlogs.exposition`)."""
     from prometheus_client import CollectorRegistry
 
-    collectors: list[Any] = [SpoolCollector()]
-    if database:
-        collectors[:0] = [_Cached("database", DatabaseCollector()),
-                          _Cached("shared_state", CircuitCollector())]
+    collectors: list[Any] = [*backlogs, SpoolCollector()]
     result = CollectorRegistry(auto_describe=False)
     result.register(_Events())
     result.register(_Merged(*collectors))
     return result
 
 
-def exposition(*, database: bool = False) -> tuple[bytes, str]:
+def exposition(*, backlogs: Sequence[Any] = ()) -> tuple[bytes, str]:
     """(body, content type) of a scrape in the Prometheus text format."""
     from prometheus_client import exposition as text_format
 
@@ -597,7 +468,7 @@ def exposition(*, database: bool = False) -> tuple[bytes, str]:
     # 2.x and 3.x server reads it.
     content_type = getattr(text_format, "CONTENT_TYPE_PLAIN_0_0_4",
                            text_format.CONTENT_TYPE_LATEST)
-    return text_format.generate_latest(registry(database=database)), content_type
+    return text_format.generate_latest(registry(backlogs=backlogs)), content_type
 
 
 # -- prefork workers --------------------------------------------------------------------------
@@ -629,8 +500,6 @@ def ensure_multiprocess_dir() -> str:
 
 def _remove_stale_private_dirs() -> None:
     """Remove private directories of workers that died without shutting down (SIGKILL)."""
-    import glob
-
     for path in glob.glob(os.path.join(tempfile.gettempdir(), "recovery-metrics-*-*")):
         try:
             pid = int(os.path.basename(path).split("-")[2])

@@ -33,6 +33,8 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
+from django.core.mail import get_connection, mail_admins
+from django.db.models import Exists, OuterRef
 from django.db import Error as DatabaseError
 from django.db import close_old_connections, connection, transaction
 from django.db.models import Q
@@ -182,8 +184,6 @@ def _email_text(note: IncidentNotification, chosen: EscalationRules) -> tuple[st
 
 
 def _send_email(note: IncidentNotification, chosen: EscalationRules) -> None:
-    from django.core.mail import get_connection, mail_admins
-
     if not getattr(settings, "ADMINS", None):
         raise DeliveryError("settings.ADMINS is empty")
     subject, body = _email_text(note, chosen)
@@ -218,8 +218,6 @@ def _claim(chosen: EscalationRules) -> IncidentNotification | None:
     its channel has sent (or given up) the "opened" one: a ticket must not open after it
     was closed.
     """
-    from django.db.models import Exists, OuterRef
-
     opened_unsent = IncidentNotification.objects.filter(
         incident=OuterRef("incident"), channel=OuterRef("channel"),
         event=IncidentNotification.Event.OPENED, status=IncidentNotification.Status.PENDING)
@@ -254,6 +252,28 @@ def _count(channel: str, outcome: str) -> None:
         _outcomes.append((channel, outcome))
     else:
         metrics.notification_outcome(channel, outcome)
+
+
+_running: dict[str, Deliverer] = {}
+
+
+def start_delivering(hostname: str, **_: Any) -> None:
+    """On ``worker_started``: one delivery thread per worker."""
+    if hostname not in _running:
+        _running[hostname] = Deliverer().start()
+
+
+def stop_delivering(hostname: str, timeout_seconds: float = 10.0, **_: Any) -> None:
+    """On ``worker_stopping``: stop the worker's delivery thread, waiting at most
+    ``timeout_seconds`` for a delivery in flight."""
+    deliverer = _running.pop(hostname, None)
+    if deliverer is not None:
+        deliverer.stop(timeout=timeout_seconds)
+
+
+def on_heartbeat(**_: Any) -> None:
+    """On ``worker_heartbeat``: count what the delivery thread did since the last one."""
+    flush_counts()
 
 
 def flush_counts() -> None:

@@ -12,7 +12,7 @@ What is sent for a letter (:func:`report_letter`):
 - the fingerprint ``["celery-recovery", <letter fingerprint>]``, so every letter of one
   failure lands in one Sentry issue, as the admin groups them;
 - tags ``recovery.task``, ``recovery.kind``, ``recovery.queue``, ``recovery.status``,
-  ``recovery.permanent`` and ``recovery.core.fingerprint``;
+  ``recovery.permanent`` and ``recovery.fingerprint``;
 - a ``dead_letter`` context: arguments and history with secrets masked
   (:mod:`recovery.core.redaction`), attempts, classification, letter id, admin links.
 
@@ -39,9 +39,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..core import redaction
+from ..core.errors import exception_path
+from ..core.redaction import MASK, is_secret_key, mask
+from . import escalation
+from .escalation import EscalationRules
 
 if TYPE_CHECKING:
-    from .escalation import EscalationRules
     from ..store.models import Incident
     from ..store.parking import ParkRecord
 
@@ -94,12 +97,27 @@ def _client(sentry_sdk: Any) -> Any:
 # -- reporting -------------------------------------------------------------------------------
 
 
+def report_parked(record: "ParkRecord", letter_id: int | None, exc: BaseException | None = None,
+                  first_report: bool = True, **_: Any) -> None:
+    """On ``letter_parked``: report the letter, once (not again when the spool drain writes
+    a letter that was reported when it was spooled)."""
+    if first_report:
+        report_letter(record, letter_id, exc)
+
+
+def report_opened_incident(incident: "Incident", occurrence: "escalation.Occurrence",
+                           rules: EscalationRules, **_: Any) -> None:
+    """On ``incident_opened``: report an incident that opened without a letter (a letter's
+    incident is reported with the letter)."""
+    if rules.sentry and occurrence.letter_id is None:
+        report_incident(incident, rules)
+
+
 def report_letter(record: "ParkRecord", letter_id: int | None, exc: BaseException | None = None,
                   chosen: "EscalationRules | None" = None) -> None:
     """Send one Sentry event for a letter just parked. Never raises.
 
-    Called by :func:`recovery.observe.escalation.on_parked` for every letter (``letter_id`` is None
-    while it waits in the spool). ``exc`` is the live exception when the task's own process
+    ``letter_id`` is None while the letter waits in the spool. ``exc`` is the live exception when the task's own process
     parked it: the event then has its real stack frames, and the exception is marked so the
     Celery integration's report of the same exception is dropped.
     """
@@ -110,8 +128,6 @@ def report_letter(record: "ParkRecord", letter_id: int | None, exc: BaseExceptio
         client = _client(sentry_sdk)
         if client is None:
             return
-        from . import escalation
-
         chosen = escalation.rules() if chosen is None else chosen
         if not chosen.sentry:
             return
@@ -133,8 +149,6 @@ def report_incident(incident: "Incident", chosen: "EscalationRules | None" = Non
     try:
         if _client(sentry_sdk) is None:
             return
-        from . import escalation
-        from ..core.redaction import mask
 
         chosen = escalation.rules() if chosen is None else chosen
         if not chosen.sentry:
@@ -182,8 +196,6 @@ def report_incident(incident: "Incident", chosen: "EscalationRules | None" = Non
 
 def _send_letter(sentry_sdk: Any, client: Any, record: "ParkRecord", letter_id: int | None,
                  exc: BaseException | None, chosen: "EscalationRules") -> None:
-    from . import escalation
-
     diagnostics = escalation.letter_diagnostics(record, letter_id, chosen.admin_base_url)
     fp = escalation._fingerprint(record)
     fingerprint = ["celery-recovery", fp]
@@ -194,7 +206,7 @@ def _send_letter(sentry_sdk: Any, client: Any, record: "ParkRecord", letter_id: 
         "recovery.queue": record.queue,
         "recovery.status": "parked",
         "recovery.permanent": "true" if record.permanent else "false",
-        "recovery.core.fingerprint": fp,
+        "recovery.fingerprint": fp,
     })
     masked_args, masked_kwargs = diagnostics["args"], diagnostics["kwargs"]
     secrets = _secrets(record.args, masked_args) + _secrets(record.kwargs, masked_kwargs)
@@ -298,8 +310,6 @@ def _scrub(value: Any, secrets: Any, full: bool = False, depth: int = 0) -> Any:
     to a secret, and objects whose repr shows one (they become that repr, masked).
     Elsewhere only text is touched, so line numbers and timestamps keep their types.
     """
-    from ..core.redaction import MASK, is_secret_key
-
     if depth > 20:
         return value
     if isinstance(value, str):
@@ -357,8 +367,6 @@ def _remember(record: "ParkRecord") -> None:
 
 
 def _recently_reported(exc: BaseException) -> bool:
-    from ..task import exception_path
-
     if not _recent:
         return False
     key = (exception_path(exc), str(exc).replace("\x00", "\\x00")[:200])
@@ -378,8 +386,6 @@ def _announces_report(record: Any) -> bool:
             name == logger_name and msg.startswith(prefix)
             for logger_name, prefix in _ANNOUNCEMENTS):
         return False
-    from . import escalation
-
     try:
         return escalation.rules().sentry
     except ValueError:

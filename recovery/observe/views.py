@@ -21,7 +21,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseForbidden
 from django.views.decorators.http import require_GET
 
 from .. import conf
-from . import metrics as recovery_metrics
+from . import backlogs
 
 __all__ = ["metrics", "scrape_allowed"]
 
@@ -62,5 +62,5 @@ def metrics(request: HttpRequest) -> HttpResponse:
     """Prometheus text exposition of the recovery metrics, database backlogs included."""
     if not scrape_allowed(request):
         return HttpResponseForbidden(_DENIED, content_type="text/plain; charset=utf-8")
-    body, content_type = recovery_metrics.exposition(database=True)
+    body, content_type = backlogs.exposition()
     return HttpResponse(body, content_type=content_type)

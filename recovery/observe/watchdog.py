@@ -1,7 +1,7 @@
 """The watchdog: find work that is stuck rather than failed, recover it where that is
 safe, and escalate the rest (``recovery.observe.escalation``).
 
-Celery beat runs the task ``recovery.observe.watchdog`` every
+Celery beat runs the task ``recovery.watchdog`` every
 ``RECOVERY["WATCHDOG"]["INTERVAL_SECONDS"]`` (``recovery.setup`` adds the schedule
 entry); ``manage.py watchdog`` runs one sweep by hand or from cron. A sweep runs four
 checks, each in its own ``try`` (one that fails never stops the others):
@@ -59,17 +59,22 @@ from django.db.models import Count, Max, Min, Q
 from django.utils import timezone
 
 from .. import conf
-from . import escalation
+from ..core.redaction import MASK, masked_payload
+from ..core.task_modules import import_task_modules
 from ..delivery import presence
+from ..store.connections import discard_broken_connections
+from ..store.models import (DeadLetter, DeadLetterEvent, DueRetry, Incident, OutboxMessage,
+                            SagaEvent, SagaRun, SagaStep)
 from ..workflows import sagas
-from ..store.models import (DeadLetter, DeadLetterEvent, DueRetry, Incident, OutboxMessage, SagaEvent, SagaRun, SagaStep)
+from ..workflows.shared_state import store
+from . import escalation
 
 __all__ = ["TASK_NAME", "WatchdogPolicy", "Report", "Workers", "BrokerWorkers", "policy",
            "sweep", "stuck_tasks", "watchdog"]
 
 logger = logging.getLogger(__name__)
 
-TASK_NAME = "recovery.observe.watchdog"
+TASK_NAME = "recovery.watchdog"
 ACTOR = "watchdog"
 RUNBOOK = "docs/runbooks/watchdog-stuck-work.md"
 #: most stuck items an incident lists (its details also give the full count)
@@ -377,8 +382,6 @@ def _exclusive() -> Iterator[bool]:
 
 
 def _after_database_error() -> None:
-    from ..store.parking import discard_broken_connections
-
     discard_broken_connections()
 
 
@@ -486,8 +489,6 @@ def _deadline(app: Any, name: str, chosen: WatchdogPolicy) -> float | None:
     """How long a run of ``name`` may take before it is stuck; None: not watched."""
     task = app.tasks.get(name)
     if task is None:
-        from ..wiring import import_task_modules
-
         import_task_modules(app)
         task = app.tasks.get(name)
     own = getattr(task, "deadline_seconds", None)
@@ -512,8 +513,6 @@ def _wall_clock(value: Any, now_ts: float) -> float | None:
 def _first_seen(task_ids: set[str], now_ts: float) -> dict[str, float]:
     """When a sweep first saw each of ``task_ids`` running; ids no longer asked about are
     forgotten."""
-    from ..workflows.shared_state import store
-
     def change(record: dict) -> dict[str, float]:
         for stale in set(record) - task_ids:
             del record[stale]
@@ -526,8 +525,6 @@ def _first_seen(task_ids: set[str], now_ts: float) -> dict[str, float]:
 
 def _describe(app: Any, worker: str, info: Mapping[str, Any], started: float, elapsed: float,
               deadline: float, estimated: bool) -> dict[str, Any]:
-    from ..core.redaction import MASK, masked_payload
-
     args, kwargs = info.get("args"), info.get("kwargs")
     if isinstance(args, (list, tuple)) and isinstance(kwargs, Mapping):
         args, kwargs = masked_payload(info["name"], list(args), dict(kwargs), app)

@@ -23,6 +23,7 @@ batches with ``SELECT ... FOR UPDATE SKIP LOCKED``, so two operators (or two
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -34,13 +35,16 @@ from django.db import transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
+from ..events import compensation_finished, replay_finished
 from ..core import headers as hdr
-from ..observe import metrics
-from ..store.deliveries import forget as forget_deliveries
 from ..core.kinds import FailureKind
+from ..core.task_modules import import_task_modules
+from ..store import deferred
+from ..store.deliveries import forget as forget_deliveries
 from ..store.models import DeadLetter, DeadLetterEvent
-from .replay_options import (UnknownQueue, body_payload, check_queue, replay_options, undecodable_body)
-from ..wiring import import_task_modules
+from ..workflows import sagas
+from .replay_options import (UnknownQueue, body_payload, check_queue, replay_options,
+                             undecodable_body)
 
 __all__ = [
     "ReplayError",
@@ -53,9 +57,12 @@ __all__ = [
     "bulk",
     "BulkResult",
     "mark_replay_succeeded",
+    "resolve_replayed",
     "compensate",
     "compensation_name",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: letters parked before a worker decoded their body: only these keep a raw body
 _RAW_BODY_KINDS = (FailureKind.POISON.value, FailureKind.TIMEOUT.value)
@@ -204,9 +211,9 @@ def _publish_replay(letter: DeadLetter, *, actor: str, app: Any, queue: str | No
             letter_id=letter.pk, action=DeadLetterEvent.Action.REPLAY_FAILED, actor=actor,
             note=note, outcome=f"could not publish: {exc}"[:255],
         )
-        metrics.replay_outcome("failed")
+        replay_finished.send(outcome="failed", count=1)
         raise ReplayError(f"could not publish the replay of letter {letter.pk}: {exc}") from exc
-    metrics.replay_outcome("published")
+    replay_finished.send(outcome="published", count=1)
     event = DeadLetterEvent(  # ``at`` is now: the time of the publish, even if written later
         letter_id=letter.pk, action=DeadLetterEvent.Action.REPLAYED, actor=actor, note=note,
         outcome=f"replay {letter.replay_count} published to "
@@ -449,8 +456,32 @@ def _unprepare(letters: list[DeadLetter], operation: str = "replay") -> None:
     ).update(status=DeadLetter.Status.PARKED, replay_count=F("replay_count") - 1)
 
 
+def resolve_replayed(task_id: str, request: Any, **_: Any) -> None:
+    """On ``task_succeeded``: a replayed run succeeded, so its letter is resolved.
+
+    The body has run: the resolution must not be lost. If the database refuses (after
+    one retry on a fresh connection) it is spooled and the drain applies it.
+    """
+    if not hdr.read(request, hdr.REPLAY):
+        return
+    try:
+        deferred.write_or_defer(deferred.REPLAY_SUCCEEDED,
+                                lambda: mark_replay_succeeded(task_id), task_id=task_id)
+    except OSError as spool_exc:
+        logger.critical("recovery: replay of %s succeeded but its letter could not be marked "
+                        "resolved (%s) nor spooled (%s); resolve it by hand", task_id,
+                        spool_exc.__cause__, spool_exc)
+
+
+def _apply_deferred_resolution(data: dict, backend: Any) -> None:
+    mark_replay_succeeded(data["task_id"])
+
+
+deferred.register(deferred.REPLAY_SUCCEEDED, _apply_deferred_resolution)
+
+
 def mark_replay_succeeded(task_id: str) -> int:
-    """Called by RecoveryTask when a replayed run succeeds.
+    """Resolve the letter ``task_id`` was replayed from; its replayed run succeeded.
 
     Also resolves a letter the watchdog gave up for lost (parked again with a
     ``replay_lost`` event, nothing since): its replay was only late, queued behind a
@@ -462,7 +493,7 @@ def mark_replay_succeeded(task_id: str) -> int:
     ).update(status=DeadLetter.Status.RESOLVED, updated_at=now)
     if not resolved:
         resolved = _resolve_late_replay(task_id, now)
-    metrics.on_commit(metrics.replay_outcome, "resolved", resolved)
+    replay_finished.send_on_commit(outcome="resolved", count=resolved)
     return resolved
 
 
@@ -545,10 +576,10 @@ def _publish_compensation(letter: DeadLetter, *, actor: str, app: Any, note: str
             letter_id=letter.pk, action=DeadLetterEvent.Action.COMPENSATE_FAILED, actor=actor,
             note=note, outcome=f"could not publish {name}: {exc}"[:255],
         )
-        metrics.compensation_outcome("publish_failed")
+        compensation_finished.send(outcome="publish_failed")
         raise ReplayError(
             f"could not publish the compensation of letter {letter.pk}: {exc}") from exc
-    metrics.compensation_outcome("published")
+    compensation_finished.send(outcome="published")
     DeadLetterEvent.objects.create(
         letter_id=letter.pk, action=DeadLetterEvent.Action.COMPENSATED, actor=actor, note=note,
         outcome=f"{name} published as {task_id}"[:255],
@@ -559,8 +590,6 @@ def _compensate_saga(letter: DeadLetter, *, actor: str, note: str) -> bool:
     """With the row locked: a saga step's letter compensates its saga run instead
     (``recovery.workflows.sagas.compensate_letter``), the letter closed as compensated. False if
     the letter is not a saga's."""
-    from ..workflows import sagas
-
     if sagas.saga_of_letter(letter) is None:
         return False
     _require_parked(letter, "compensated")

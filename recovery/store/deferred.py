@@ -6,7 +6,9 @@ completion of its saga step. When PostgreSQL refuses such a write (after one ret
 fresh connection), the write is spooled here as a typed record, in the same durable
 spool as dead letters, and the spool drain (every worker, ``manage.py dlq drain``)
 applies it once the database is back. Letters carry no ``type`` field; every other
-record names its type, and :func:`apply` dispatches on it.
+record names its type, and :func:`apply` dispatches on it to the applier its owner
+registered (:func:`register`: the replay service and sagas register theirs), so the
+store need not import its owners.
 
 Each applier is idempotent and never overwrites a newer state: a drain may run twice
 (two workers, a crash between apply and delete), and the task may have run again
@@ -30,15 +32,15 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from kombu.serialization import dumps, loads
 
-from .. import conf
-from ..observe import metrics
-from ..operations import replay
+from django.db import Error as DatabaseError
+
+from .. import conf, events
 from . import result_rows
-from ..workflows import sagas
+from .connections import discard_broken_connections
 from .spool import BadRecord, Spool
 
-__all__ = ["RESULT", "REPLAY_SUCCEEDED", "SAGA_SUCCEEDED", "defer", "defer_result", "apply",
-           "is_deferred"]
+__all__ = ["RESULT", "REPLAY_SUCCEEDED", "SAGA_SUCCEEDED", "Applier", "register", "defer",
+           "defer_result", "write_or_defer", "apply", "is_deferred"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +65,35 @@ def defer(kind: str, **fields: Any) -> Path:
     """Spool one deferred write of type ``kind``. Raises OSError if the disk refuses."""
     record = {"type": kind, "at": timezone.now().isoformat(), **fields}
     path = Spool(conf.spool_dir()).put(record)
-    metrics.write_deferred(kind)
+    events.bookkeeping_deferred.send(kind=kind)
     logger.warning("recovery: database unavailable; deferred %s write for %s to %s", kind,
                    fields.get("task_id"), path)
     return path
+
+
+def write_or_defer(kind: str, write: Callable[[], Any], **fields: Any) -> bool:
+    """Run ``write``; after a database error, once more on a fresh connection; then spool
+    a ``kind`` record with ``fields`` for the drain to apply.
+
+    Returns True when written now, False when deferred.
+
+    Raises:
+        OSError: the spool refused too; its ``__cause__`` is the database error. The
+            caller decides what a write that could be kept nowhere means (requeue the
+            message, or log for a human).
+    """
+    for _ in range(2):
+        try:
+            write()
+            return True
+        except DatabaseError as exc:
+            discard_broken_connections()
+            error = exc
+    try:
+        defer(kind, **fields)
+    except OSError as spool_error:
+        raise spool_error from error
+    return False
 
 
 def defer_result(backend: Any, task_id: str, result: Any, request: Any = None) -> Path:
@@ -150,19 +177,18 @@ def _apply_result(data: dict, backend: Any) -> None:
     logger.warning("recovery: stored the deferred SUCCESS result of %s", task_id)
 
 
-def _apply_replay_succeeded(data: dict, backend: Any) -> None:
-    replay.mark_replay_succeeded(data["task_id"])
+Applier = Callable[[dict, Any], None]
+_APPLIERS: dict[str, Applier] = {RESULT: _apply_result}
 
 
-def _apply_saga_succeeded(data: dict, backend: Any) -> None:
-    sagas.record_completion(data["saga"], data["task_id"], data.get("retval"))
+def register(kind: str, applier: Applier) -> Applier:
+    """Have the drain apply spooled ``kind`` records with ``applier(record, backend)``.
 
-
-_APPLIERS: dict[str, Callable[[dict, Any], None]] = {
-    RESULT: _apply_result,
-    REPLAY_SUCCEEDED: _apply_replay_succeeded,
-    SAGA_SUCCEEDED: _apply_saga_succeeded,
-}
+    Called at import by the module that defers ``kind`` writes; the applier must be
+    idempotent and raise ``DatabaseError`` while the database is still down.
+    """
+    _APPLIERS[kind] = applier
+    return applier
 
 
 def _parse_time(value: Any) -> datetime:

@@ -27,15 +27,16 @@ from datetime import datetime, timezone as dt_timezone
 from functools import lru_cache
 from typing import Any
 
+from celery import states
 from django.db import Error as DatabaseError
-from django.db import (IntegrityError, InterfaceError, OperationalError, close_old_connections,
+from django.db import (IntegrityError, InterfaceError, OperationalError,
                        transaction)
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from .. import conf
-from . import deferred
-from ..observe import escalation, metrics
+from .. import conf, events
+from . import deferred, pg_fastpath
+from .connections import discard_broken_connections
 from ..core import redaction
 from ..core import headers as hdr
 from ..core.bounds import attempt_count, bounded, cut
@@ -137,9 +138,11 @@ class ParkRecord:
          self.headers) = redaction.scrubbed_failure(self)
         # Every value is made storable here, before the first write and before the spool,
         # so that a record can fail to be written only because the database is down.
-        bounded(self)  # recovery.core.bounds: what one letter stores, whatever a client sent
+        # Escaped before they are cut: an escape lengthens the text (NUL is four
+        # characters once escaped), and the cut is what keeps it within its bound.
         self.exception_message = _clean(self.exception_message)
         self.traceback = _clean(self.traceback)
+        bounded(self)  # recovery.core.bounds: what one letter stores, whatever a client sent
         for name in ("task_name", "kind", "reason", "exception_type", "queue", "worker",
                      "content_type"):
             setattr(self, name, _bounded(str(getattr(self, name) or ""), _max_length(name)))
@@ -221,31 +224,13 @@ def park(record: ParkRecord, *, backend: Any = None, request: Any = None,
                     record.task_name, record.task_id, write_error,
                 )
         else:
-            metrics.dead_letter_parked(record.task_name, record.kind, record.replay)
-            escalation.on_parked(record, letter_id, exc)
+            events.letter_parked.send(record=record, letter_id=letter_id, exc=exc,
+                                      first_report=True)
             return ParkOutcome(letter_id, spooled=False, result_stored=result_stored)
     path = spool().put(record.to_dict())
     logger.warning("recovery: spooled dead letter %s[%s] to %s", record.task_name, record.task_id, path)
-    metrics.dead_letter_parked(record.task_name, record.kind, record.replay)
-    escalation.on_parked(record, None, exc)
+    events.letter_parked.send(record=record, letter_id=None, exc=exc, first_report=True)
     return ParkOutcome(None, spooled=True, result_stored=record.result is not None)
-
-
-def discard_broken_connections() -> None:
-    """Drop connections the database has broken, so the next query reconnects."""
-    try:
-        close_old_connections()
-    except Exception:  # noqa: BLE001 - closing a dead connection may itself fail
-        pass
-    from django.db import connections
-
-    for connection in connections.all(initialized_only=True):
-        if connection.connection is not None and not connection.in_atomic_block:
-            try:
-                if not connection.is_usable():
-                    connection.close()
-            except Exception:  # noqa: BLE001
-                pass
 
 
 def _parse_time(value: str) -> datetime:
@@ -288,8 +273,6 @@ def _write(record: ParkRecord, backend: Any, request: Any) -> tuple[int, bool]:
         last_failed_at=failed_at,
     )
     with_result = record.result is not None and backend is not None
-    from . import pg_fastpath
-
     if pg_fastpath.applicable(backend):
         history = list(record.history)
         try:
@@ -345,8 +328,6 @@ def _store_failure(backend: Any, record: ParkRecord, request: Any) -> bool:
     database refuses (a worker hostname longer than django-celery-results' column) is left
     out, and Celery then stores the result its own way or reports why it cannot.
     """
-    from celery import states
-
     try:
         with transaction.atomic():
             backend.store_result(
@@ -384,7 +365,8 @@ def drain_spool(backend: Any = None, limit: int | None = None) -> int:
         except (TypeError, ValueError, AttributeError) as exc:
             raise BadRecord(f"not a dead-letter record: {exc}") from exc
         letter_id, _result_stored = _write(record, backend, None)
-        escalation.on_parked(record, letter_id, report=False)
+        events.letter_parked.send(record=record, letter_id=letter_id, exc=None,
+                                  first_report=False)
 
     try:
         drained = pending.drain(_quarantine_unless_unreachable(write), limit=limit)

@@ -16,8 +16,11 @@ import logging
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from celery import states
 from django.db import connection
 from django.utils import timezone
+
+from .models import DeadLetter
 
 __all__ = ["insert_new_letter", "missing_internals"]
 
@@ -63,7 +66,6 @@ def applicable(backend: Any) -> bool:
 
 
 def _result_row(backend: Any, record: Any, request: Any) -> dict[str, Any] | None:
-    from celery import states
     from django_celery_results.models import TaskResult
 
     if backend is None or record.result is None:
@@ -88,8 +90,6 @@ def _result_row(backend: Any, record: Any, request: Any) -> dict[str, Any] | Non
 def insert_new_letter(values: dict[str, Any], record: Any, backend: Any, request: Any) -> int | None:
     """Insert the letter (and result); returns its id, or None if the task id already has one."""
     from django_celery_results.models import TaskResult
-
-    from .models import DeadLetter
 
     try:
         result_row = _result_row(backend, record, request)

@@ -24,11 +24,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .. import conf
-from ..observe import metrics
-from . import shared_state
+from .. import conf, events
+from ..core.classification import classify as default_classify
 from ..core.errors import DependencyError
 from ..core.kinds import FailureKind
+from . import shared_state
 
 __all__ = ["CircuitPolicy", "Decision", "Circuit", "CircuitOpenError", "circuit", "guard",
            "window_counts", "CLOSED", "OPEN", "HALF_OPEN"]
@@ -200,7 +200,7 @@ class Circuit:
             decision = self.store.update(self.key, lambda r: _allow(r, now, self.policy))
             if record.get("state") == OPEN and decision.state == HALF_OPEN:
                 logger.info("recovery: circuit %s is now half-open", self.name)
-                metrics.circuit_changed(self.name, HALF_OPEN)
+                events.circuit_changed.send(dependency=self.name, state=HALF_OPEN)
             return decision
         except Exception as exc:  # noqa: BLE001 - fail open
             logger.warning("recovery: circuit %s: shared state unreachable (%s); letting the "
@@ -226,7 +226,7 @@ class Circuit:
         if after != before.get("state"):
             log = logger.warning if after == OPEN else logger.info
             log("recovery: circuit %s is now %s", self.name, after.replace("_", "-"))
-            metrics.circuit_changed(self.name, after)
+            events.circuit_changed.send(dependency=self.name, state=after)
 
     def record_success(self, trial: bool | None = None) -> None:
         self.record(True, trial)
@@ -239,8 +239,6 @@ class Circuit:
         """Count ``exc`` as a failure of the dependency only if it says the dependency is
         unwell (transient dependency or timeout failure); otherwise as an answer. Another
         circuit's refusal (CircuitOpenError) made no call, and counts as nothing."""
-        from ..core.classification import classify as default_classify
-
         if isinstance(exc, CircuitOpenError):
             return
         failure = (classify or default_classify)(exc)
@@ -256,7 +254,7 @@ class Circuit:
         """Close it by hand (an operator knows the dependency is back)."""
         self.store.update(self.key, lambda r: (r.clear(), r.update(state=CLOSED,
                                                                       changed_at=self._clock())))
-        metrics.circuit_changed(self.name, CLOSED)
+        events.circuit_changed.send(dependency=self.name, state=CLOSED)
 
     def trip(self, seconds: float | None = None) -> None:
         """Open it by hand (an operator takes the dependency out of use)."""
@@ -268,7 +266,7 @@ class Circuit:
                 record["open_until"] = now + seconds
 
         self.store.update(self.key, change)
-        metrics.circuit_changed(self.name, OPEN)
+        events.circuit_changed.send(dependency=self.name, state=OPEN)
 
 
 def policy_for(name: str) -> CircuitPolicy:

@@ -25,6 +25,7 @@ from functools import partial
 from typing import Any
 
 from celery import current_app
+from celery import signature as make_signature
 from celery.canvas import Signature
 from celery.result import AsyncResult
 from django.db import DEFAULT_DB_ALIAS, transaction
@@ -114,8 +115,6 @@ def _failed(row: OutboxMessage, exc: BaseException, using: str) -> None:
 
 def _publish(row: OutboxMessage, app: Any, using: str, connection: Any) -> bool:
     """With the row locked: publish it and mark it sent, or record why not."""
-    from celery import signature as make_signature
-
     options: dict[str, Any] = {"task_id": row.task_id, "retry": False, "connection": connection}
     if row.not_before is not None and row.not_before > timezone.now():
         options["eta"] = row.not_before

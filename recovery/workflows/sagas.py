@@ -58,17 +58,20 @@ from typing import Any
 
 from celery import current_app, signals
 from celery.exceptions import Reject
+from celery.result import AsyncResult
 from django.db import DatabaseError, IntegrityError, transaction
-from django.db.models import F
+from django.db.models import Exists, F, OuterRef
 from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
-from .. import conf
-from ..store import deferred
+from .. import conf, events
 from ..core import headers as hdr
-from ..observe import metrics
+from ..core.errors import exception_path
+from ..core.task_modules import import_task_modules
+from ..store import deferred
+from ..store.connections import discard_broken_connections
 from . import outbox, saga_secrets
-from ..store.models import DeadLetter, DeadLetterEvent, Incident, SagaEvent, SagaRun, SagaStep
+from ..store.models import DeadLetter, DeadLetterEvent, SagaEvent, SagaRun, SagaStep
 
 __all__ = [
     "Saga",
@@ -87,6 +90,8 @@ __all__ = [
     "step_timeout_seconds",
     "on_task_succeeded",
     "on_task_parked",
+    "step_succeeded",
+    "step_parked",
 ]
 
 logger = logging.getLogger(__name__)
@@ -234,15 +239,12 @@ class Saga:
     def validate(self, app: Any = None) -> None:
         """Check every step and compensation is a registered RecoveryTask.
 
-        Only RecoveryTask reports its outcome to the saga; a plain Celery task would leave
-        the run waiting forever.
+        Only RecoveryTask announces its outcome (``task_succeeded``, ``task_parked``), which
+        the saga listens to; a plain Celery task would leave the run waiting forever.
 
         Raises:
             SagaDefinitionError: naming the first task that is missing or not a RecoveryTask.
         """
-        from ..task import RecoveryTask
-        from ..wiring import import_task_modules
-
         app = app or current_app
         for position, spec in enumerate(self.definition["steps"]):
             for name in filter(None, (spec["task"], spec["compensate"])):
@@ -252,7 +254,7 @@ class Saga:
                 if task is None:
                     raise SagaDefinitionError(
                         f"step {position} of saga {self.name!r}: task {name!r} is not registered")
-                if not isinstance(task, RecoveryTask):
+                if not getattr(task, "announces_outcome", False):
                     raise SagaDefinitionError(
                         f"step {position} of saga {self.name!r}: {name} must be a RecoveryTask "
                         f"(base=RecoveryTask), or its outcome never reaches the saga")
@@ -477,8 +479,6 @@ def _next_compensation(run: SagaRun) -> None:
 
 
 def _error_text(exc: BaseException) -> str:
-    from ..task import exception_path
-
     return f"{exception_path(exc)}: {exc}"[: int(conf.get("MESSAGE_MAX_CHARS"))]
 
 
@@ -524,7 +524,7 @@ def _succeeded(ref: _Ref, task_id: str, retval: Any) -> None:
         return
     SagaStep.objects.filter(run=run, index=ref.step, role=Role.STEP).update(
         status=State.COMPENSATED)
-    metrics.on_commit(metrics.compensation_outcome, "succeeded")
+    events.compensation_finished.send_on_commit(outcome="succeeded")
     if run.status == Run.NEEDS_HUMAN:  # its replayed letter succeeded
         run.status, run.finished_at = Run.COMPENSATING, None
     if run.status == Run.COMPENSATING:
@@ -552,7 +552,7 @@ def _parked(ref: _Ref, task_id: str, error: str) -> str | None:
         run.error = (f"compensation {row.task_name} of step {ref.step} failed for good and was "
                      f"parked as dead letter {task_id}: {error}")
         run.save()
-        metrics.on_commit(metrics.compensation_outcome, "failed")
+        events.compensation_finished.send_on_commit(outcome="failed")
         return run.error
     optional = spec.get("optional")
     SagaStep.objects.filter(pk=row.pk).update(
@@ -581,7 +581,7 @@ def _parked(ref: _Ref, task_id: str, error: str) -> str | None:
     return None
 
 
-# -- the hooks RecoveryTask calls ---------------------------------------------------------
+# -- what a RecoveryTask's outcome means for its saga (recovery.subscriptions connects them) ---------------------------------------------------------
 
 
 def is_current(saga: Any, task_id: str, *, replay: bool = False) -> bool:
@@ -610,36 +610,44 @@ def is_current(saga: Any, task_id: str, *, replay: bool = False) -> bool:
 
 
 
+def step_succeeded(task_id: str, retval: Any, request: Any, **_: Any) -> None:
+    """On ``task_succeeded``: if the task is a saga's step or compensation, record it."""
+    saga = hdr.read(request, hdr.SAGA)
+    if saga:
+        on_task_succeeded(saga, retval, task_id)
+
+
+def step_parked(task_id: str, request: Any, exc: BaseException, **_: Any) -> None:
+    """On ``task_parked``: if the task is a saga's step or compensation, act on it."""
+    saga = hdr.read(request, hdr.SAGA)
+    if saga:
+        on_task_parked(saga, task_id, exc)
+
+
 def on_task_succeeded(saga: Any, retval: Any, task_id: str) -> None:
     """A step or compensation succeeded: record it and dispatch what comes next.
 
-    Called by ``RecoveryTask.on_success`` after the result is stored. The step's body has
+    ``saga`` is the task's saga header. After ``RecoveryTask.on_success`` has stored the
+    result (through :func:`step_succeeded`). The step's body has
     run, so its completion must never be lost nor cost a second run: if the database
     refuses (after one retry on a fresh connection), the completion is spooled as a
     deferred write (:mod:`recovery.store.deferred`) and the spool drain records it, and
     dispatches the next step, once the database is back. Only if the spool refuses too is
     the message requeued (``Reject``), so the step runs again (idempotently).
     """
-    for _ in range(2):
-        try:
-            record_completion(saga, task_id, retval)
-            return
-        except DatabaseError as exc:
-            from ..store.parking import discard_broken_connections
-
-            discard_broken_connections()
-            error = exc
     try:
-        deferred.defer(deferred.SAGA_SUCCEEDED, saga=saga, task_id=task_id,
-                       retval=json.loads(json.dumps(retval, default=str)))
-        logger.error("saga run %s: could not record the completion of %s (%s); spooled, the "
-                     "run advances when the database is back", _run_of(saga), task_id, error)
+        if deferred.write_or_defer(
+                deferred.SAGA_SUCCEEDED, lambda: record_completion(saga, task_id, retval),
+                saga=saga, task_id=task_id, retval=json.loads(json.dumps(retval, default=str))):
+            return
+        logger.error("saga run %s: could not record the completion of %s; spooled, the run "
+                     "advances when the database is back", _run_of(saga), task_id)
         return
     except OSError as spool_exc:
+        error = spool_exc.__cause__
         logger.critical("saga run %s: could not record the completion of %s (database: %s; "
                         "spool: %s); requeueing it in %.0fs", _run_of(saga), task_id, error,
-                        spool_exc,
-                        _REQUEUE_PAUSE_SECONDS)
+                        spool_exc, _REQUEUE_PAUSE_SECONDS)
     # Requeued messages come straight back: pause so an outage does not turn the step
     # (idempotent, but maybe an external call) into a tight loop.
     time.sleep(_REQUEUE_PAUSE_SECONDS)
@@ -649,6 +657,13 @@ def on_task_succeeded(saga: Any, retval: Any, task_id: str) -> None:
 def _run_of(saga: Any) -> Any:
     ref = _Ref.parse(saga)
     return ref.run if ref is not None else saga
+
+
+def _apply_deferred_completion(data: dict, backend: Any) -> None:
+    record_completion(data["saga"], data["task_id"], data.get("retval"))
+
+
+deferred.register(deferred.SAGA_SUCCEEDED, _apply_deferred_completion)
 
 
 def record_completion(saga: Any, task_id: str, retval: Any) -> None:
@@ -687,8 +702,6 @@ def _record_parked(ref: _Ref, task_id: str, error: str) -> None:
                 run = SagaRun.objects.get(pk=ref.run)
                 transaction.on_commit(lambda: escalate(run, reason), robust=True)
     except DatabaseError as exc:
-        from ..store.parking import discard_broken_connections
-
         discard_broken_connections()
         logger.error("saga run %s: could not record that %s was parked (%s); the run waits "
                      "until `manage.py saga reconcile` (see docs/sagas.md)", ref.run, task_id, exc)
@@ -720,7 +733,8 @@ def escalate(run: SagaRun, reason: str) -> None:
 
     The one place escalation happens for sagas: a CRITICAL log line, an ``escalated``
     event on the run, and (``RECOVERY["ESCALATION"]["ON_COMPENSATION_FAILURE"]``) an
-    incident per saga, linked to the run, through :mod:`recovery.observe.escalation`.
+    incident per saga, linked to the run (``saga_needs_human``, which
+    :mod:`recovery.observe.escalation` listens to).
     """
     failed = SagaStep.objects.filter(run_id=run.pk, status=SagaStep.Status.FAILED).order_by(
         "-finished_at", "-id").first()
@@ -729,37 +743,12 @@ def escalate(run: SagaRun, reason: str) -> None:
     logger.critical("saga %s run %s NEEDS A HUMAN: %s. Data may be inconsistent: fix the "
                     "cause, then `manage.py saga compensate %s` (runbook: "
                     "docs/runbooks/saga-compensation-failed.md)", run.name, run.pk, reason, run.pk)
-    metrics.saga_escalated(run.name)
     try:
         SagaEvent.objects.create(run_id=run.pk, action=SagaEvent.Action.ESCALATED,
                                  actor="system", outcome=reason[:255])
     except DatabaseError:
         logger.exception("saga run %s: could not record the escalation", run.pk)
-    from ..observe import escalation
-
-    try:
-        if not escalation.rules().on_compensation_failure:
-            return
-    except ValueError:
-        return
-    escalation.escalate(escalation.Occurrence(
-        # One incident per run: each run left half undone needs its own fix.
-        fingerprint=f"saga:{run.pk}:compensation_failed:{run.name}"[:64],
-        reason=Incident.Reason.COMPENSATION_FAILED,
-        severity=Incident.Severity.CRITICAL,
-        title=f"Saga {run.name} run {run.pk} needs a human: {reason}"[:255],
-        task_name=failed.task_name if failed else "",
-        details={
-            "saga": run.name, "run": run.pk, "status": run.status, "reason": reason,
-            "failed_step": ({"index": failed.index, "role": failed.role, "task": failed.task_name,
-                             "task_id": failed.task_id,
-                             "error": saga_secrets.scrub(failed.error, values)} if failed else None),
-            "context": saga_secrets.masked(run, run.context),
-            "runbook": "docs/runbooks/saga-compensation-failed.md",
-            "links": {"run": escalation.admin_url(f"/admin/recovery/sagarun/{run.pk}/change/")},
-        },
-        saga_run_id=run.pk,
-    ))
+    events.saga_needs_human.send(run=run, reason=reason, failed_step=failed, hidden=values)
 
 
 def _results(run: SagaRun) -> list:
@@ -936,9 +925,6 @@ def reconcile(*, older_than_seconds: float = 60.0, check_results: bool = True,
     Only steps dispatched more than ``older_than_seconds`` ago are looked at. Safe to run
     any time, by any number of processes: the transitions are the same conditional ones.
     """
-    from celery.result import AsyncResult
-    from django.db.models import Exists, OuterRef
-
     cutoff = timezone.now() - timedelta(seconds=older_than_seconds)
     running = SagaStep.objects.filter(status=State.RUNNING, dispatched_at__lt=cutoff)
     parked = DeadLetter.objects.filter(task_id=OuterRef("task_id"),

@@ -14,7 +14,11 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, Protocol
 
+from django.conf import settings
+from django.db import transaction
+
 from .. import conf
+from ..store.models import SharedState
 
 __all__ = ["Store", "RedisStore", "DatabaseStore", "store"]
 
@@ -63,16 +67,10 @@ class RedisStore:
 
 class DatabaseStore:
     def get(self, key: str) -> dict:
-        from ..store.models import SharedState
-
         row = SharedState.objects.filter(key=key).first()
         return dict(row.value) if row else {}
 
     def update(self, key: str, change: Callable[[dict], Any]) -> Any:
-        from django.db import transaction
-
-        from ..store.models import SharedState
-
         with transaction.atomic():
             row, _ = SharedState.objects.select_for_update().get_or_create(key=key)
             record = dict(row.value or {})
@@ -87,8 +85,6 @@ def store() -> Store:
     """The configured store (Redis if one is known, else the database)."""
     url = conf.get("SHARED_STATE_URL")
     if url is None:
-        from django.conf import settings
-
         broker = str(getattr(settings, "CELERY_BROKER_URL", "") or "")
         url = broker if broker.startswith(("redis://", "rediss://")) else "database"
     return _store_for(url)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from recovery.observe import metrics
+from recovery.observe import backlogs, metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -203,7 +203,7 @@ def exposed_metric_names(monkeypatch, db) -> set[str]:
     for key, (_name, kind, _help, labels, _mode) in metrics._SPECS.items():
         child = metrics._metric(key).labels(*["deploy-test"] * len(labels))
         child.inc() if kind == "counter" else child.set(1)
-    body, _content_type = metrics.exposition(database=True)
+    body, _content_type = backlogs.exposition()
     text = body.decode()
     assert 'recovery_collector_up{source="database"} 1.0' in text
     return {sample.name for family in text_string_to_metric_families(text)

@@ -74,7 +74,7 @@ def test_a_task_hanging_past_its_deadline_opens_one_incident_that_names_it(
     assert 2 < stuck["running_seconds"] <= seen_after + 1
     # ... with its secret argument masked
     assert "tok_live_do_not_show" not in json.dumps(found.details)
-    assert "Sending due task recovery-watchdog (recovery.observe.watchdog)" in beat.log()
+    assert "Sending due task recovery-watchdog (recovery.watchdog)" in beat.log()
 
     # And later sweeps add to the same incident instead of opening another
     wait_for(lambda: incident().count >= 2, 10, message="a second sweep to find it")

@@ -318,7 +318,7 @@ def test_the_view_still_answers_when_the_database_cannot_be_read(client, monkeyp
     def down(*args, **kwargs):
         raise RuntimeError("database down")
 
-    monkeypatch.setattr("recovery.workflows.outbox.pending_count", down)
+    monkeypatch.setattr("recovery.observe.backlogs.pending_count", down)
     response = client.get("/metrics")
     assert response.status_code == 200
     text = response.content.decode()

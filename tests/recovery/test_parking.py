@@ -431,19 +431,24 @@ def test_a_spooled_file_that_is_not_a_letter_is_set_aside_and_does_not_block_the
 def test_a_database_outage_spools_the_letter_and_still_hands_the_exception_on(monkeypatch):
     from django.db import OperationalError
 
-    from recovery.observe import escalation
+    from recovery import events
     from recovery.store import parking
 
     def database_down(*args, **kwargs):
         raise OperationalError("connection refused")
 
     told = []
-    monkeypatch.setattr(parking, "_write", database_down)
-    monkeypatch.setattr(escalation, "on_parked",
-                        lambda record, letter_id, exc=None, **kw: told.append((letter_id, exc)))
-    failure = ValueError("card declined for order 1234")
 
-    outcome = park(make_record(), exc=failure)
+    def listener(record, letter_id, exc=None, **kw):
+        told.append((letter_id, exc))
+
+    monkeypatch.setattr(parking, "_write", database_down)
+    events.letter_parked.connect(listener)
+    failure = ValueError("card declined for order 1234")
+    try:
+        outcome = park(make_record(), exc=failure)
+    finally:
+        events.letter_parked.disconnect(listener)
 
     assert outcome.spooled is True and outcome.letter_id is None
     assert [path.name for path in spool().paths()] and len(list(spool().paths())) == 1

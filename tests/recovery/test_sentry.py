@@ -225,13 +225,13 @@ def test_a_parked_letter_is_one_event_grouped_by_its_failure_with_tags_and_maske
     assert event["level"] == "error"
     assert {key: event["tags"].get(key) for key in (
         "recovery.task", "recovery.kind", "recovery.queue", "recovery.status",
-        "recovery.permanent", "recovery.core.fingerprint")} == {
+        "recovery.permanent", "recovery.fingerprint")} == {
         "recovery.task": "tests.recovery.test_sentry.charge_card",
         "recovery.kind": "dependency",
         "recovery.queue": "payments",
         "recovery.status": "parked",
         "recovery.permanent": "true",
-        "recovery.core.fingerprint": fp,
+        "recovery.fingerprint": fp,
     }
     assert all(len(str(value)) <= 200 for value in event["tags"].values())
     # ... with the diagnostics, secrets masked (positional by parameter name, nested by key)

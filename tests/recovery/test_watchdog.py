@@ -142,10 +142,10 @@ def test_setup_adds_the_beat_entry_without_replacing_the_projects_own(watchdog_s
     watchdog_settings(INTERVAL_SECONDS=20)
     app = recovery.setup(Celery("plain", set_as_current=False))
     entry = app.conf.beat_schedule["recovery-watchdog"]
-    assert entry == {"task": "recovery.observe.watchdog", "schedule": 20.0, "options": {"expires": 20.0}}
+    assert entry == {"task": "recovery.watchdog", "schedule": 20.0, "options": {"expires": 20.0}}
     assert "recovery.observe.watchdog" in app.conf.include
 
-    mine = {"task": "recovery.observe.watchdog", "schedule": 300.0, "options": {"queue": "ops"}}
+    mine = {"task": "recovery.watchdog", "schedule": 300.0, "options": {"queue": "ops"}}
     app = Celery("own", set_as_current=False)
     app.conf.beat_schedule = {"recovery-watchdog": mine, "nightly": {"task": "x", "schedule": 9}}
     recovery.setup(app)
@@ -167,7 +167,7 @@ def test_the_watchdog_task_is_a_plain_celery_task_even_under_task_cls():
 
     project.set_current()  # ...which later tests must not inherit
     for app in (project, task_cls_app.app):
-        task = app.tasks["recovery.observe.watchdog"]
+        task = app.tasks["recovery.watchdog"]
         assert not isinstance(task, RecoveryTask)
         assert task.ignore_result
 
@@ -181,7 +181,7 @@ def test_a_task_running_past_its_own_deadline_opens_one_incident_naming_it():
         "w1@host": [info("t-1", started=now - 30, kwargs={"api_token": "tok_secret"}),
                     info("t-young", started=now - 1)],
         "w2@host": [info("t-2", started=now - 10, worker="w2@host"),
-                    info("sweep", name="recovery.observe.watchdog", started=now - 9999)],
+                    info("sweep", name="recovery.watchdog", started=now - 9999)],
     })
     report = watchdog.sweep(workers=held)
     assert report.stuck_tasks == 2
@@ -696,6 +696,6 @@ def test_setup_after_the_configuration_was_read_still_schedules_the_watchdog():
     app.conf.timezone = "UTC"  # reading or writing the conf finalises the configuration
     _ = app.conf.beat_schedule
     recovery.setup(app)
-    assert app.conf.beat_schedule["recovery-watchdog"]["task"] == "recovery.observe.watchdog"
+    assert app.conf.beat_schedule["recovery-watchdog"]["task"] == "recovery.watchdog"
     assert "recovery.observe.watchdog" in app.conf.include
     assert app.conf.broker_transport_options["visibility_timeout"] > 0

@@ -1,0 +1,49 @@
+"""Who listens to what: every receiver recovery connects to :mod:`recovery.events`.
+
+One table, read top to bottom, instead of receivers scattered over the modules: to see
+what happens when a letter is parked, find ``letter_parked`` below. Order matters only
+within an event, and is the order listed (a replayed letter is resolved before the saga
+moves on).
+
+Connected once, from ``RecoveryConfig.ready`` (models are loaded by then); connecting
+again is harmless. A project adds its own receivers the same way::
+
+    from recovery import events
+
+    events.letter_parked.connect(my_pager)
+"""
+
+from __future__ import annotations
+
+from . import events
+from .observe import escalation, metrics, notify, sentry
+from .operations import replay
+from .workflows import sagas
+
+__all__ = ["RECEIVERS", "connect"]
+
+RECEIVERS: tuple[tuple[events.Event, tuple], ...] = (
+    (events.task_failed, (metrics.count_task_failed,)),
+    (events.retry_scheduled, (metrics.count_retry_scheduled,)),
+    (events.fallback_ran, (metrics.count_fallback,)),
+    (events.task_succeeded, (replay.resolve_replayed, sagas.step_succeeded)),
+    (events.task_parked, (sagas.step_parked,)),
+    (events.letter_parked, (metrics.count_parked, sentry.report_parked, escalation.on_parked)),
+    (events.bookkeeping_deferred, (metrics.count_deferred,)),
+    (events.internal_error, (metrics.count_internal_error,)),
+    (events.replay_finished, (metrics.count_replays,)),
+    (events.compensation_finished, (metrics.count_compensation,)),
+    (events.circuit_changed, (metrics.record_circuit,)),
+    (events.saga_needs_human, (escalation.on_saga_needs_human,)),
+    (events.incident_opened, (sentry.report_opened_incident,)),
+    (events.worker_started, (notify.start_delivering,)),
+    (events.worker_heartbeat, (metrics.record_heartbeat, notify.on_heartbeat)),
+    (events.worker_stopping, (notify.stop_delivering,)),
+)
+
+
+def connect() -> None:
+    """Connect recovery's own receivers (idempotent)."""
+    for event, receivers in RECEIVERS:
+        for receiver in receivers:
+            event.connect(receiver)
