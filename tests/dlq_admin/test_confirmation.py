@@ -17,7 +17,7 @@ from django.urls import reverse
 
 from dlq_admin import confirmation
 from recovery.models import DeadLetter, DeadLetterEvent, Incident, SagaEvent, SagaRun
-from recovery.redaction import MASK
+from recovery.core.redaction import MASK
 from tests.security import secret_tasks
 from tests.security.test_saga_secrets import HELD, QUOTING, SECRETS, run_through_step_1
 
