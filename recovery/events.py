@@ -12,8 +12,8 @@ hear the event. This is the rule "our bookkeeping is never the task's failure" m
 structural: a broken exporter cannot stop a letter from being parked, nor fail a task
 whose body succeeded.
 
-Receivers take keyword arguments only, named as in each event's docstring, and should
-accept ``**extra`` so an event can grow a field without breaking them.
+Receivers take keyword arguments only, the event's ``fields``, and should accept
+``**extra`` so an event can grow a field without breaking them.
 """
 
 from __future__ import annotations
@@ -59,10 +59,13 @@ class Event:
     one, so a second ``connect`` is harmless.
     """
 
-    def __init__(self, name: str, doc: str, *, may_raise: tuple[type[BaseException], ...] = ()
-                 ) -> None:
+    def __init__(self, name: str, doc: str, *, fields: tuple[str, ...],
+                 may_raise: tuple[type[BaseException], ...] = ()) -> None:
         self.name = name
-        self.__doc__ = doc
+        #: the keyword arguments every ``send`` passes (checked by tests/recovery/test_events.py
+        #: against each call site and each receiver of recovery's own)
+        self.fields = fields
+        self.__doc__ = f"{doc}\n\nFields: {', '.join(fields)}."
         #: what a receiver may raise to the sender on purpose (anything else is logged)
         self.may_raise = may_raise
         self._receivers: tuple[Receiver, ...] = ()
@@ -107,86 +110,93 @@ class Event:
 
 task_failed = Event("task_failed", """A task's body raised and was classified.
 
-Fields: ``task_name``, ``kind`` (a ``FailureKind`` value), ``transient`` (bool).""")
+``kind`` is a ``FailureKind`` value; ``transient`` whether a retry may heal it.""",
+                    fields=("task_name", "kind", "transient"))
 
-retry_scheduled = Event("retry_scheduled", """A failed task was sent again after a backoff.
-
-Fields: ``task_name``, ``kind``.""")
+retry_scheduled = Event("retry_scheduled", """A failed task was sent again after a backoff.""",
+                        fields=("task_name", "kind"))
 
 fallback_ran = Event("fallback_ran", """A task's fallback ran in its place.
 
-Fields: ``task_name``, ``reason`` (``failed``, ``circuit_open``, ``degraded``),
-``succeeded`` (False when the fallback raised too).""")
+``reason`` is ``failed``, ``circuit_open`` or ``degraded``; ``succeeded`` is False when
+the fallback raised too.""", fields=("task_name", "reason", "succeeded"))
 
 task_succeeded = Event("task_succeeded", """A task's body returned; sent from ``on_success``.
 
-Fields: ``task`` (the task), ``task_id``, ``retval``, ``request``. Listeners do the
-bookkeeping a success implies (a replayed letter is resolved, a saga moves on); each
-spools what the database refuses. A listener that could keep its record nowhere (database
-and spool both refused) raises ``Reject(requeue=True)``: the message comes back and the
-idempotent task runs again rather than lose the record.""", may_raise=(Reject,))
+Listeners do the bookkeeping a success implies (a replayed letter is resolved, a saga
+moves on); each spools what the database refuses. A listener that could keep its record
+nowhere (database and spool both refused) raises ``Reject(requeue=True)``: the message
+comes back and the idempotent task runs again rather than lose the record.""",
+                       fields=("task", "task_id", "retval", "request"), may_raise=(Reject,))
 
 task_parked = Event("task_parked", """A task failed for good and its letter is kept.
 
-Fields: ``task``, ``task_id``, ``request``, ``exc``, ``letter_id`` (None when spooled).""")
+``letter_id`` is None when the letter went to the spool.""",
+                    fields=("task", "task_id", "request", "exc", "letter_id"))
 
 # -- the store (recovery.store) ---------------------------------------------------------------
 
 letter_parked = Event("letter_parked", """A dead letter was written, or spooled.
 
-Fields: ``record`` (the ``ParkRecord``), ``letter_id`` (None while spooled), ``exc``
-(the exception when the parker had it), ``first_report`` (False when a spooled letter
-reaches the database later: it was counted and reported when it was spooled).""")
+``record`` is the ``ParkRecord``; ``letter_id`` is None while it is spooled; ``exc`` is
+the exception when the parker had it; ``first_report`` is False when a spooled letter
+reaches the database later (it was counted and reported when it was spooled).""",
+                      fields=("record", "letter_id", "exc", "first_report"))
 
 bookkeeping_deferred = Event("bookkeeping_deferred", """A bookkeeping write the database
-refused went to the spool, to be applied by its drain.
+refused went to the spool, for its drain to apply.
 
-Fields: ``kind`` (``result``, ``replay_succeeded``, ``saga_completion`` ...).""")
+``kind`` is ``result``, ``replay_succeeded`` or ``saga_succeeded``.""", fields=("kind",))
 
 # -- the worker (recovery.delivery) -----------------------------------------------------------
 
 internal_error = Event("internal_error", """Recovery's own code failed around a task; the
-message was left to the broker.
+message was acknowledged as Celery does for a failure, and nothing was parked.
 
-Fields: ``task_name``, ``error_type`` (the exception's class name).""")
+``error_type`` is the exception's class name.""", fields=("task_name", "error_type"))
 
-worker_started = Event("worker_started", """A worker's housekeeping started (consumer step).
+worker_started = Event("worker_started", """A worker's housekeeping started (its consumer
+bootstep).""", fields=("hostname",))
 
-Fields: ``hostname``.""")
-
-worker_heartbeat = Event("worker_heartbeat", """A worker's housekeeping is alive (every few
-seconds, from its own thread).
-
-Fields: ``hostname``.""")
+worker_heartbeat = Event("worker_heartbeat", """A worker's housekeeping is alive, every
+``HEARTBEAT_INTERVAL_SECONDS``, from the consumer's timer.""", fields=("hostname",))
 
 worker_stopping = Event("worker_stopping", """A worker's housekeeping is stopping.
 
-Fields: ``hostname``, ``timeout_seconds`` (how long a listener may wait for its thread).""")
+``timeout_seconds`` is how long a listener may wait for its own thread.""",
+                        fields=("hostname", "timeout_seconds"))
 
 # -- operations (recovery.operations) ---------------------------------------------------------
 
 replay_finished = Event("replay_finished", """Replays reached an outcome.
 
-Fields: ``outcome`` (``published``, ``failed``, ``resolved``), ``count``.""")
+``outcome`` is ``published``, ``failed`` or ``resolved``; ``count`` how many letters.""",
+                        fields=("outcome", "count"))
 
 compensation_finished = Event("compensation_finished", """A compensation reached an outcome.
 
-Fields: ``outcome`` (``published``, ``publish_failed``, ``succeeded``, ``failed``).""")
+``outcome`` is ``published``, ``publish_failed``, ``succeeded`` or ``failed``.""",
+                              fields=("outcome",))
 
 # -- workflows (recovery.workflows) -----------------------------------------------------------
 
 circuit_changed = Event("circuit_changed", """A dependency's circuit breaker changed state.
 
-Fields: ``dependency``, ``state`` (``closed``, ``half_open``, ``open``).""")
+``state`` is ``closed``, ``half_open`` or ``open``.""", fields=("dependency", "state"))
+
+saga_needs_human = Event("saga_needs_human", """A saga run cannot finish on its own: a
+compensation failed for good, so data may be inconsistent.
+
+``run`` is the ``SagaRun``; ``reason`` one line, already scrubbed; ``failed_step`` the
+``SagaStep`` that failed last (or None); ``hidden`` the run's secret values, for
+scrubbing what a listener quotes.""", fields=("run", "reason", "failed_step", "hidden"))
+
+# -- escalation (recovery.observe) ------------------------------------------------------------
 
 incident_opened = Event("incident_opened", """An incident was opened (not one added to).
 
-Fields: ``incident``, ``occurrence`` (what opened it), ``rules`` (the escalation rules).""")
-
-saga_needs_human = Event("saga_needs_human", """A saga cannot finish on its own (its
-compensation failed for good, or it is held).
-
-Fields: ``run`` (the ``SagaRun``), ``reason`` (one line, already scrubbed).""")
+``occurrence`` is what opened it; ``rules`` the escalation rules in force.""",
+                        fields=("incident", "occurrence", "rules"))
 
 ALL: tuple[Event, ...] = tuple(value for value in dict(globals()).values()
                                if isinstance(value, Event))

@@ -24,8 +24,6 @@ THIRD_PARTY: dict[str, str] = {
 FUNCTIONS: dict[tuple[str, str], str] = {
     ("recovery.apps", "RecoveryConfig.ready"): "Django's documented place to import signal "
                                                "receivers and system checks",
-    ("recovery", "__getattr__"): "RecoveryTask needs the models, which Django loads only "
-                                 "after it has imported the package",
 }
 
 
