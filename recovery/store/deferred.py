@@ -71,11 +71,12 @@ def defer(kind: str, **fields: Any) -> Path:
     return path
 
 
-def write_or_defer(kind: str, write: Callable[[], Any], **fields: Any) -> bool:
+def write_or_defer(kind: str, write: Callable[[], Any], **fields: Any) -> DatabaseError | None:
     """Run ``write``; after a database error, once more on a fresh connection; then spool
     a ``kind`` record with ``fields`` for the drain to apply.
 
-    Returns True when written now, False when deferred.
+    Returns None when written now, or the database error that made the write wait in the
+    spool (for the caller's log line).
 
     Raises:
         OSError: the spool refused too; its ``__cause__`` is the database error. The
@@ -85,7 +86,7 @@ def write_or_defer(kind: str, write: Callable[[], Any], **fields: Any) -> bool:
     for _ in range(2):
         try:
             write()
-            return True
+            return None
         except DatabaseError as exc:
             discard_broken_connections()
             error = exc
@@ -93,7 +94,7 @@ def write_or_defer(kind: str, write: Callable[[], Any], **fields: Any) -> bool:
         defer(kind, **fields)
     except OSError as spool_error:
         raise spool_error from error
-    return False
+    return error
 
 
 def defer_result(backend: Any, task_id: str, result: Any, request: Any = None) -> Path:

@@ -636,12 +636,13 @@ def on_task_succeeded(saga: Any, retval: Any, task_id: str) -> None:
     the message requeued (``Reject``), so the step runs again (idempotently).
     """
     try:
-        if deferred.write_or_defer(
-                deferred.SAGA_SUCCEEDED, lambda: record_completion(saga, task_id, retval),
-                saga=saga, task_id=task_id, retval=json.loads(json.dumps(retval, default=str))):
-            return
-        logger.error("saga run %s: could not record the completion of %s; spooled, the run "
-                     "advances when the database is back", _run_of(saga), task_id)
+        error = deferred.write_or_defer(
+            deferred.SAGA_SUCCEEDED, lambda: record_completion(saga, task_id, retval),
+            saga=saga, task_id=task_id, retval=json.loads(json.dumps(retval, default=str)))
+        if error is not None:
+            logger.error("saga run %s: could not record the completion of %s (%s); spooled, "
+                         "the run advances when the database is back", _run_of(saga), task_id,
+                         error)
         return
     except OSError as spool_exc:
         error = spool_exc.__cause__
