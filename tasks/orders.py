@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from recovery import RecoveryTask, RetryPolicy
-from recovery.workflows.sagas import Saga, Step, step_key
+from recovery import RecoveryTask, RetryPolicy, Saga, Step
+from recovery.workflows.sagas import step_key
 
 from . import standins
 

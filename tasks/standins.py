@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any
 
-from recovery.core.errors import DependencyError
+from recovery import DependencyError
 
 from .models import ServiceCall, ServiceEffect, ServiceFault
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from recovery import RecoveryTask, RetryPolicy
-from recovery.core.errors import (DataIntegrityError, DependencyError, ResourceExhaustedError, TimeoutOrDeadlockError)
+from recovery import (DataIntegrityError, DependencyError, RecoveryTask, ResourceExhaustedError,
+                      RetryPolicy, TimeoutOrDeadlockError)
 
 def _outcome(task, **result) -> dict:
     """The task's result plus how it got there, for the demo's table."""
