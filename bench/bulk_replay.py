@@ -103,7 +103,7 @@ def seed(n: int) -> None:
                  "    return self.run(*args, **kwargs)\n"
                  '  File "bench/bench_app.py", line 67, in fail_recovery\n'
                  '    raise PermanentError(f"order {i} cannot be processed")\n'
-                 "recovery.core.errors.PermanentError: order @ cannot be processed\n")
+                 "recovery.errors.PermanentError: order @ cannot be processed\n")
     with connection.cursor() as cursor:
         cursor.execute(f"TRUNCATE {letters}, {events} RESTART IDENTITY CASCADE")
         cursor.execute(
@@ -119,12 +119,12 @@ def seed(n: int) -> None:
                                    'replaced_task_nesting', 0, 'origin', %(origin)s,
                                    'exchange', '', 'routing_key', %(queue)s, 'priority', 0),
                 '', '', 'parked', 'data_integrity', true,
-                'permanent failure: parked (PermanentError)', 'recovery.core.errors.PermanentError',
+                'permanent failure: parked (PermanentError)', 'recovery.errors.PermanentError',
                 'order ' || g || ' cannot be processed', replace(%(tb)s, '@', g::text), 1, 0,
                 jsonb_build_array(jsonb_build_object(
                     'at', to_char(now() - interval '1 hour', 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"'),
                     'attempt', 1, 'replay', 0, 'kind', 'data_integrity',
-                    'exception_type', 'recovery.core.errors.PermanentError',
+                    'exception_type', 'recovery.errors.PermanentError',
                     'exception_message', 'order ' || g || ' cannot be processed',
                     'delay_seconds', null)),
                 %(queue)s, 'celery@bench', 'a4f1c3d2e5b6a7980c1d2e3f4a5b6c7d8e9f0a1b',

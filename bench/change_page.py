@@ -55,7 +55,7 @@ def letters() -> dict[str, int]:
                 "exception_type": "DependencyError", "exception_message": "upstream 503",
                 "delay_seconds": 2.0 * n} for n in (1, 2, 3)]
     common = dict(task_name="tasks.tasks.charge_payment", kind="dependency",
-                  exception_type="recovery.core.errors.DependencyError", history=history,
+                  exception_type="recovery.errors.DependencyError", history=history,
                   traceback="Traceback (most recent call last):\n  ...\nDependencyError: 503\n",
                   fingerprint="b" * 40)
     normal = DeadLetter.objects.create(task_id="bench-page-normal", args=[7, 1250],

@@ -74,9 +74,9 @@ NOUNS = ["payment", "invoice", "customer_row", "newsletter_batch", "monthly_repo
 TASK_NAMES = [f"{module}.tasks.{verb}_{noun}"
               for module, verbs in (("shop", VERBS[:5]), ("crm", VERBS[3:8]), ("media", VERBS[6:]))
               for verb in verbs for noun in NOUNS[:4]][:50]
-KINDS = [("dependency", "recovery.core.errors.DependencyError", "upstream answered 503"),
-         ("data_integrity", "recovery.core.errors.DataIntegrityError", "row violates constraint"),
-         ("resource_exhausted", "recovery.core.errors.ResourceExhaustedError", "rate limited, retry later"),
+KINDS = [("dependency", "recovery.errors.DependencyError", "upstream answered 503"),
+         ("data_integrity", "recovery.errors.DataIntegrityError", "row violates constraint"),
+         ("resource_exhausted", "recovery.errors.ResourceExhaustedError", "rate limited, retry later"),
          ("timeout", "celery.exceptions.TimeLimitExceeded", "hard time limit exceeded"),
          ("poison", "kombu.exceptions.DecodeError", "message body could not be decoded"),
          ("other", "ValueError", "unexpected value")]

@@ -30,7 +30,7 @@ from recovery.models import FallbackUse, SharedState
 from .lookups import SafeLookupsMixin
 from .resilience import NAME, circuit_rows, known_circuits, mode_rows
 
-logger = logging.getLogger("recovery.workflows.circuit")
+logger = logging.getLogger("recovery.circuit")
 
 
 @admin.register(SharedState)

@@ -118,7 +118,8 @@ retry_scheduled = Event("retry_scheduled", """A failed task was sent again after
 
 fallback_ran = Event("fallback_ran", """A task's fallback ran in its place.
 
-``reason`` is ``failed``, ``circuit_open`` or ``degraded``; ``succeeded`` is False when
+``reason`` is ``gave_up`` (the policy gave up on the task), ``circuit_open`` or
+``degraded``; ``succeeded`` is False when
 the fallback raised too.""", fields=("task_name", "reason", "succeeded"))
 
 task_succeeded = Event("task_succeeded", """A task's body returned; sent from ``on_success``.
@@ -138,9 +139,11 @@ task_parked = Event("task_parked", """A task failed for good and its letter is k
 
 letter_parked = Event("letter_parked", """A dead letter was written, or spooled.
 
-``record`` is the ``ParkRecord``; ``letter_id`` is None while it is spooled; ``exc`` is
-the exception when the parker had it; ``first_report`` is False when a spooled letter
-reaches the database later (it was counted and reported when it was spooled).""",
+``record`` is the ``ParkRecord`` as stored, arguments unmasked: a receiver that shows or
+forwards it masks it first (``recovery.core.redaction``). ``letter_id`` is None while it
+is spooled; ``exc`` is the exception when the parker had it; ``first_report`` is False
+when a spooled letter reaches the database later (it was counted and reported when it
+was spooled).""",
                       fields=("record", "letter_id", "exc", "first_report"))
 
 bookkeeping_deferred = Event("bookkeeping_deferred", """A bookkeeping write the database

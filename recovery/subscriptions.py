@@ -16,11 +16,12 @@ again is harmless. A project adds its own receivers the same way::
 from __future__ import annotations
 
 from . import events
+from .store import deferred
 from .observe import escalation, metrics, notify, sentry
 from .operations import replay
 from .workflows import sagas
 
-__all__ = ["RECEIVERS", "connect"]
+__all__ = ["RECEIVERS", "DEFERRED_APPLIERS", "connect"]
 
 RECEIVERS: tuple[tuple[events.Event, tuple], ...] = (
     (events.task_failed, (metrics.count_task_failed,)),
@@ -42,8 +43,20 @@ RECEIVERS: tuple[tuple[events.Event, tuple], ...] = (
 )
 
 
+#: Who applies each kind of bookkeeping write the database refused and the spool kept
+#: (:mod:`recovery.store.deferred`). Registered here rather than where each is defined,
+#: so that every process that drains the spool can apply every kind, whichever modules
+#: it happened to import: an unknown kind would be quarantined for a human.
+DEFERRED_APPLIERS: tuple[tuple[str, deferred.Applier], ...] = (
+    (deferred.SAGA_SUCCEEDED, sagas.apply_deferred_completion),
+    (deferred.REPLAY_SUCCEEDED, replay.apply_deferred_resolution),
+)
+
+
 def connect() -> None:
-    """Connect recovery's own receivers (idempotent)."""
+    """Connect recovery's own receivers and deferred-write appliers (idempotent)."""
     for event, receivers in RECEIVERS:
         for receiver in receivers:
             event.connect(receiver)
+    for kind, applier in DEFERRED_APPLIERS:
+        deferred.register(kind, applier)

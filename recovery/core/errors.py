@@ -9,6 +9,7 @@ and skip the retries that would only hammer the payment provider.
 from __future__ import annotations
 
 from .kinds import FailureKind
+from .names import public_module
 
 __all__ = [
     "RecoveryError",
@@ -98,8 +99,10 @@ class TimeoutOrDeadlockError(RecoveryError):
 
 
 def exception_path(exc: BaseException | type) -> str:
-    """The dotted path letters, fingerprints and policies name an exception class by
-    (``builtins`` left out: ``ValueError``, not ``builtins.ValueError``)."""
+    """The dotted path letters and fingerprints name an exception class by (``builtins``
+    left out: ``ValueError``, not ``builtins.ValueError``). recovery's own exceptions keep
+    their 0.1 path (``recovery.errors.PermanentError``; :mod:`recovery.core.names`), so a
+    failure's group and open incident carry on across the upgrade."""
     cls = exc if isinstance(exc, type) else type(exc)
-    module = cls.__module__
+    module = public_module(cls.__module__)
     return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"

@@ -15,7 +15,6 @@ shutdown) with messages in hand, a pool child that died, a hard time limit.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from celery import bootsteps
@@ -23,10 +22,11 @@ from celery.worker.state import active_requests
 from django.db import Error as DatabaseError
 
 from ..store.deliveries import note_handed_back
+from ..core.names import logger_for
 
 __all__ = ["HandBack", "handed_back_ids"]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 
 def handed_back_ids(consumer: Any) -> set[str]:

@@ -18,7 +18,6 @@ django-celery-results it relies on are there, and refuses to start if not.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,10 +34,11 @@ from ..store.parking import drain_spool
 from ..workflows.outbox import relay
 from ..workflows.sagas import reconcile
 from . import visibility
+from ..core.names import logger_for
 
 __all__ = ["Housekeeping", "Ticker", "STOP_WAIT_SECONDS"]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 # How long stopping a worker waits for a housekeeping thread stuck on a hung database
 # before leaving it (it is a daemon thread: it ends with the process).

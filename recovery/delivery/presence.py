@@ -14,7 +14,6 @@ Costs one shared-state write per worker per interval.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -22,10 +21,11 @@ from celery import bootsteps
 
 from .. import conf
 from ..workflows.shared_state import store
+from ..core.names import logger_for
 
 __all__ = ["Presence", "beat", "leave", "alive", "ALIVE_BEATS"]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 KEY = "workers"
 #: a worker is alive while its last stamp is younger than this many heartbeat intervals

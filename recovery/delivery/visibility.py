@@ -11,16 +11,16 @@ be short: only the messages of a dead worker ever age past it.
 
 from __future__ import annotations
 
-import logging
 import time
 from importlib.metadata import version
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from ..core.names import logger_for
 
 __all__ = ["extend_held_messages", "missing_internals"]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 # kombu's private parts this module relies on (kombu.transport.redis / virtual).
 _CHANNEL_ATTRIBUTES = ("unacked_index_key", "conn_or_acquire", "qos")

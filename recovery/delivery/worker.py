@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import logging
 import time
 from typing import Any
 
@@ -47,10 +46,11 @@ from ..store import result_rows
 from ..store.deliveries import count_redelivery, note_loss
 from ..store.parking import ParkRecord, park
 from .housekeeping import Housekeeping
+from ..core.names import logger_for
 
 __all__ = ["RecoveryConsumer", "RecoveryRequest", "Housekeeping", "park_poison"]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 
 def _raw_text(body: Any) -> str:

@@ -9,7 +9,6 @@ the event counters. Each source is cached for ``RECOVERY["METRICS_CACHE_SECONDS"
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,25 +25,31 @@ from ..workflows.outbox import pending_count
 from ..workflows.shared_state import KEY_PREFIX, DatabaseStore, RedisStore
 from . import metrics
 from .metrics import CIRCUIT_STATE_VALUES, OPEN_STATUSES, Cached
+from ..core.names import logger_for
 
-__all__ = ["DatabaseCollector", "CircuitCollector", "exposition"]
+__all__ = ["DatabaseCollector", "CircuitCollector", "database_backlogs", "exposition"]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 _warned: set[str] = set()
+
+
+def database_backlogs() -> list[Any]:
+    """The scrape-time collectors that read the database and the shared circuit states,
+    each cached for ``METRICS_CACHE_SECONDS``."""
+    return [Cached("database", DatabaseCollector()), Cached("shared_state", CircuitCollector())]
 
 
 def exposition() -> tuple[bytes, str]:
     """(body, content type) of the Django view's scrape: the event metrics, the spool and
     the database's and shared state's backlogs."""
-    return metrics.exposition(backlogs=[Cached("database", DatabaseCollector()),
-                                        Cached("shared_state", CircuitCollector())])
+    return metrics.exposition(backlogs=database_backlogs())
 
 
 class DatabaseCollector:
     """Backlogs kept in the database: dead letters by status, the oldest parked letter's
-    age, the outbox and the due-table, open incidents and undelivered notifications. A database error leaves them out of the scrape and
-    sets ``recovery_collector_up{source="database"}`` to 0."""
+    age, the outbox and the due-table, open incidents and undelivered notifications. A
+    database error leaves them out of the scrape and sets ``recovery_collector_up{source="database"}`` to 0."""
 
     def __init__(self, using: str | None = None) -> None:
         self.using = using

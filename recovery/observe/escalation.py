@@ -20,7 +20,6 @@ Everything here runs after the letter is safely written and inside its own
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -40,6 +39,7 @@ from ..core.fingerprint import fingerprint
 from ..store.models import DeadLetter, Incident, IncidentNotification, SagaRun, SagaStep
 from ..workflows import saga_secrets
 from . import metrics
+from ..core.names import logger_for
 
 if TYPE_CHECKING:
     from ..store.parking import ParkRecord
@@ -50,7 +50,7 @@ __all__ = [
     "resolve", "letter_diagnostics", "admin_url", "OPEN_STATUSES",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 OPEN_STATUSES = (Incident.Status.OPEN, Incident.Status.ACKNOWLEDGED)
 
@@ -256,12 +256,12 @@ def on_parked(record: "ParkRecord", letter_id: int | None, **_: Any) -> None:
     ``letter_id`` is None while the letter sits in the spool: it escalates when the drain
     writes it (the event comes again, with its id).
     """
-    if letter_id is None:
-        return
     try:
         chosen = rules()
     except ValueError as bad:
         logger.error("recovery: escalation is off, RECOVERY['ESCALATION'] is invalid: %s", bad)
+        return
+    if letter_id is None:
         return
 
     def run() -> None:

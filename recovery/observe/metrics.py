@@ -6,8 +6,8 @@ Two kinds:
   compensations, fallbacks, circuit changes), and each worker's heartbeat. Every recording
   function here swallows its own errors: a broken exporter never stops a task from
   retrying or being parked.
-* Backlogs and shared state, read when scraped (:class:`DatabaseCollector`,
-  :class:`SpoolCollector`, :class:`CircuitCollector`): dead letters by status, the age of the
+* Backlogs and shared state, read when scraped (:class:`SpoolCollector` here;
+  :mod:`recovery.observe.backlogs` has the database's and the circuits'): dead letters by status, the age of the
   oldest parked letter, the outbox, the due-table, the spool, and every circuit's state as
   the workers share it. Only the Django view (:mod:`recovery.observe.views`) reads the database and
   the shared circuit state.
@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import functools
 import glob
-import logging
+import importlib
 import os
 import shutil
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -38,6 +39,7 @@ from celery import current_app
 
 from .. import conf
 from ..store.spool import Spool
+from ..core.names import MovedModuleWarning, logger_for, public_module
 
 __all__ = [
     "task_failed", "retry_scheduled", "dead_letter_parked", "replay_outcome",
@@ -48,7 +50,7 @@ __all__ = [
     "SpoolCollector", "CIRCUIT_STATE_VALUES", "Cached",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: recovery_circuit_state and recovery_circuit_status values
@@ -447,10 +449,13 @@ class _Events:
             yield from _local_registry.collect()
 
 
-def registry(*, backlogs: Sequence[Any] = ()) -> Any:
+def registry(*, backlogs: Sequence[Any] = (), database: bool = False) -> Any:
     """A registry to expose: the event metrics, the spool backlog and ``backlogs``, more
     scrape-time collectors (the Django view adds the database's and the shared circuit
-    states: :func:`recovery.observe.backlogs.exposition`)."""
+    states: :func:`recovery.observe.backlogs.exposition`). ``database=True`` is 0.1's
+    spelling of that, kept for one release."""
+    if database:
+        backlogs = [*backlogs, *_database_backlogs("registry")]
     from prometheus_client import CollectorRegistry
 
     collectors: list[Any] = [*backlogs, SpoolCollector()]
@@ -460,8 +465,12 @@ def registry(*, backlogs: Sequence[Any] = ()) -> Any:
     return result
 
 
-def exposition(*, backlogs: Sequence[Any] = ()) -> tuple[bytes, str]:
-    """(body, content type) of a scrape in the Prometheus text format."""
+def exposition(*, backlogs: Sequence[Any] = (), database: bool = False) -> tuple[bytes, str]:
+    """(body, content type) of a scrape in the Prometheus text format. ``database=True``
+    is 0.1's spelling of :func:`recovery.observe.backlogs.exposition`, kept for one
+    release."""
+    if database:
+        backlogs = [*backlogs, *_database_backlogs("exposition")]
     from prometheus_client import exposition as text_format
 
     # The 0.0.4 text format: every recovery_* name is a classic one, and every Prometheus
@@ -469,6 +478,14 @@ def exposition(*, backlogs: Sequence[Any] = ()) -> tuple[bytes, str]:
     content_type = getattr(text_format, "CONTENT_TYPE_PLAIN_0_0_4",
                            text_format.CONTENT_TYPE_LATEST)
     return text_format.generate_latest(registry(backlogs=backlogs)), content_type
+
+
+def _database_backlogs(caller: str) -> list[Any]:
+    warnings.warn(f"{public_module(__name__)}.{caller}(database=True) moved to "
+                  "recovery.observe.backlogs.exposition(); the argument goes in the next "
+                  "release", MovedModuleWarning, stacklevel=3)
+    # Named at run time: backlogs reads the database and builds on this module.
+    return importlib.import_module("recovery.observe.backlogs").database_backlogs()
 
 
 # -- prefork workers --------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import logging
 import threading
 import urllib.error
 import urllib.request
@@ -44,11 +43,12 @@ from . import metrics, webhook_signing
 from ..core.backoff import Jitter, backoff_delay
 from .escalation import EscalationRules, incident_link, rules
 from ..store.models import IncidentNotification
+from ..core.names import logger_for
 
 __all__ = ["deliver_due", "payload", "verify_signature", "Deliverer", "DeliveryError",
            "flush_counts", "EVENT_HEADER"]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 EVENT_HEADER = "X-Recovery-Event"
 _LETTERS_IN_PAYLOAD = 50

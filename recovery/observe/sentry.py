@@ -31,7 +31,6 @@ Celery's ``Retry``, which the integration never reports.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import deque
@@ -43,6 +42,7 @@ from ..core.errors import exception_path
 from ..core.redaction import MASK, is_secret_key, mask
 from . import escalation
 from .escalation import EscalationRules
+from ..core.names import logger_for
 
 if TYPE_CHECKING:
     from ..store.models import Incident
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = ["report_letter", "report_incident", "install", "was_reported"]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 #: Every event recovery sends carries this key in its hint (never in the payload).
 HINT_KEY = "celery_recovery"
@@ -63,8 +63,8 @@ TAG_MAX_CHARS = 200
 _MAIN_PROCESS_MEMORY_SECONDS = 10.0
 #: Log lines recovery writes about a letter or an incident it reports itself.
 _ANNOUNCEMENTS = (
-    ("recovery.observe.escalation", "recovery: incident #"),
-    ("recovery.delivery.worker", "recovery: parked "),
+    ("recovery.escalation", "recovery: incident #"),
+    ("recovery.worker", "recovery: parked "),
 )
 _LEVELS = {"critical": "fatal", "error": "error", "warning": "warning"}
 
@@ -101,8 +101,14 @@ def report_parked(record: "ParkRecord", letter_id: int | None, exc: BaseExceptio
                   first_report: bool = True, **_: Any) -> None:
     """On ``letter_parked``: report the letter, once (not again when the spool drain writes
     a letter that was reported when it was spooled)."""
-    if first_report:
-        report_letter(record, letter_id, exc)
+    if not first_report:
+        return
+    try:
+        chosen = escalation.rules()
+    except ValueError:
+        return  # an invalid RECOVERY["ESCALATION"]: escalation.on_parked says so, once a letter
+    if chosen.sentry:
+        report_letter(record, letter_id, exc, chosen)
 
 
 def report_opened_incident(incident: "Incident", occurrence: "escalation.Occurrence",

@@ -43,7 +43,6 @@ that cannot take it does nothing (``Report.skipped``).
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -68,11 +67,12 @@ from ..store.models import (DeadLetter, DeadLetterEvent, DueRetry, Incident, Out
 from ..workflows import sagas
 from ..workflows.shared_state import store
 from . import escalation
+from ..core.names import logger_for
 
 __all__ = ["TASK_NAME", "WatchdogPolicy", "Report", "Workers", "BrokerWorkers", "policy",
            "sweep", "stuck_tasks", "watchdog"]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 TASK_NAME = "recovery.watchdog"
 ACTOR = "watchdog"

@@ -23,7 +23,6 @@ batches with ``SELECT ... FOR UPDATE SKIP LOCKED``, so two operators (or two
 from __future__ import annotations
 
 import inspect
-import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -45,9 +44,11 @@ from ..store.models import DeadLetter, DeadLetterEvent
 from ..workflows import sagas
 from .replay_options import (UnknownQueue, body_payload, check_queue, replay_options,
                              undecodable_body)
+from ..core.names import logger_for
 
 __all__ = [
     "ReplayError",
+    "apply_deferred_resolution",
     "PayloadError",
     "replay",
     "require_replayable",
@@ -62,7 +63,7 @@ __all__ = [
     "compensation_name",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 #: letters parked before a worker decoded their body: only these keep a raw body
 _RAW_BODY_KINDS = (FailureKind.POISON.value, FailureKind.TIMEOUT.value)
@@ -473,11 +474,11 @@ def resolve_replayed(task_id: str, request: Any, **_: Any) -> None:
                         spool_exc.__cause__, spool_exc)
 
 
-def _apply_deferred_resolution(data: dict, backend: Any) -> None:
+def apply_deferred_resolution(data: dict, backend: Any) -> None:
+    """Apply a spooled ``replay_succeeded`` record (:mod:`recovery.store.deferred`);
+    registered by :mod:`recovery.subscriptions`."""
     mark_replay_succeeded(data["task_id"])
 
-
-deferred.register(deferred.REPLAY_SUCCEEDED, _apply_deferred_resolution)
 
 
 def mark_replay_succeeded(task_id: str) -> int:

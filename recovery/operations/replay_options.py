@@ -21,12 +21,12 @@ says so (:func:`undecodable_body`).
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..core import deepjson, headers as hdr
+from ..core.names import logger_for
 
 __all__ = ["UnknownQueue", "known_queues", "consumed_queues", "is_known_queue", "check_queue",
            "replay_options", "body_payload",
@@ -38,7 +38,7 @@ CARRIED_FROM_LETTER = (hdr.COMPENSATES, hdr.SAGA)
 _MAX_PRIORITY = 255
 
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 #: How long the answer to "which queues do live workers consume?" is reused: one broadcast
 #: per window, however many letters a bulk replay checks. An empty answer (no worker

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 from collections.abc import Callable
 from datetime import datetime, timezone as dt_timezone
 from pathlib import Path
@@ -38,11 +37,12 @@ from .. import conf, events
 from . import result_rows
 from .connections import discard_broken_connections
 from .spool import BadRecord, Spool
+from ..core.names import logger_for
 
 __all__ = ["RESULT", "REPLAY_SUCCEEDED", "SAGA_SUCCEEDED", "Applier", "register", "defer",
            "defer_result", "write_or_defer", "apply", "is_deferred"]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 RESULT = "result"
 REPLAY_SUCCEEDED = "replay_succeeded"
@@ -185,8 +185,8 @@ _APPLIERS: dict[str, Applier] = {RESULT: _apply_result}
 def register(kind: str, applier: Applier) -> Applier:
     """Have the drain apply spooled ``kind`` records with ``applier(record, backend)``.
 
-    Called at import by the module that defers ``kind`` writes; the applier must be
-    idempotent and raise ``DatabaseError`` while the database is still down.
+    :mod:`recovery.subscriptions` registers recovery's own when Django is ready, so every
+    process that drains the spool has them all; the applier must be idempotent and raise ``DatabaseError`` while the database is still down.
     """
     _APPLIERS[kind] = applier
     return applier

@@ -19,7 +19,6 @@ dead letter, so it cannot hold up the rows behind it.
 from __future__ import annotations
 
 import json
-import logging
 from datetime import datetime
 
 from celery import current_app
@@ -32,10 +31,11 @@ from ..core import headers as hdr
 from ..core.kinds import FailureKind
 from .models import DueRetry
 from .parking import ParkRecord, letter_task_id, park
+from ..core.names import logger_for
 
 __all__ = ["hold", "publish_due"]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 #: Rows claimed per transaction: at most this many are sent again if the database fails
 #: between their publish and the commit.

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -43,11 +42,12 @@ from ..core.bounds import attempt_count, bounded, cut
 from ..core.fingerprint import fingerprint
 from .models import DeadLetter
 from .spool import BadRecord, Spool
+from ..core.names import logger_for
 
 __all__ = ["ParkRecord", "ParkOutcome", "park", "drain_spool", "spool", "letter_task_id",
            "database_unreachable"]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 
 def _clean(text: str) -> str:

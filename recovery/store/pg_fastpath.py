@@ -12,7 +12,6 @@ general path in :mod:`recovery.store.parking` handles it.
 from __future__ import annotations
 
 import json
-import logging
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -21,10 +20,11 @@ from django.db import connection
 from django.utils import timezone
 
 from .models import DeadLetter
+from ..core.names import logger_for
 
 __all__ = ["insert_new_letter", "missing_internals"]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 _LETTER_JSON = ("args", "kwargs", "headers", "history")
 # django-celery-results' parts the fast path builds the FAILURE row with; the private

@@ -19,7 +19,6 @@ The dead letter keeps the real payload: a replay needs it.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,10 +26,11 @@ from celery.utils.saferepr import saferepr
 
 from ..core import bounds, headers as hdr, redaction
 from .. import conf
+from ..core.names import logger_for
 
 __all__ = ["masked_reprs", "hidden_in_request", "scrubbed_failure"]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 #: Celery's own bound on ``argsrepr``/``kwargsrepr`` (``celery.app.amqp.AMQP``).
 REPR_MAX_CHARS = 1024

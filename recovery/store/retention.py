@@ -10,7 +10,6 @@ replayed are never purged at all.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,10 +20,11 @@ from django.utils import timezone
 
 from .. import conf
 from .models import DeadLetter, DeliveryCount
+from ..core.names import logger_for
 
 __all__ = ["RetentionError", "PurgePlan", "plan", "purge", "CLOSED"]
 
-logger = logging.getLogger("recovery.store.retention")
+logger = logger_for(__name__)
 
 CLOSED = (DeadLetter.Status.RESOLVED, DeadLetter.Status.DISCARDED, DeadLetter.Status.COMPENSATED)
 

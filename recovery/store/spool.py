@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from ..core.names import logger_for
 
 __all__ = ["Spool", "BadRecord"]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 
 class BadRecord(ValueError):

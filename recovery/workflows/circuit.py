@@ -17,7 +17,6 @@ A task declares ``dependency="payments-api"``; code can also guard a call direct
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -29,11 +28,12 @@ from ..core.classification import classify as default_classify
 from ..core.errors import DependencyError
 from ..core.kinds import FailureKind
 from . import shared_state
+from ..core.names import logger_for
 
 __all__ = ["CircuitPolicy", "Decision", "Circuit", "CircuitOpenError", "circuit", "guard",
            "window_counts", "CLOSED", "OPEN", "HALF_OPEN"]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 _COUNTED = (FailureKind.DEPENDENCY, FailureKind.TIMEOUT)

@@ -9,14 +9,14 @@ outage of it must not stop work.
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime, timezone
 
 from . import shared_state
+from ..core.names import logger_for
 
 __all__ = ["is_on", "switch", "status", "MODES_KEY"]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 #: the record listing every mode ever switched, so operators can see them all
 MODES_KEY = "degraded"

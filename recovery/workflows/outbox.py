@@ -16,7 +16,6 @@ be idempotent (``RecoveryTask`` tasks run under the id fixed at enqueue time).
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,10 +33,11 @@ from django.utils import timezone
 
 from .. import conf
 from ..store.models import OutboxMessage
+from ..core.names import logger_for
 
 __all__ = ["enqueue", "relay", "pending_count"]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 #: per-call options that describe *when* to run, which the relay re-derives
 _TIMING = ("countdown", "eta")

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,9 +71,11 @@ from ..store import deferred
 from ..store.connections import discard_broken_connections
 from . import outbox, saga_secrets
 from ..store.models import DeadLetter, DeadLetterEvent, SagaEvent, SagaRun, SagaStep
+from ..core.names import logger_for
 
 __all__ = [
     "Saga",
+    "apply_deferred_completion",
     "Step",
     "SagaError",
     "SagaDefinitionError",
@@ -94,7 +95,7 @@ __all__ = [
     "step_parked",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 #: what a run does when a (non-optional) step fails for good
 ON_FAILURE = ("compensate", "hold")
@@ -660,11 +661,11 @@ def _run_of(saga: Any) -> Any:
     return ref.run if ref is not None else saga
 
 
-def _apply_deferred_completion(data: dict, backend: Any) -> None:
+def apply_deferred_completion(data: dict, backend: Any) -> None:
+    """Apply a spooled ``saga_succeeded`` record (:mod:`recovery.store.deferred`);
+    registered by :mod:`recovery.subscriptions`."""
     record_completion(data["saga"], data["task_id"], data.get("retval"))
 
-
-deferred.register(deferred.SAGA_SUCCEEDED, _apply_deferred_completion)
 
 
 def record_completion(saga: Any, task_id: str, retval: Any) -> None:

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, Protocol
 
+from django.apps import apps
 from django.conf import settings
 from django.db import transaction
 
 from .. import conf
-from ..store.models import SharedState
 
 __all__ = ["Store", "RedisStore", "DatabaseStore", "store"]
 
@@ -65,14 +65,20 @@ class RedisStore:
                     continue
 
 
+def _table() -> Any:
+    # Looked up when used, not imported: projects import guard() and degraded modes (which
+    # sit on this module) from task modules that may load before Django has its models.
+    return apps.get_model("recovery", "SharedState")
+
+
 class DatabaseStore:
     def get(self, key: str) -> dict:
-        row = SharedState.objects.filter(key=key).first()
+        row = _table().objects.filter(key=key).first()
         return dict(row.value) if row else {}
 
     def update(self, key: str, change: Callable[[dict], Any]) -> Any:
         with transaction.atomic():
-            row, _ = SharedState.objects.select_for_update().get_or_create(key=key)
+            row, _ = _table().objects.select_for_update().get_or_create(key=key)
             record = dict(row.value or {})
             result = change(record)
             if record != row.value:

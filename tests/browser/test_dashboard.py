@@ -32,7 +32,7 @@ def letter(last_failed_at, status=DeadLetter.Status.PARKED, task_name="tasks.ord
     return DeadLetter.objects.create(
         task_id=f"browser-{next(_ids)}", task_name=task_name, status=status, kind=kind,
         fingerprint=f"{abs(hash((task_name, message))):040d}"[:40],
-        exception_type="recovery.core.errors.DependencyError", exception_message=message,
+        exception_type="recovery.errors.DependencyError", exception_message=message,
         first_failed_at=last_failed_at, last_failed_at=last_failed_at)
 
 
@@ -80,7 +80,7 @@ def test_the_on_call_reads_the_dashboard_and_acknowledges_the_incident(page, liv
         severity=Incident.Severity.CRITICAL,
         title="Critical task tasks.orders.charge_payment failed: card declined",
         task_name="tasks.orders.charge_payment", kind="dependency", count=3,
-        details={"exception": {"type": "recovery.core.errors.DependencyError",
+        details={"exception": {"type": "recovery.errors.DependencyError",
                                "message": "card declined"},
                  "traceback": "Traceback (most recent call last):\n...", "args": [42, "••••••"]},
         first_seen_at=now - timedelta(minutes=40), last_seen_at=now - timedelta(minutes=2))

@@ -27,7 +27,7 @@ DETAILS = {
     "task": "tasks.orders.charge_payment",
     "args": [42, MASK],
     "kwargs": {"card_token": MASK, "amount": 12},
-    "exception": {"type": "recovery.core.errors.DependencyError", "message": "card declined"},
+    "exception": {"type": "recovery.errors.DependencyError", "message": "card declined"},
     "traceback": "Traceback (most recent call last):\n  File \"charge.py\", line 3\n"
                  "DependencyError: card declined <script>",
     "history": [{"attempt": 1, "at": "2026-03-10T14:00:00+00:00", "kind": "dependency",
@@ -142,7 +142,7 @@ def test_the_page_shows_diagnostics_letters_saga_run_and_notifications(client):
 
     assert page.status_code == 200
     html = page.content.decode()
-    assert "<strong>recovery.core.errors.DependencyError</strong>: card declined" in html
+    assert "<strong>recovery.errors.DependencyError</strong>: card declined" in html
     assert "dependency (permanent): gave up" in html
     # the traceback in <pre>, escaped
     assert "<pre>Traceback (most recent call last):" in html

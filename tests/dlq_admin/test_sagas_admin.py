@@ -37,7 +37,7 @@ def held_run() -> SagaRun:
     DeadLetter.objects.create(task_id=f"saga-{run.pk}-1-step",
                               task_name="tasks.orders.charge_payment", fingerprint="f" * 40,
                               headers={"headers": {"recovery_saga": header}},
-                              exception_type="recovery.core.errors.DependencyError",
+                              exception_type="recovery.errors.DependencyError",
                               exception_message="card declined")
     sagas.on_task_parked(header, f"saga-{run.pk}-1-step",
                          DependencyError("card declined", permanent=True))
@@ -71,7 +71,7 @@ def test_the_run_page_shows_steps_timings_errors_and_buttons_by_permission(clien
     url = reverse("admin:recovery_sagarun_change", args=[run.pk])
     page = client.get(url).content.decode()
     assert f"saga-{run.pk}-1-step" in page
-    assert "recovery.core.errors.DependencyError: card declined" in page
+    assert "recovery.errors.DependencyError: card declined" in page
     assert "Resume from failed step…" not in page and "Compensate…" not in page
     client.logout()
     get_user_model().objects.all().delete()

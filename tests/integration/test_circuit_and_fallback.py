@@ -97,7 +97,7 @@ def test_an_open_circuit_routes_a_task_to_its_fallback(start_worker, key, standi
     assert use.dependency == "partner-api"
     assert use.task_name == t.partner_quote_or_backup.name
     assert use.fallback == "tests.integration.worker_tasks.backup_quote"
-    assert use.exception_type == "recovery.workflows.circuit.CircuitOpenError"
+    assert use.exception_type == "recovery.circuit.CircuitOpenError"
 
 
 def test_when_the_policy_gives_up_the_fallback_result_is_the_task_result(start_worker, store,

@@ -50,7 +50,7 @@ def test_permanent_failure_is_parked_after_one_attempt(start_worker, store, key)
     assert letter.kind == "dependency"
     assert letter.permanent is True
     assert letter.status == DeadLetter.Status.PARKED
-    assert letter.exception_type == "recovery.core.errors.DependencyError"
+    assert letter.exception_type == "recovery.errors.DependencyError"
     assert "card declined for order 42" in letter.exception_message
     assert "Traceback" in letter.traceback
     assert letter.args == [key, 42]

@@ -68,7 +68,7 @@ def test_a_task_that_retries_then_is_parked_is_one_sentry_event(start_worker, st
                                          for e in stand_in.events()]
     # ... grouped by the letter's fingerprint, tagged, with the real frames of the task
     assert event["fingerprint"] == ["celery-recovery", letter.fingerprint]
-    assert letter.fingerprint == fingerprint(TASK, "recovery.core.errors.DependencyError",
+    assert letter.fingerprint == fingerprint(TASK, "recovery.errors.DependencyError",
                                              "card declined for amount 9.99")
     assert {k: event["tags"].get(k) for k in ("recovery.task", "recovery.kind", "recovery.queue",
                                              "recovery.status", "recovery.permanent")} == {

@@ -144,7 +144,7 @@ def test_database_cut_while_parking_loses_nothing(start_worker, store, key, db_p
     db_proxy.restore()
     letter = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first(), 30,
                       message="drained letter")
-    assert letter.exception_type == "recovery.core.errors.DependencyError"
+    assert letter.exception_type == "recovery.errors.DependencyError"
     assert letter.attempts == 1
     wait_for(lambda: result_state(result.id) == states.FAILURE, 10, message="FAILURE result")
     wait_for(lambda: not any(f.endswith(".json") for f in os.listdir(spool)), 10,

@@ -69,7 +69,7 @@ def make_letter(n: int = 1, **overrides) -> DeadLetter:
                                       "kwargs": {}, "options": {}, "subtask_type": None,
                                       "immutable": True}]},
                   kind="dependency", fingerprint="c" * 40, queue="celery",
-                  exception_type="recovery.core.errors.DependencyError",
+                  exception_type="recovery.errors.DependencyError",
                   exception_message="card declined")
     values.update(overrides)
     return DeadLetter.objects.create(**values)

@@ -44,7 +44,7 @@ def app():
 
 def record(task_id: str = "m-1", **overrides) -> ParkRecord:
     values = dict(task_id=task_id, task_name="proj.charge", kind="dependency",
-                  reason="gave up", exception_type="recovery.core.errors.DependencyError",
+                  reason="gave up", exception_type="recovery.errors.DependencyError",
                   exception_message="503")
     values.update(overrides)
     return ParkRecord(**values)

@@ -23,7 +23,7 @@ def make_letter(n: int = 1, **overrides) -> DeadLetter:
                                       "immutable": True}],
                            "eta": "2026-01-01T00:00:00", "expires": "2026-01-02T00:00:00"},
                   kind="dependency", fingerprint="f" * 40, queue="celery",
-                  exception_type="recovery.core.errors.DependencyError", exception_message="declined")
+                  exception_type="recovery.errors.DependencyError", exception_message="declined")
     values.update(overrides)
     return DeadLetter.objects.create(**values)
 

@@ -350,7 +350,7 @@ def test_a_failed_compensation_needs_a_human_and_is_escalated(caplog,
     run = order_saga().start(order_id=42)
     succeed(run, 0, {})
     succeed(run, 1, {})
-    with caplog.at_level(logging.CRITICAL, logger="recovery.workflows.sagas"):
+    with caplog.at_level(logging.CRITICAL, logger="recovery.sagas"):
         with django_capture_on_commit_callbacks(execute=False) as callbacks:
             park(run, 2)
             park(run, 1, role="compensation",
@@ -488,11 +488,11 @@ def test_reconcile_records_a_parked_step_the_hook_missed():
     succeed(run, 0, {})
     DeadLetter.objects.create(task_id=f"saga-{run.pk}-1-step", task_name=CHARGE,
                               fingerprint="f" * 40, exception_message="card declined",
-                              exception_type="recovery.core.errors.DependencyError")
+                              exception_type="recovery.errors.DependencyError")
     assert sagas.reconcile(older_than_seconds=0) == 1
     run = refresh(run)
     assert run.status == "compensating"
-    assert step(run, 1).error == "recovery.core.errors.DependencyError: card declined"
+    assert step(run, 1).error == "recovery.errors.DependencyError: card declined"
     assert sagas.reconcile(older_than_seconds=0) == 0  # the compensation has no outcome yet
 
 

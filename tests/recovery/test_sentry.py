@@ -168,19 +168,19 @@ def make_record(**overrides) -> ParkRecord:
         kind="dependency",
         permanent=True,
         reason="permanent failure (dependency: card declined)",
-        exception_type="recovery.core.errors.DependencyError",
+        exception_type="recovery.errors.DependencyError",
         exception_message="card declined for order 1234",
         traceback="Traceback (most recent call last):\n  File \"tasks.py\", line 9, in charge\n"
-                  "recovery.core.errors.DependencyError: card declined for order 1234\n",
+                  "recovery.errors.DependencyError: card declined for order 1234\n",
         args=[1234, CARD_TOKEN],
         kwargs={"amount": "9.99", "options": {"password": PASSWORD, "retries": 2}},
         history=[
             {"at": "2026-03-01T11:50:00+00:00", "attempt": 1, "replay": 0,
-             "exception_type": "recovery.core.errors.DependencyError",
+             "exception_type": "recovery.errors.DependencyError",
              "exception_message": "payment gateway answered 503", "kind": "dependency",
              "delay_seconds": 0.2},
             {"at": "2026-03-01T11:50:01+00:00", "attempt": 2, "replay": 0,
-             "exception_type": "recovery.core.errors.DependencyError",
+             "exception_type": "recovery.errors.DependencyError",
              "exception_message": "card declined for order 1234", "kind": "dependency",
              "delay_seconds": None},
         ],
@@ -380,7 +380,7 @@ def test_a_broken_report_never_raises(init_sentry, stand_in, escalation, monkeyp
         raise RuntimeError("diagnostics exploded")
 
     monkeypatch.setattr("recovery.observe.escalation.letter_diagnostics", broken)
-    with caplog.at_level(logging.WARNING, logger="recovery.observe.sentry"):
+    with caplog.at_level(logging.WARNING, logger="recovery.sentry"):
         sentry.report_letter(make_record(), 1, live_exception(), escalation())
     assert "could not report" in caplog.text
 
@@ -406,13 +406,13 @@ def test_the_duplicate_filter_drops_a_second_report_of_a_parked_exception_only(
     sentry_sdk.capture_exception(ValueError("body cannot be decoded"))
     sentry_sdk.capture_exception(ValueError("body cannot be decoded"))  # not a copy: kept
     # ... and escalation announces the incident it opened for the letter
-    logging.getLogger("recovery.observe.escalation").error(
+    logging.getLogger("recovery.escalation").error(
         "recovery: incident #%s opened (%s): %s (%s)", 3, "threshold", "t", "/admin/")
     # ... while unrelated errors happen
     sentry_sdk.capture_exception(ValueError("another failure"))
     unrelated = live_exception()
     sentry_sdk.capture_exception(unrelated)
-    logging.getLogger("recovery.observe.escalation").error("recovery: could not escalate x")
+    logging.getLogger("recovery.escalation").error("recovery: could not escalate x")
 
     # Then only recovery's two letters and the four other errors reach Sentry
     sentry_sdk.flush(timeout=5)

@@ -79,7 +79,17 @@ def test_task_without_policy_uses_the_settings_default(settings):
 
 def test_exception_path_is_dotted_except_for_builtins():
     assert exception_path(ValueError("x")) == "ValueError"
-    assert exception_path(RetryPolicy) == "recovery.core.policy.RetryPolicy"
+    assert exception_path(_ParkAwareBackend) == "recovery.task._ParkAwareBackend"
+
+
+def test_recovery_exceptions_keep_their_0_1_path_so_failure_groups_carry_on():
+    """A letter's exception_type feeds its fingerprint; the move into recovery.core must
+    not split an existing failure group (or its open incident) in two."""
+    from recovery.core.errors import PermanentError
+    from recovery.workflows.circuit import CircuitOpenError
+
+    assert exception_path(PermanentError("x")) == "recovery.errors.PermanentError"
+    assert exception_path(CircuitOpenError) == "recovery.circuit.CircuitOpenError"
 
 
 @pytest.mark.django_db

@@ -83,7 +83,7 @@ def test_a_plain_function_fallback_gets_the_arguments_and_the_failure(app, state
     use = FallbackUse.objects.get(task_id=result.id)
     assert use.reason == "gave_up" and use.task_name == quote_2.name
     assert use.fallback == "tests.recovery.test_task_resilience.backup_quote"
-    assert use.exception_type == "recovery.core.errors.DependencyError"
+    assert use.exception_type == "recovery.errors.DependencyError"
     assert "partner answered 503" in use.exception_message
     assert not DeadLetter.objects.exists()
 
@@ -154,7 +154,7 @@ def test_an_open_circuit_routes_to_the_fallback_without_calling_the_dependency(a
     assert calls == []
     use = FallbackUse.objects.get(task_id=result.id)
     assert use.reason == "circuit_open" and use.dependency == "partner-api"
-    assert use.exception_type == "recovery.workflows.circuit.CircuitOpenError"
+    assert use.exception_type == "recovery.circuit.CircuitOpenError"
 
 
 @pytest.mark.django_db
@@ -213,7 +213,7 @@ def test_an_eager_run_cannot_wait_for_the_circuit_so_it_spends_attempts_and_park
     assert result.failed() and calls == []
     letter = DeadLetter.objects.get(task_id=result.id)
     assert letter.attempts == 3
-    assert letter.exception_type == "recovery.workflows.circuit.CircuitOpenError"
+    assert letter.exception_type == "recovery.circuit.CircuitOpenError"
 
 
 @pytest.mark.django_db

@@ -44,7 +44,7 @@ def replayer(client):
 def letter_of(key: str, **overrides) -> DeadLetter:
     values = dict(task_id=f"sec-{key}-{uuid.uuid4().hex[:6]}", task_name=hostile.echo_request.name,
                   args=[key], kwargs={}, kind="dependency", fingerprint="5" * 40, queue="celery",
-                  exception_type="recovery.core.errors.DependencyError", exception_message="503")
+                  exception_type="recovery.errors.DependencyError", exception_message="503")
     values.update(overrides)
     return DeadLetter.objects.create(**values)
 

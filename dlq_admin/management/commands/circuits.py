@@ -23,7 +23,7 @@ from dlq_admin.management.actor import cli_actor
 from dlq_admin.resilience import NAME, circuit_row, circuit_rows, known_circuits
 from recovery.workflows.circuit import Circuit
 
-logger = logging.getLogger("recovery.workflows.circuit")
+logger = logging.getLogger("recovery.circuit")
 
 
 def _when(moment) -> str:
