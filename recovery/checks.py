@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from importlib.util import find_spec
 
+from celery import current_app as current_celery_app
 from django.apps import apps
 from django.conf import settings
 from django.core.checks import Error, Warning, register
@@ -12,7 +13,7 @@ from kombu.transport import redis as kombu_redis
 
 from . import conf
 from .core.policy import default_policy
-from .delivery import visibility
+from .delivery import topology, visibility
 from .observe import webhook_signing
 from .store import pg_fastpath
 from .observe.escalation import EscalationRules
@@ -93,6 +94,7 @@ def check_recovery_settings(app_configs=None, **kwargs):
             ))
     problems.extend(_check_shared_state(user))
     problems.extend(_check_metrics_access(user))
+    problems.extend(_check_broker(user))
     if "ESCALATION" in user:
         try:
             escalation = EscalationRules.from_dict(user["ESCALATION"])
@@ -132,6 +134,39 @@ def check_recovery_settings(app_configs=None, **kwargs):
             hint="Keep BROKER_DELAY_MAX_SECONDS well below VISIBILITY_TIMEOUT_SECONDS.",
             id="recovery.W001",
         ))
+    return problems
+
+
+def _check_broker(user: dict) -> list:
+    problems = []
+    if user.get("BROKER_TOPOLOGY", "auto") not in ("auto", "off"):
+        problems.append(Error(f"RECOVERY['BROKER_TOPOLOGY'] is {user['BROKER_TOPOLOGY']!r}.",
+                              hint='"auto" (the default) or "off" (docs/brokers.md).',
+                              id="recovery.E030"))
+    limit, cap = conf.get("BROKER_DELIVERY_LIMIT"), conf.get("MAX_DELIVERIES")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        problems.append(Error("RECOVERY['BROKER_DELIVERY_LIMIT'] must be an integer >= 1.",
+                              id="recovery.E031"))
+    elif isinstance(cap, int) and limit <= cap:
+        problems.append(Error(
+            f"RECOVERY['BROKER_DELIVERY_LIMIT'] ({limit}) is not above MAX_DELIVERIES ({cap}): "
+            "RabbitMQ would dead-letter a crash-looping task before recovery parks it with "
+            "its history.",
+            hint="Keep BROKER_DELIVERY_LIMIT a few deliveries above MAX_DELIVERIES.",
+            id="recovery.E031"))
+    if conf.get("BROKER_TOPOLOGY") == "auto":
+        app = current_celery_app
+        if topology.broker_kind(app.conf.broker_url) == topology.AMQP and app.conf.task_queues:
+            unprotected = topology.missing_protection(app.conf.task_queues)
+            if unprotected:
+                problems.append(Warning(
+                    f"The RabbitMQ queues {', '.join(unprotected)} have no x-delivery-limit or "
+                    "no x-dead-letter-exchange: a task that kills its worker while the "
+                    "database is down loops there for ever.",
+                    hint="Give them the arguments of "
+                         "recovery.delivery.topology.quorum_queue_arguments() "
+                         "(docs/brokers.md), or leave task_queues unset.",
+                    id="recovery.W020"))
     return problems
 
 

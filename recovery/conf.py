@@ -28,6 +28,14 @@ DEFAULTS: Mapping[str, Any] = {
     # Deliveries of one task id (redeliveries after a lost worker included) before it is
     # parked as a poison pill instead of run again.
     "MAX_DELIVERIES": 5,
+    # "auto": recovery.setup() completes the Celery configuration for the broker its URL
+    # names (RabbitMQ: quorum queues with a delivery limit and a dead-letter exchange;
+    # Redis: a visibility timeout). "off": broker settings are the project's alone.
+    "BROKER_TOPOLOGY": "auto",
+    # RabbitMQ's x-delivery-limit on the task queues: above MAX_DELIVERIES, so the broker
+    # dead-letters a crash-looping message only when recovery's own cap could not act. A
+    # queue argument: RabbitMQ refuses to redeclare a queue with another value.
+    "BROKER_DELIVERY_LIMIT": 20,
     # Largest task message body (bytes) a worker runs; a larger one is parked as poison
     # before it runs. None: no limit.
     "MAX_MESSAGE_BYTES": 4 * 1024 * 1024,

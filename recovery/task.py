@@ -50,6 +50,7 @@ from . import conf, events
 from .core import headers as hdr, redaction
 from .core.bounds import cut, delay_seconds
 from .core.classification import Failure, Rule, classify
+from .core.brokers import broker_delay
 from .core.errors import DependencyError, TransientError, exception_path
 from .core.policy import Attempt, RetryPolicy, Verdict, default_policy
 from .store import deferred, result_rows
@@ -613,7 +614,8 @@ class RecoveryTask(Task):
             )
             if self._hold_in_due_table(signature, delay):
                 raise Retry(exc=exc, when=delay, sig=signature)
-        Task.retry(self, args=args, kwargs=kwargs, exc=exc, countdown=delay, max_retries=None,
+        Task.retry(self, args=args, kwargs=kwargs, exc=exc,
+                   countdown=broker_delay(self.app, delay), max_retries=None,
                    headers=headers, **options)
 
     def _hold_in_due_table(self, signature, delay: float) -> bool:

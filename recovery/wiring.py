@@ -19,6 +19,7 @@ from django.db import close_old_connections
 
 from . import conf
 from .core.task_modules import import_task_modules
+from .delivery import topology
 from .observe import metrics
 from .store.db_timeouts import unbound_thread_connection
 
@@ -29,13 +30,15 @@ HANDBACK = "recovery.delivery.handback:HandBack"
 PRESENCE = "recovery.delivery.presence:Presence"
 # By name: the steps' modules import the models, and setup() may run before Django is.
 HOUSEKEEPING = "recovery.delivery.housekeeping:Housekeeping"
+BROKER_DEAD_LETTERS = "recovery.delivery.broker_dead_letters:BrokerDeadLetters"
 _REUSE_FOREVER = 2**31
 
 
 def setup(app: Celery) -> Celery:
     """Install the poison-parking consumer, the housekeeping timers, the hand-back of
-    unused deliveries on shutdown, the live-worker stamp the watchdog reads, the Redis
-    visibility settings, database connection reuse and the watchdog's Celery beat entry.
+    unused deliveries on shutdown, the live-worker stamp the watchdog reads, the broker's
+    topology (:mod:`recovery.delivery.topology`) and the drain of its dead letters,
+    database connection reuse and the watchdog's Celery beat entry.
     Returns ``app``."""
     app.conf.update(
         worker_consumer=CONSUMER,
@@ -45,25 +48,20 @@ def setup(app: Celery) -> Celery:
         # checks, broken connections) decide when to reconnect: see _reuse_connection.
         CELERY_DB_REUSE_MAX=_REUSE_FOREVER,
     )
-    for step in (HOUSEKEEPING, HANDBACK, PRESENCE):
+    for step in (HOUSEKEEPING, HANDBACK, PRESENCE, BROKER_DEAD_LETTERS):
         if step not in app.steps["consumer"]:
             app.steps["consumer"].add(step)
 
-    def _transport_options(sender: Any = None, **kwargs: Any) -> None:
-        options = dict(sender.conf.broker_transport_options or {})
-        options.setdefault("visibility_timeout", float(conf.get("VISIBILITY_TIMEOUT_SECONDS")))
-        # Scan for stranded messages every 10 s instead of kombu's ~100 s.
-        options.setdefault("unacked_restore_interval", 10)
-        options.setdefault("unacked_restore_throttle", 1)
-        sender.conf.broker_transport_options = options
+    def _broker_topology(sender: Any = None, **kwargs: Any) -> None:
+        topology.apply(sender.conf)
 
     if app.configured:
         # The configuration was read already (app.conf touched before setup):
         # on_after_configure has fired and will not fire again.
-        _transport_options(app)
+        _broker_topology(app)
         _watchdog_schedule(app)
     else:
-        app.on_after_configure.connect(_transport_options, weak=False)
+        app.on_after_configure.connect(_broker_topology, weak=False)
         app.on_after_configure.connect(_watchdog_schedule, weak=False)
     signals.task_prerun.connect(_reuse_connection, weak=False, dispatch_uid="recovery-db-reuse")
     signals.worker_process_init.connect(_unbound_child_connection, weak=False,

@@ -11,11 +11,17 @@ def _isolated_spool(settings, tmp_path):
 
 @pytest.fixture
 def broker():
-    """The test Redis (broker and bookkeeping), empty before and after the test."""
-    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    """The test Redis (the broker, or beside RabbitMQ the store of test bookkeeping and
+    shared state), empty before and after the test; on RabbitMQ the test vhost's queues
+    are emptied too (tests/brokers.py)."""
+    from tests.brokers import empty_broker
+
+    client = redis.Redis.from_url(settings.TEST_STORE_URL)
     client.flushdb()
+    empty_broker(settings.CELERY_BROKER_URL)
     yield client
     client.flushdb()
+    empty_broker(settings.CELERY_BROKER_URL)
 
 
 @pytest.fixture

@@ -1,5 +1,11 @@
-"""Test settings: real PostgreSQL and Redis on localhost, found through
-TEST_DATABASE_URL and TEST_BROKER_URL (defaults below)."""
+"""Test settings: real PostgreSQL, Redis and (for the broker matrix) RabbitMQ on
+localhost, found through TEST_DATABASE_URL, TEST_BROKER_URL and TEST_STORE_URL (defaults
+below).
+
+TEST_BROKER_URL is the broker the workers use; TEST_STORE_URL is the Redis where test
+tasks record their runs and the workers share circuit state. With a Redis broker both
+are the same database, as in most deployments; with RabbitMQ the store stays on Redis.
+"""
 
 import json
 import os
@@ -16,11 +22,17 @@ TEST_DATABASE_URL = os.environ.get(
     "TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/celery_recovery"
 )
 TEST_BROKER_URL = os.environ["CELERY_BROKER_URL"]
+TEST_STORE_URL = os.environ.get("TEST_STORE_URL") or (
+    TEST_BROKER_URL if TEST_BROKER_URL.startswith("redis") else "redis://127.0.0.1:6379/11")
 
 DATABASES = {"default": dj_database_url.parse(TEST_DATABASE_URL, conn_max_age=600)}
 DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = 3
 
 CELERY_BROKER_URL = TEST_BROKER_URL
+# A worker of its own queue (tests/integration/test_rabbitmq.py: a queue declared with a
+# delivery limit of its own, which RabbitMQ fixes when the queue is first declared).
+if os.environ.get("TEST_TASK_QUEUE"):
+    CELERY_TASK_DEFAULT_QUEUE = os.environ["TEST_TASK_QUEUE"]
 
 # The test client, the live server of the browser tests and the workers speak plain HTTP.
 SECURE_SSL_REDIRECT = SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = False
@@ -32,6 +44,7 @@ RECOVERY = {
     "VISIBILITY_TIMEOUT_SECONDS": float(os.environ.get("RECOVERY_VISIBILITY_TIMEOUT_SECONDS", 12)),
     "BROKER_DELAY_MAX_SECONDS": float(os.environ.get("RECOVERY_BROKER_DELAY_MAX_SECONDS", 5)),
     "MAX_DELIVERIES": int(os.environ.get("RECOVERY_MAX_DELIVERIES", 3)),
+    "BROKER_DELIVERY_LIMIT": int(os.environ.get("RECOVERY_BROKER_DELIVERY_LIMIT", 20)),
     "MAX_MESSAGE_BYTES": int(os.environ.get("RECOVERY_MAX_MESSAGE_BYTES", 4 * 1024 * 1024)),
     "SPOOL_DRAIN_INTERVAL_SECONDS": 1.0,
     "DUE_POLL_INTERVAL_SECONDS": 0.5,
@@ -43,7 +56,8 @@ RECOVERY = {
     },
     "DEGRADED_DEFER_SECONDS": 1.0,
     # A worker whose circuit state store is down (test_worker_failures.py).
-    "SHARED_STATE_URL": os.environ.get("RECOVERY_SHARED_STATE_URL") or None,
+    "SHARED_STATE_URL": os.environ.get("RECOVERY_SHARED_STATE_URL") or (
+        None if TEST_BROKER_URL.startswith("redis") else TEST_STORE_URL),
     # Workers of tests/integration/test_metrics.py serve their metrics here.
     "METRICS_PORT": int(os.environ["RECOVERY_METRICS_PORT"])
     if os.environ.get("RECOVERY_METRICS_PORT") else None,

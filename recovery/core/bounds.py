@@ -111,6 +111,21 @@ def _attempt(entry: Any, message_max_chars: int) -> dict:
         clean["exception_message"] = _text(entry["exception_message"], message_max_chars)
     if "delay_seconds" in entry:
         clean["delay_seconds"] = delay_seconds(entry["delay_seconds"])
+    if isinstance(entry.get("broker_death"), Mapping):
+        clean["broker_death"] = _broker_death(entry["broker_death"])
+    return clean
+
+
+def _broker_death(death: Mapping) -> dict:
+    """The broker's own account of why it gave a message up (RabbitMQ's ``x-death``:
+    recovery.delivery.broker_dead_letters), its known fields only."""
+    clean: dict[str, Any] = {}
+    for name in ("count", "delivery_count"):
+        if name in death:
+            clean[name] = _integer(death[name])
+    for name, limit in (("reason", 64), ("queue", 255), ("time", 64)):
+        if name in death:
+            clean[name] = _text(death[name], limit)
     return clean
 
 

@@ -1,8 +1,8 @@
 """Tell a clean hand-back from a loss, so that deploys do not count as crashes.
 
 On a clean (warm) shutdown the worker finishes what runs and gives back what it only
-held: prefetched messages, and countdown/ETA messages waiting in its memory. The Redis
-transport puts them back marked ``redelivered``, the very mark a message gets when the
+held: prefetched messages, and countdown/ETA messages waiting in its memory. The broker
+(Redis or RabbitMQ) puts them back marked ``redelivered``, the very mark a message gets when the
 worker holding it died, and ``RecoveryRequest`` counts every redelivered receipt
 towards ``MAX_DELIVERIES``. So the worker, last thing before its channel hands them
 back, tells the delivery counts that these deliveries were not lost
@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import bootsteps
-from celery.worker.state import active_requests
+from celery.worker.state import active_requests, reserved_requests, scheduled_requests
 from django.db import Error as DatabaseError
 
 from ..store.deliveries import note_handed_back
@@ -31,13 +31,20 @@ logger = logger_for(__name__)
 
 def handed_back_ids(consumer: Any) -> set[str]:
     """Ids of the messages this worker still holds unacknowledged and never started: what
-    its channel will give back when it closes. Empty for transports that keep no such
-    record (AMQP brokers redeliver unacknowledged messages themselves)."""
-    task_consumer = getattr(consumer, "task_consumer", None)
-    qos = getattr(getattr(task_consumer, "channel", None), "qos", None)
-    delivered = getattr(qos, "_delivered", None) or {}
+    its channel will give back when it closes.
+
+    Virtual transports (Redis) keep the unacknowledged deliveries on the channel; AMQP
+    brokers keep them on the server, so there the worker's own record says which requests
+    it received (or holds for their ETA) without starting them."""
     # A task still running here was not handed back: a cold shutdown is ending it.
     running = {request.id for request in tuple(active_requests)}
+    task_consumer = getattr(consumer, "task_consumer", None)
+    qos = getattr(getattr(task_consumer, "channel", None), "qos", None)
+    delivered = getattr(qos, "_delivered", None)
+    if delivered is None:
+        held = (*tuple(reserved_requests), *tuple(scheduled_requests))
+        return {str(request.id) for request in held
+                if request.id and request.id not in running}
     ids = set()
     for message in list(delivered.values()):
         headers = getattr(message, "headers", None) or {}

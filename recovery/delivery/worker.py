@@ -104,8 +104,11 @@ def _decoded_args(body: Any, content_type: str) -> tuple[list, dict]:
 
 def park_poison(*, task_id: str | None, task_name: str, body: Any, content_type: str,
                 headers: dict | None, delivery_info: dict | None, exc: BaseException | None,
-                reason: str, kind: FailureKind = FailureKind.POISON, hostname: str = "") -> Any:
-    """Park a message that cannot run as a dead letter keeping its raw body."""
+                reason: str, kind: FailureKind = FailureKind.POISON, hostname: str = "",
+                attempt: int = 1, history_extra: dict | None = None) -> Any:
+    """Park a message that cannot run as a dead letter keeping its raw body.
+    ``history_extra`` adds to the attempt's history entry what only the caller knows
+    (the broker's own account of why it gave the message up)."""
     raw = _raw_text(body)
     if not task_id:
         task_id = "poison-" + hashlib.sha256(_body_bytes(body)).hexdigest()
@@ -127,12 +130,13 @@ def park_poison(*, task_id: str | None, task_name: str, body: Any, content_type:
         content_type=content_type or "",
         history=[{
             "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "attempt": 1,
+            "attempt": attempt,
             "replay": 0,
             "exception_type": exception_path(exc) if exc is not None else "",
             "exception_message": (str(exc) if exc is not None else reason)[:500],
             "kind": kind.value,
             "delay_seconds": None,
+            **(history_extra or {}),
         }],
         queue=delivery_info.get("routing_key") or "",
         worker=hostname,

@@ -32,6 +32,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from .. import conf
+from ..core.brokers import broker_delay
 from ..store.models import OutboxMessage
 from ..core.names import logger_for
 
@@ -116,8 +117,10 @@ def _failed(row: OutboxMessage, exc: BaseException, using: str) -> None:
 def _publish(row: OutboxMessage, app: Any, using: str, connection: Any) -> bool:
     """With the row locked: publish it and mark it sent, or record why not."""
     options: dict[str, Any] = {"task_id": row.task_id, "retry": False, "connection": connection}
-    if row.not_before is not None and row.not_before > timezone.now():
-        options["eta"] = row.not_before
+    wait = (row.not_before - timezone.now()).total_seconds() if row.not_before else 0.0
+    if wait > 0:
+        # As a countdown, rounded to what the broker can carry (RabbitMQ: whole seconds).
+        options["countdown"] = broker_delay(app, wait)
     try:
         make_signature(row.signature, app=app).apply_async(**options)
     except Exception as exc:  # noqa: BLE001 - the broker is down or refused it

@@ -25,7 +25,7 @@ _client = None
 def store() -> redis.Redis:
     global _client
     if _client is None:
-        _client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+        _client = redis.Redis.from_url(settings.TEST_STORE_URL)
     return _client
 
 

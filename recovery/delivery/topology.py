@@ -1,0 +1,134 @@
+"""What the broker must look like for recovery's guarantees, chosen by the broker's URL.
+
+A project picks its broker with one variable (``CELERY_BROKER_URL``); ``recovery.setup``
+derives the rest here, when Celery reads its configuration:
+
+* **Redis** (and other virtual transports): a visibility timeout, and a faster scan for
+  messages stranded by a dead worker (:mod:`recovery.delivery.visibility` keeps live
+  workers' messages invisible).
+* **RabbitMQ** (``amqp://``, ``pyamqp://``): quorum queues on a topic exchange, publisher
+  confirms, and a broker-side delivery limit with a dead-letter exchange as the second
+  line of defence against crash loops. recovery's own delivery cap
+  (``RECOVERY["MAX_DELIVERIES"]``, :mod:`recovery.store.deliveries`) parks a task that
+  keeps killing its worker; when it cannot (its database is down, say), RabbitMQ stops
+  the loop after ``RECOVERY["BROKER_DELIVERY_LIMIT"]`` deliveries and
+  dead-letters the message, and the workers move it into the ``DeadLetter`` table
+  (:mod:`recovery.delivery.broker_dead_letters`). Countdown retries use Celery's native
+  delayed delivery, which needs exactly these queues. There is no visibility timeout on
+  RabbitMQ: an unacknowledged message returns the moment its worker's connection dies.
+
+A project that declares its own ``task_queues`` keeps them as they are (the system check
+``recovery.W020`` says what its queues lack); ``RECOVERY["BROKER_TOPOLOGY"] = "off"``
+leaves every broker setting alone. Switching an existing RabbitMQ ``celery`` queue from
+classic to quorum needs that queue drained and deleted first (docs/brokers.md): RabbitMQ
+refuses to redeclare a queue with other arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from kombu import Exchange, Queue
+
+from .. import conf
+from ..core.brokers import AMQP, REDIS, SQS, broker_kind
+
+__all__ = [
+    "AMQP",
+    "REDIS",
+    "SQS",
+    "DEAD_LETTER_EXCHANGE",
+    "DEAD_LETTER_QUEUE",
+    "broker_kind",
+    "delivery_limit",
+    "quorum_queue_arguments",
+    "dead_letter_queue",
+    "apply",
+]
+
+#: Where RabbitMQ sends what exceeded its delivery limit, and the queue the workers drain.
+DEAD_LETTER_EXCHANGE = "recovery.dead_letter"
+DEAD_LETTER_QUEUE = "recovery.dead_letters"
+
+
+def delivery_limit() -> int:
+    """RabbitMQ's ``x-delivery-limit``: past recovery's own cap, so that the broker only
+    acts when recovery could not. A setting of its own rather than derived from
+    ``MAX_DELIVERIES``: it is fixed when a queue is first declared."""
+    return int(conf.get("BROKER_DELIVERY_LIMIT"))
+
+
+def quorum_queue_arguments() -> dict[str, Any]:
+    """Arguments of a task queue on RabbitMQ: quorum, delivery-limited, dead-lettered
+    at least once (RabbitMQ keeps a dead-lettered message until the dead-letter queue
+    confirms it, which needs ``reject-publish`` overflow)."""
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": delivery_limit(),
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+def dead_letter_queue() -> Queue:
+    """The queue RabbitMQ dead-letters into, bound to a fanout exchange so that every task
+    queue's dead letters land in it whatever their routing key."""
+    exchange = Exchange(DEAD_LETTER_EXCHANGE, type="fanout", durable=True)
+    return Queue(DEAD_LETTER_QUEUE, exchange, routing_key="#", durable=True,
+                 queue_arguments={"x-queue-type": "quorum"})
+
+
+def apply(app_conf: Any) -> None:
+    """Complete a Celery app's configuration for its broker (see the module docstring).
+    Settings the project made itself win."""
+    topology = conf.get("BROKER_TOPOLOGY")
+    if topology == "off":
+        return
+    kind = broker_kind(app_conf.broker_url)
+    if kind == AMQP:
+        _rabbitmq(app_conf)
+    elif kind != SQS:
+        _virtual_transport(app_conf)
+
+
+def _virtual_transport(app_conf: Any) -> None:
+    options = dict(app_conf.broker_transport_options or {})
+    options.setdefault("visibility_timeout", float(conf.get("VISIBILITY_TIMEOUT_SECONDS")))
+    # Scan for stranded messages every 10 s instead of kombu's ~100 s.
+    options.setdefault("unacked_restore_interval", 10)
+    options.setdefault("unacked_restore_throttle", 1)
+    app_conf.broker_transport_options = options
+
+
+def _rabbitmq(app_conf: Any) -> None:
+    options = dict(app_conf.broker_transport_options or {})
+    options.setdefault("confirm_publish", True)
+    app_conf.broker_transport_options = options
+    if app_conf.task_queues:
+        return  # the project's own queues (recovery.W020 checks them)
+    exchange = Exchange(app_conf.task_default_exchange or app_conf.task_default_queue,
+                        type="topic", durable=True)
+    app_conf.update(
+        task_default_queue_type="quorum",
+        task_default_exchange_type="topic",
+        task_create_missing_queue_type="quorum",
+        task_create_missing_queue_exchange_type="topic",
+        task_queues=(Queue(app_conf.task_default_queue, exchange,
+                           routing_key=app_conf.task_default_routing_key
+                           or app_conf.task_default_queue,
+                           durable=True, queue_arguments=quorum_queue_arguments()),),
+    )
+
+
+def missing_protection(queues: Mapping[str, Queue] | Any) -> list[str]:
+    """Names of the project's RabbitMQ queues that RabbitMQ would let loop forever (no
+    delivery limit or no dead-letter exchange): for the system check."""
+    names = []
+    for queue in (queues.values() if isinstance(queues, Mapping) else queues or ()):
+        arguments = queue.queue_arguments or {}
+        if not arguments.get("x-delivery-limit") or not arguments.get("x-dead-letter-exchange"):
+            names.append(queue.name)
+    return names

@@ -1,0 +1,149 @@
+"""recovery.delivery.topology and recovery.core.brokers: the broker's URL decides the
+rest of its configuration; what the project set itself wins."""
+
+from __future__ import annotations
+
+import pytest
+from celery import Celery
+from kombu import Exchange, Queue
+
+import recovery
+from recovery.checks import check_recovery_settings
+from recovery.core.brokers import broker_delay, broker_kind, uses_native_delayed_delivery
+from recovery.delivery import topology
+from recovery.delivery.broker_dead_letters import death_account
+
+
+@pytest.mark.parametrize(("url", "kind"), [
+    ("amqp://guest:guest@127.0.0.1:5672//", "amqp"),
+    ("pyamqp://h/vhost", "amqp"),
+    ("amqps://h", "amqp"),
+    ("redis://127.0.0.1:6379/0", "redis"),
+    ("rediss://h:6380/0", "redis"),
+    ("sentinel://h:26379;sentinel://h2:26379", "redis"),
+    ("sqs://key:secret@127.0.0.1:5000", "sqs"),
+    ("sqs://", "sqs"),
+    ("filesystem://", "filesystem"),
+    ("amqp://a//;amqp://b//", "amqp"),
+    ("", ""),
+    (None, ""),
+])
+def test_the_broker_kind_is_read_from_the_url(url, kind):
+    assert broker_kind(url) == kind
+
+
+@pytest.fixture(autouse=True)
+def _broker_from_the_app(monkeypatch):
+    # Celery takes CELERY_BROKER_URL from the environment over the app's own broker.
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+
+
+def _app(url: str, **conf) -> Celery:
+    app = Celery("topology-test", broker=url, set_as_current=False)
+    app.conf.update(**conf)
+    return recovery.setup(app)
+
+
+def test_rabbitmq_gets_delivery_limited_dead_lettering_quorum_queues_on_a_topic_exchange():
+    app = _app("amqp://guest:guest@127.0.0.1:5672//")
+    queue = app.amqp.queues["celery"]
+
+    assert app.conf.task_default_queue_type == "quorum"
+    assert app.conf.task_create_missing_queue_type == "quorum"
+    assert queue.exchange.type == "topic" and queue.exchange.name == "celery"
+    assert queue.routing_key == "celery"
+    assert queue.queue_arguments == {
+        "x-queue-type": "quorum", "x-delivery-limit": 20,
+        "x-dead-letter-exchange": "recovery.dead_letter",
+        "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+    assert app.conf.broker_transport_options["confirm_publish"] is True
+    assert "visibility_timeout" not in app.conf.broker_transport_options
+    assert uses_native_delayed_delivery(app)
+
+
+def test_the_delivery_limit_and_the_default_queue_follow_the_settings(settings):
+    settings.RECOVERY = {**settings.RECOVERY, "BROKER_DELIVERY_LIMIT": 7}
+    app = _app("amqp://h//", task_default_queue="orders")
+
+    queue = app.amqp.queues["orders"]
+    assert queue.queue_arguments["x-delivery-limit"] == 7
+    assert queue.exchange.name == "orders" and queue.routing_key == "orders"
+
+
+def test_a_projects_own_rabbitmq_queues_and_options_are_kept():
+    own = Queue("mine", Exchange("mine", type="direct"), routing_key="mine")
+    app = _app("amqp://h//", task_queues=(own,),
+               broker_transport_options={"confirm_publish": False})
+
+    assert list(app.amqp.queues) == ["mine"]
+    assert app.amqp.queues["mine"].queue_arguments is None
+    assert app.conf.broker_transport_options["confirm_publish"] is False
+    assert topology.missing_protection(app.amqp.queues) == ["mine"]
+
+
+def test_redis_gets_the_visibility_timeout_and_keeps_classic_queues():
+    app = _app("redis://127.0.0.1:6379/0")
+
+    assert app.conf.broker_transport_options["visibility_timeout"] > 0
+    assert app.conf.task_default_queue_type == "classic"
+    assert not uses_native_delayed_delivery(app)
+
+
+def test_topology_off_leaves_every_broker_setting_alone(settings):
+    settings.RECOVERY = {**settings.RECOVERY, "BROKER_TOPOLOGY": "off"}
+    for url in ("amqp://h//", "redis://h/0"):
+        app = _app(url)
+        assert app.conf.task_default_queue_type == "classic"
+        assert not app.conf.broker_transport_options
+        assert not app.conf.task_queues
+
+
+@pytest.mark.parametrize(("seconds", "expected"), [(0.16, 1.0), (1.0, 1.0), (1.2, 2.0),
+                                                    (29.5, 30.0), (0, 0)])
+def test_native_delayed_delivery_carries_whole_seconds_rounded_up(seconds, expected):
+    assert broker_delay(_app("amqp://h//"), seconds) == expected
+
+
+def test_other_brokers_carry_a_delay_as_it_is():
+    assert broker_delay(_app("redis://h/0"), 0.16) == 0.16
+
+
+def test_rabbitmqs_account_of_a_dead_letter_is_read_from_its_headers():
+    from datetime import datetime, timezone
+
+    at = datetime(2026, 12, 5, 12, 0, tzinfo=timezone.utc)
+    account = death_account({"x-death": [{"reason": "delivery_limit", "queue": "orders",
+                                          "count": 2, "time": at}],
+                             "x-delivery-count": 21})
+    assert account == {"reason": "delivery_limit", "queue": "orders", "count": 2,
+                       "time": "2026-12-05T12:00:00+00:00", "delivery_count": 21}
+    # forged or missing headers give an account that says it does not know
+    assert death_account({"x-death": "nonsense", "x-delivery-count": "x"}) == {
+        "reason": "unknown", "queue": "", "count": 1, "time": "", "delivery_count": None}
+    assert death_account(None)["reason"] == "unknown"
+
+
+def test_a_broken_broker_setting_is_an_error_at_start_up(settings):
+    settings.RECOVERY = {**settings.RECOVERY, "BROKER_TOPOLOGY": "quorum"}
+    assert [p.id for p in check_recovery_settings()] == ["recovery.E030"]
+    settings.RECOVERY = {**settings.RECOVERY, "BROKER_TOPOLOGY": "auto",
+                         "BROKER_DELIVERY_LIMIT": settings.RECOVERY["MAX_DELIVERIES"]}
+    problems = check_recovery_settings()
+    assert [p.id for p in problems] == ["recovery.E031"]
+    assert "not above MAX_DELIVERIES" in problems[0].msg
+    settings.RECOVERY = {**settings.RECOVERY, "BROKER_DELIVERY_LIMIT": "20"}
+    assert [p.id for p in check_recovery_settings()] == ["recovery.E031"]
+
+
+def test_unprotected_rabbitmq_queues_of_the_project_are_a_warning(settings):
+    from celery import current_app
+
+    own = Queue("mine", Exchange("mine", type="topic"), routing_key="mine")
+    before = (current_app.conf.broker_url, current_app.conf.task_queues)
+    current_app.conf.broker_url, current_app.conf.task_queues = "amqp://h//", (own,)
+    try:
+        problems = check_recovery_settings()
+    finally:
+        current_app.conf.broker_url, current_app.conf.task_queues = before
+    assert [p.id for p in problems] == ["recovery.W020"]
+    assert "mine" in problems[0].msg
