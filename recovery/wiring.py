@@ -31,13 +31,15 @@ PRESENCE = "recovery.delivery.presence:Presence"
 # By name: the steps' modules import the models, and setup() may run before Django is.
 HOUSEKEEPING = "recovery.delivery.housekeeping:Housekeeping"
 BROKER_DEAD_LETTERS = "recovery.delivery.broker_dead_letters:BrokerDeadLetters"
+SQS_DEAD_LETTERS = "recovery.delivery.sqs_dead_letters:SqsDeadLetters"
 _REUSE_FOREVER = 2**31
 
 
 def setup(app: Celery) -> Celery:
     """Install the poison-parking consumer, the housekeeping timers, the hand-back of
     unused deliveries on shutdown, the live-worker stamp the watchdog reads, the broker's
-    topology (:mod:`recovery.delivery.topology`) and the drain of its dead letters,
+    topology (:mod:`recovery.delivery.topology`) and the drain of its dead letters
+    (RabbitMQ's dead-letter exchange, SQS's redrive),
     database connection reuse and the watchdog's Celery beat entry.
     Returns ``app``."""
     app.conf.update(
@@ -48,7 +50,7 @@ def setup(app: Celery) -> Celery:
         # checks, broken connections) decide when to reconnect: see _reuse_connection.
         CELERY_DB_REUSE_MAX=_REUSE_FOREVER,
     )
-    for step in (HOUSEKEEPING, HANDBACK, PRESENCE, BROKER_DEAD_LETTERS):
+    for step in (HOUSEKEEPING, HANDBACK, PRESENCE, BROKER_DEAD_LETTERS, SQS_DEAD_LETTERS):
         if step not in app.steps["consumer"]:
             app.steps["consumer"].add(step)
 

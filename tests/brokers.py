@@ -1,14 +1,18 @@
 """The broker matrix: which broker the suite runs on, and how a test empties it.
 
 ``make test`` runs the whole suite on Redis, then the integration suite on RabbitMQ
-(TEST_BROKER_URL=amqp://…/celery_recovery_test). A test that cannot hold on a broker says
-why with ``@only_on("redis", reason=…)``: it is reported as skipped with that reason on
-the others, never silently.
+(TEST_BROKER_URL=amqp://…/celery_recovery_test) and on Amazon SQS (TEST_BROKER_URL=sqs://moto:
+moto's server mode on a free loopback port, started by the test session; any other
+sqs:// URL is used as it is). A test that cannot hold on a broker says why with
+``@only_on("redis", reason=…)``: it is reported as skipped with that reason on the
+others, never silently.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 from kombu import Connection
@@ -16,9 +20,40 @@ from kombu.exceptions import OperationalError
 
 from recovery.delivery import topology
 
-__all__ = ["BROKER", "only_on", "empty_broker", "queues_of_the_runtime"]
+__all__ = ["BROKER", "MOTO", "only_on", "empty_broker", "queues_of_the_runtime",
+           "moto_server", "sqs_client"]
 
 BROKER = topology.broker_kind(os.environ.get("TEST_BROKER_URL", "redis://"))
+#: TEST_BROKER_URL's sentinel for "moto's SQS server, started by the tests".
+MOTO = "sqs://moto"
+
+
+@contextmanager
+def moto_server(url: str) -> Iterator[str]:
+    """moto's SQS server (``ThreadedMotoServer``) on the URL's loopback port (tests/settings.py
+    reserved it for TEST_BROKER_URL=sqs://moto), shared by
+    the test process and the worker subprocesses; stopped on exit."""
+    from urllib.parse import urlsplit
+
+    from moto.server import ThreadedMotoServer
+
+    # AWS lets a queue be purged once a minute; the tests purge between every two tests
+    # (empty_broker), and moto only follows AWS there when told to.
+    os.environ["MOTO_SQS_ENFORCE_STRICT_QUEUE_PURGE_BEHAVIOUR"] = "false"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=urlsplit(url).port, verbose=False)
+    server.start()
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+@contextmanager
+def sqs_client(url: str) -> Iterator[object]:
+    """A boto3 SQS client configured as the workers' (recovery.delivery.topology)."""
+    with Connection(url, transport_options=topology.sqs_transport_options(url),
+                    connect_timeout=5) as connection:
+        yield connection.default_channel.sqs()
 
 
 def only_on(*kinds: str, reason: str):
@@ -33,8 +68,16 @@ def queues_of_the_runtime() -> list[str]:
 
 
 def empty_broker(url: str, extra: tuple[str, ...] = ()) -> None:
-    """Purge the runtime's queues (and ``extra``) on RabbitMQ; Redis is flushed by its
-    client. A queue that does not exist yet is fine."""
+    """Purge the runtime's queues (and ``extra``) on RabbitMQ, and every queue on SQS;
+    Redis is flushed by its client. A queue that does not exist yet is fine."""
+    if topology.broker_kind(url) == topology.SQS:
+        with sqs_client(url) as client:
+            for queue_url in client.list_queues().get("QueueUrls", []):
+                try:
+                    client.purge_queue(QueueUrl=queue_url)
+                except client.exceptions.QueueDoesNotExist:
+                    pass
+        return
     if topology.broker_kind(url) != topology.AMQP:
         return
     with Connection(url, connect_timeout=5) as connection:

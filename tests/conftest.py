@@ -3,6 +3,22 @@ import redis
 from django.conf import settings
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _sqs_server():
+    """moto's SQS server when the suite runs on TEST_BROKER_URL=sqs://moto (tests/settings.py
+    chose its port), for the test process and the workers; nothing on other brokers."""
+    import os
+
+    url = os.environ.get("TEST_MOTO_URL")
+    if not url:
+        yield None
+        return
+    from tests.brokers import moto_server
+
+    with moto_server(url):
+        yield url
+
+
 @pytest.fixture(autouse=True)
 def _isolated_spool(settings, tmp_path):
     """Each test gets its own dead-letter spool directory."""

@@ -1,10 +1,12 @@
-"""Test settings: real PostgreSQL, Redis and (for the broker matrix) RabbitMQ on
-localhost, found through TEST_DATABASE_URL, TEST_BROKER_URL and TEST_STORE_URL (defaults
+"""Test settings: real PostgreSQL, Redis and (for the broker matrix) RabbitMQ or moto's
+SQS server on localhost, found through TEST_DATABASE_URL, TEST_BROKER_URL and TEST_STORE_URL (defaults
 below).
 
 TEST_BROKER_URL is the broker the workers use; TEST_STORE_URL is the Redis where test
 tasks record their runs and the workers share circuit state. With a Redis broker both
-are the same database, as in most deployments; with RabbitMQ the store stays on Redis.
+are the same database, as in most deployments; with RabbitMQ or SQS the store stays on
+Redis. TEST_BROKER_URL=sqs://moto starts moto's SQS server for the session
+(tests/brokers.py).
 """
 
 import json
@@ -13,6 +15,16 @@ import os
 import dj_database_url
 
 os.environ.setdefault("CELERY_BROKER_URL", os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/11"))
+if os.environ["CELERY_BROKER_URL"] == "sqs://moto":
+    # moto's SQS server on a free port, started by the session (tests/conftest.py); the
+    # worker subprocesses inherit the concrete URL.
+    import socket
+
+    _probe = socket.socket()
+    _probe.bind(("127.0.0.1", 0))
+    os.environ["CELERY_BROKER_URL"] = os.environ["TEST_MOTO_URL"] = (
+        f"sqs://testing:testing@127.0.0.1:{_probe.getsockname()[1]}")
+    _probe.close()
 # DEBUG is off, as in production; the suite (and its workers, which inherit this) needs a key.
 os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-key-" + "x" * 50)
 

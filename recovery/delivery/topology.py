@@ -16,6 +16,14 @@ derives the rest here, when Celery reads its configuration:
   (:mod:`recovery.delivery.broker_dead_letters`). Countdown retries use Celery's native
   delayed delivery, which needs exactly these queues. There is no visibility timeout on
   RabbitMQ: an unacknowledged message returns the moment its worker's connection dies.
+* **Amazon SQS** (``sqs://``): the queues' visibility timeout, which live workers extend
+  (ChangeMessageVisibility, :mod:`recovery.delivery.visibility`); on a loopback host (a
+  local SQS-API server such as moto or ElasticMQ) plain HTTP and a region of its own,
+  on AWS the region from the environment. Each task queue gets SQS's own redrive: a
+  dead-letter queue (``<queue>-dead-letters``) and a ``RedrivePolicy`` with
+  ``maxReceiveCount`` = ``BROKER_DELIVERY_LIMIT``, set by the workers when the queue has
+  none (:mod:`recovery.delivery.sqs_dead_letters`, which also drains it into the
+  ``DeadLetter`` table).
 
 A project that declares its own ``task_queues`` keeps them as they are (the system check
 ``recovery.W020`` says what its queues lack); ``RECOVERY["BROKER_TOPOLOGY"] = "off"``
@@ -26,6 +34,10 @@ refuses to redeclare a queue with other arguments.
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import math
+import os
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -45,6 +57,11 @@ __all__ = [
     "delivery_limit",
     "quorum_queue_arguments",
     "dead_letter_queue",
+    "SQS_DEAD_LETTER_SUFFIX",
+    "sqs_transport_options",
+    "sqs_dead_letter_queue_name",
+    "sqs_redrive_policy",
+    "is_loopback_url",
     "apply",
 ]
 
@@ -52,9 +69,18 @@ __all__ = [
 DEAD_LETTER_EXCHANGE = "recovery.dead_letter"
 DEAD_LETTER_QUEUE = "recovery.dead_letters"
 
+#: The name of the dead-letter queue the workers give an SQS task queue: ``celery`` ->
+#: ``celery-dead-letters`` (``orders.fifo`` -> ``orders-dead-letters.fifo``: SQS wants a
+#: FIFO queue's dead-letter queue to be FIFO too).
+SQS_DEAD_LETTER_SUFFIX = "-dead-letters"
+#: SQS's longest queue name.
+_SQS_NAME_MAX = 80
+#: The region of a local SQS-API server when the environment names none.
+_LOCAL_REGION = "us-east-1"
+
 
 def delivery_limit() -> int:
-    """RabbitMQ's ``x-delivery-limit``: past recovery's own cap, so that the broker only
+    """RabbitMQ's ``x-delivery-limit`` and SQS's ``maxReceiveCount``: past recovery's own cap, so that the broker only
     acts when recovery could not. A setting of its own rather than derived from
     ``MAX_DELIVERIES``: it is fixed when a queue is first declared."""
     return int(conf.get("BROKER_DELIVERY_LIMIT"))
@@ -90,8 +116,73 @@ def apply(app_conf: Any) -> None:
     kind = broker_kind(app_conf.broker_url)
     if kind == AMQP:
         _rabbitmq(app_conf)
-    elif kind != SQS:
+    elif kind == SQS:
+        options = dict(app_conf.broker_transport_options or {})
+        for name, value in sqs_transport_options(app_conf.broker_url).items():
+            options.setdefault(name, value)
+        app_conf.broker_transport_options = options
+    else:
         _virtual_transport(app_conf)
+
+
+def is_loopback_url(url: str | None) -> bool:
+    """Whether a broker URL names this machine (``localhost``, ``127.0.0.0/8``, ``::1``):
+    a local SQS-API server, not AWS."""
+    first = str(url or "").split(";", 1)[0].strip()
+    try:
+        host = urlsplit(first).hostname or ""
+    except ValueError:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def sqs_transport_options(url: str | None) -> dict[str, Any]:
+    """kombu's SQS transport options recovery derives from the URL (the project's own
+    ``broker_transport_options`` win, key by key):
+
+    * ``visibility_timeout``: ``VISIBILITY_TIMEOUT_SECONDS`` in whole seconds, the
+      ``VisibilityTimeout`` of the queues kombu creates: how long a dead worker's messages
+      stay invisible. Live workers extend theirs.
+    * ``region``: ``AWS_REGION`` or ``AWS_DEFAULT_REGION``; for a local server without
+      either, ``us-east-1``. On AWS without either, kombu asks boto3 (``~/.aws/config``).
+    * a local server (loopback host) speaks plain HTTP (``is_secure`` off: kombu then
+      builds ``endpoint_url`` as ``http://host:port``), and is long-polled for one second
+      at a time: a message a worker gives back becomes visible again after
+      ``wait_time_seconds`` (kombu's requeue), and polling a local server costs nothing.
+      On AWS kombu's own 10-second long polls stay (each empty receive is billed).
+    """
+    options: dict[str, Any] = {
+        "visibility_timeout": max(0, math.ceil(float(conf.get("VISIBILITY_TIMEOUT_SECONDS")))),
+    }
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if is_loopback_url(url):
+        options.update(region=region or _LOCAL_REGION, is_secure=False,
+                       wait_time_seconds=1, polling_interval=0.1)
+    elif region:
+        options["region"] = region
+    return options
+
+
+def sqs_dead_letter_queue_name(queue_name: str) -> str:
+    """The SQS dead-letter queue recovery gives the SQS queue ``queue_name`` (the name as
+    SQS knows it, after kombu's prefix and character translation)."""
+    fifo = queue_name.endswith(".fifo")
+    base = queue_name[:-len(".fifo")] if fifo else queue_name
+    tail = SQS_DEAD_LETTER_SUFFIX + (".fifo" if fifo else "")
+    return base[:_SQS_NAME_MAX - len(tail)] + tail
+
+
+def sqs_redrive_policy(dead_letter_queue_arn: str) -> str:
+    """The ``RedrivePolicy`` attribute of a task queue: SQS moves a message received
+    ``BROKER_DELIVERY_LIMIT`` times to the dead-letter queue (the second line of defence,
+    as RabbitMQ's delivery limit: recovery's own cap, ``MAX_DELIVERIES``, comes first)."""
+    return json.dumps({"deadLetterTargetArn": dead_letter_queue_arn,
+                       "maxReceiveCount": str(delivery_limit())})
 
 
 def _virtual_transport(app_conf: Any) -> None:

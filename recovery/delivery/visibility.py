@@ -1,4 +1,4 @@
-"""Keep what a live worker holds invisible to the others (Redis transport).
+"""Keep what a live worker holds invisible to the others (Redis and SQS transports).
 
 Redis has no per-message lease: kombu records when each message was handed
 out and, past ``visibility_timeout``, gives it to another worker. A long
@@ -7,6 +7,13 @@ tasks and long ETA retries on a second worker (celery#2599, kombu#337). Like
 an SQS consumer calling ChangeMessageVisibility, each worker periodically
 bumps the delivery time of every message it still holds, so the timeout can
 be short: only the messages of a dead worker ever age past it.
+
+On SQS the lease is the broker's own: each message a worker received stays invisible
+for the queue's ``VisibilityTimeout``, then SQS gives it to another consumer. Each
+worker renews the lease of every message it still holds (running, prefetched, or
+waiting for its countdown) with ``ChangeMessageVisibilityBatch``, setting it to
+``VISIBILITY_TIMEOUT_SECONDS`` from now. SQS caps one message's invisibility at 12 hours
+from its receipt: a task that holds its message longer runs a second time.
 """
 
 from __future__ import annotations
@@ -18,19 +25,34 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from ..core.names import logger_for
 
-__all__ = ["extend_held_messages", "missing_internals"]
+__all__ = ["extend_held_messages", "missing_internals", "is_sqs_channel"]
 
 logger = logger_for(__name__)
 
 # kombu's private parts this module relies on (kombu.transport.redis / virtual).
 _CHANNEL_ATTRIBUTES = ("unacked_index_key", "conn_or_acquire", "qos")
+# ... and of kombu.transport.SQS (not imported: it needs boto3, an optional extra).
+_SQS_CHANNEL_ATTRIBUTES = ("sqs", "canonical_queue_name", "visibility_timeout",
+                           "predefined_queues", "qos")
+#: SQS changes the visibility of at most 10 messages per call.
+_SQS_BATCH = 10
+
+
+def is_sqs_channel(channel: Any) -> bool:
+    """Whether ``channel`` (an instance or a class) is a channel of kombu's SQS transport."""
+    cls = channel if isinstance(channel, type) else type(channel)
+    if cls.__module__.startswith("kombu.transport.SQS"):
+        return True
+    return getattr(getattr(channel, "connection", None), "driver_type", None) == "sqs"
 
 
 def missing_internals(channel: Any) -> str | None:
-    """What is missing, for a Redis channel (or kombu's Redis ``Channel`` class), of the
-    kombu internals the extension needs; None when all are there or the transport is not
-    Redis. A kombu upgrade that renamed them would otherwise let held tasks run twice."""
+    """What is missing, for a Redis or SQS channel (or kombu's ``Channel`` class of either),
+    of the kombu internals the extension needs; None when all are there or the transport
+    is neither. A kombu upgrade that renamed them would otherwise let held tasks run twice."""
     cls = channel if isinstance(channel, type) else type(channel)
+    if channel is not None and is_sqs_channel(channel):
+        return _missing_sqs_internals(cls)
     if channel is None or not issubclass(cls, kombu_redis.Channel):
         return None
     missing = [f"Channel.{name}" for name in _CHANNEL_ATTRIBUTES if not hasattr(channel, name)]
@@ -44,6 +66,52 @@ def missing_internals(channel: Any) -> str | None:
             f"run twice. Install a kombu release celery-recovery is tested with (5.7), or upgrade celery-recovery.")
 
 
+def _missing_sqs_internals(cls: type) -> str | None:
+    missing = [f"Channel.{name}" for name in _SQS_CHANNEL_ATTRIBUTES if not hasattr(cls, name)]
+    qos = getattr(cls, "QoS", None)
+    for name in ("_delivered", "_dirty"):
+        if qos is None or not hasattr(qos, name):
+            missing.append(f"QoS.{name}")
+    if not missing:
+        return None
+    return (f"kombu {version('kombu')} has no {', '.join(missing)} (kombu.transport.SQS): "
+            f"recovery.delivery.visibility cannot keep held messages invisible, so long tasks would "
+            f"run twice. Install a kombu release celery-recovery is tested with (5.7), or upgrade celery-recovery.")
+
+
+def _extend_sqs(channel: Any) -> int:
+    """ChangeMessageVisibility for every message the channel holds, per queue, in batches
+    of ten. Messages acknowledged meanwhile are skipped (their receipt is void)."""
+    qos = channel.qos
+    held = [(tag, message) for tag, message in list((qos._delivered or {}).items())
+            if tag not in qos._dirty]
+    by_queue: dict[tuple[str, str], list[str]] = {}
+    for tag, message in held:
+        info = getattr(message, "delivery_info", None) or {}
+        if info.get("sqs_queue"):
+            by_queue.setdefault((info["sqs_queue"], info.get("routing_key") or ""), []).append(tag)
+    timeout = int(channel.visibility_timeout)
+    extended = 0
+    for (url, routing_key), tags in by_queue.items():
+        name = channel.canonical_queue_name(routing_key) if routing_key else None
+        client = channel.sqs(queue=name if channel.predefined_queues else None)
+        for start in range(0, len(tags), _SQS_BATCH):
+            batch = [tag for tag in tags[start:start + _SQS_BATCH]
+                     if tag in qos._delivered and tag not in qos._dirty]
+            if not batch:
+                continue
+            answer = client.change_message_visibility_batch(QueueUrl=url, Entries=[
+                {"Id": str(index), "ReceiptHandle": tag, "VisibilityTimeout": timeout}
+                for index, tag in enumerate(batch)])
+            extended += len(answer.get("Successful") or ())
+            for failed in answer.get("Failed") or ():
+                logger.debug("recovery: SQS did not extend a held message (%s: %s)",
+                             failed.get("Code"), failed.get("Message"))
+    if extended:
+        logger.debug("recovery: extended SQS visibility of %d held message(s)", extended)
+    return extended
+
+
 def extend_held_messages(consumer) -> int:
     """Refresh the visibility of every unacknowledged message on this worker's channel.
 
@@ -53,6 +121,11 @@ def extend_held_messages(consumer) -> int:
     """
     task_consumer = getattr(consumer, "task_consumer", None)
     channel = getattr(task_consumer, "channel", None)
+    if channel is not None and is_sqs_channel(channel):
+        problem = missing_internals(channel)
+        if problem:
+            raise RuntimeError(problem)
+        return _extend_sqs(channel)
     if channel is None or not isinstance(channel, kombu_redis.Channel):
         return 0
     problem = missing_internals(channel)

@@ -102,6 +102,20 @@ def _decoded_args(body: Any, content_type: str) -> tuple[list, dict]:
     return [], {}
 
 
+def _received_before(message: Any) -> bool:
+    """Whether SQS handed this message out before: SQS never rewrites a message, so its
+    ``redelivered`` mark stays what the publisher wrote, and its own receive count says
+    whether a worker lost it (or gave it back) already."""
+    sqs_message = (getattr(message, "delivery_info", None) or {}).get("sqs_message")
+    if not isinstance(sqs_message, dict):
+        return False
+    count = (sqs_message.get("Attributes") or {}).get("ApproximateReceiveCount")
+    try:
+        return int(count) > 1
+    except (TypeError, ValueError):
+        return False
+
+
 def park_poison(*, task_id: str | None, task_name: str, body: Any, content_type: str,
                 headers: dict | None, delivery_info: dict | None, exc: BaseException | None,
                 reason: str, kind: FailureKind = FailureKind.POISON, hostname: str = "",
@@ -261,7 +275,8 @@ class RecoveryRequest(Request):
         # Counted on receipt, once per delivery: Celery asks revoked() on receipt too when
         # the message has `expires`, and a message handed back unused on a clean shutdown
         # takes its delivery back (recovery.delivery.handback) only if it was counted when received.
-        if (self.delivery_info or {}).get("redelivered") or self._request_dict.get("redelivered"):
+        if (self.delivery_info or {}).get("redelivered") or self._request_dict.get("redelivered") \
+                or _received_before(message):
             self._recovery_count = self._count_delivery()
 
     def _mask_reprs(self) -> None:
