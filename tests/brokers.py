@@ -11,6 +11,7 @@ others, never silently.
 from __future__ import annotations
 
 import os
+import socket
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -21,11 +22,20 @@ from kombu.exceptions import OperationalError
 from recovery.delivery import topology
 
 __all__ = ["BROKER", "MOTO", "only_on", "empty_broker", "queues_of_the_runtime",
-           "moto_server", "sqs_client"]
+           "free_sqs_url", "moto_server", "sqs_client"]
 
 BROKER = topology.broker_kind(os.environ.get("TEST_BROKER_URL", "redis://"))
 #: TEST_BROKER_URL's sentinel for "moto's SQS server, started by the tests".
 MOTO = "sqs://moto"
+
+
+def free_sqs_url() -> str:
+    """An sqs:// URL on a free loopback port, for a moto server to start on."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return f"sqs://testing:testing@127.0.0.1:{port}"
 
 
 @contextmanager

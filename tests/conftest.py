@@ -19,6 +19,19 @@ def _sqs_server():
         yield url
 
 
+@pytest.fixture(scope="session")
+def sqs_url(_sqs_server):
+    """An SQS-API server for tests of recovery's SQS side on any broker: the session's
+    moto server on SQS, one of its own otherwise."""
+    if _sqs_server:
+        yield _sqs_server
+        return
+    from tests.brokers import free_sqs_url, moto_server
+
+    with moto_server(free_sqs_url()) as url:
+        yield url
+
+
 @pytest.fixture(autouse=True)
 def _isolated_spool(settings, tmp_path):
     """Each test gets its own dead-letter spool directory."""

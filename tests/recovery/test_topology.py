@@ -3,6 +3,8 @@ rest of its configuration; what the project set itself wins."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from celery import Celery
 from kombu import Exchange, Queue
@@ -147,3 +149,68 @@ def test_unprotected_rabbitmq_queues_of_the_project_are_a_warning(settings):
         current_app.conf.broker_url, current_app.conf.task_queues = before
     assert [p.id for p in problems] == ["recovery.W020"]
     assert "mine" in problems[0].msg
+
+
+def test_a_local_sqs_server_gets_plain_http_a_region_and_short_polls(monkeypatch):
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    app = _app("sqs://testing:testing@127.0.0.1:4566")
+
+    options = app.conf.broker_transport_options
+    assert options["is_secure"] is False
+    assert options["region"] == "us-east-1"
+    assert options["visibility_timeout"] == 12  # VISIBILITY_TIMEOUT_SECONDS of the test settings
+    assert options["wait_time_seconds"] == 1
+    assert app.conf.task_default_queue_type == "classic" and not app.conf.task_queues
+
+
+def test_kombu_reaches_a_local_sqs_server_over_http_with_those_options(sqs_url):
+    from kombu import Connection
+
+    options = _app(sqs_url).conf.broker_transport_options
+    with Connection(sqs_url, transport_options=options) as connection:
+        channel = connection.default_channel
+        assert channel.endpoint_url.startswith("http://127.0.0.1:")
+        assert channel.sqs().list_queues()["ResponseMetadata"]["HTTPStatusCode"] == 200
+
+
+def test_aws_keeps_tls_and_takes_its_region_from_the_environment(monkeypatch):
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    options = _app("sqs://AKIAEXAMPLE:secret@").conf.broker_transport_options
+    assert options == {"visibility_timeout": 12, "region": "eu-west-1"}
+    monkeypatch.delenv("AWS_REGION")
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    assert "region" not in _app("sqs://").conf.broker_transport_options
+
+
+def test_the_projects_own_sqs_options_win_key_by_key(monkeypatch):
+    app = _app("sqs://k:s@localhost:9324",
+               broker_transport_options={"region": "eu-central-1", "visibility_timeout": 300})
+    options = app.conf.broker_transport_options
+    assert options["region"] == "eu-central-1" and options["visibility_timeout"] == 300
+    assert options["is_secure"] is False
+
+
+@pytest.mark.parametrize(("url", "loopback"), [
+    ("sqs://k:s@127.0.0.1:4566", True), ("sqs://k:s@localhost:9324", True),
+    ("sqs://k:s@[::1]:4566", True), ("sqs://k:s@sqs.eu-west-1.amazonaws.com", False),
+    ("sqs://", False), ("sqs://k:s@10.0.0.5:4566", False),
+])
+def test_only_a_loopback_host_is_a_local_sqs_server(url, loopback):
+    assert topology.is_loopback_url(url) is loopback
+
+
+@pytest.mark.parametrize(("queue", "dead"), [
+    ("celery", "celery-dead-letters"),
+    ("orders.fifo", "orders-dead-letters.fifo"),
+    ("x" * 80, "x" * 67 + "-dead-letters"),
+])
+def test_an_sqs_queues_dead_letter_queue_is_named_after_it_within_sqss_limits(queue, dead):
+    assert topology.sqs_dead_letter_queue_name(queue) == dead
+    assert len(dead) <= 80
+
+
+def test_the_redrive_policy_receives_a_message_broker_delivery_limit_times(settings):
+    settings.RECOVERY = {**settings.RECOVERY, "BROKER_DELIVERY_LIMIT": 9}
+    assert json.loads(topology.sqs_redrive_policy("arn:aws:sqs:us-east-1:1:q-dead-letters")) == {
+        "deadLetterTargetArn": "arn:aws:sqs:us-east-1:1:q-dead-letters", "maxReceiveCount": "9"}

@@ -83,3 +83,63 @@ def test_without_django_celery_results_internals_the_worker_refuses_to_start(hol
                                            f"{version('django-celery-results')} has no "
                                            "DatabaseBackend._get_extended_properties"):
         Housekeeping.require_internals(holding[0])
+
+
+@pytest.fixture
+def holding_on_sqs(sqs_url):
+    """A real kombu consumer on moto's SQS server holding one unacknowledged message of a
+    queue whose visibility timeout is 2 s."""
+    from recovery.delivery import topology
+
+    name = f"visibility-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    options = {**topology.sqs_transport_options(sqs_url), "visibility_timeout": 2}
+    with Connection(sqs_url, transport_options=options) as conn:
+        channel = conn.channel()
+        Producer(channel).publish({"n": 1}, exchange=queue.exchange, routing_key=name,
+                                  declare=[queue])
+        received = []
+        consumer = Consumer(channel, [queue], callbacks=[lambda body, msg: received.append(msg)])
+        consumer.qos(prefetch_count=1)
+        with consumer:
+            conn.drain_events(timeout=5)
+            assert len(received) == 1
+            yield SimpleNamespace(task_consumer=consumer, app=celery_app), channel, received[0]
+            if not received[0].acknowledged:
+                received[0].ack()
+        channel.close()
+
+
+def _sqs_counts(channel, message) -> tuple[int, int]:
+    """(visible, in flight) of the held message's queue."""
+    attributes = channel.sqs().get_queue_attributes(
+        QueueUrl=message.delivery_info["sqs_queue"],
+        AttributeNames=["ApproximateNumberOfMessages",
+                        "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+    return (int(attributes["ApproximateNumberOfMessages"]),
+            int(attributes["ApproximateNumberOfMessagesNotVisible"]))
+
+
+def test_the_real_sqs_channel_has_every_internal_the_extension_uses(holding_on_sqs):
+    consumer, channel, _ = holding_on_sqs
+    assert missing_internals(channel) is None
+    assert missing_internals(type(channel)) is None
+    Housekeeping.require_internals(consumer)
+
+
+def test_a_message_held_on_sqs_stays_invisible_past_its_visibility_timeout(holding_on_sqs):
+    # Given a message held for 1.5 s of its 2 s lease
+    consumer, channel, message = holding_on_sqs
+    time.sleep(1.5)
+    # When the worker extends what it holds
+    assert extend_held_messages(consumer) == 1
+    # Then SQS still hides it past the end of its first lease
+    time.sleep(1.5)
+    assert _sqs_counts(channel, message) == (0, 1)
+
+
+def test_an_acknowledged_sqs_message_is_not_extended(holding_on_sqs):
+    consumer, channel, message = holding_on_sqs
+    message.ack()
+    assert extend_held_messages(consumer) == 0
+    assert _sqs_counts(channel, message) == (0, 0)

@@ -63,3 +63,19 @@ def test_a_body_of_the_wrong_shape_counts_as_undecodable():
 
     assert request._body_undecodable()
     assert not request_for(TaskMessage(t.flaky_twice.name, args=[1]))._body_undecodable()
+
+
+@pytest.mark.parametrize(("receive_count", "counted"), [("1", False), ("2", True), (None, False)])
+def test_a_message_sqs_handed_out_before_counts_as_a_redelivery(receive_count, counted):
+    """SQS never rewrites a message: its redelivered mark stays what the publisher wrote,
+    and its ApproximateReceiveCount says a worker lost it (or gave it back) already."""
+    from recovery.store.models import DeliveryCount
+
+    message = TaskMessage(t.flaky_twice.name, args=["k"])
+    attributes = {"ApproximateReceiveCount": receive_count} if receive_count else {}
+    message.delivery_info = {"exchange": "", "routing_key": "celery", "redelivered": False,
+                             "sqs_message": {"Attributes": attributes}}
+    request = RecoveryRequest(message, app=app, task=app.tasks[t.flaky_twice.name],
+                              hostname="w1@host", on_ack=message.ack_log_error)
+
+    assert DeliveryCount.objects.filter(task_id=request.id).exists() is counted
