@@ -5,33 +5,48 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 
 # The broker matrix (docs/brokers.md): the whole suite on Redis, the integration suite
-# (real workers) again on RabbitMQ, in a vhost of its own.
+# (real workers) again on RabbitMQ, in a vhost of its own, and on Amazon SQS (moto's
+# server mode, started by the tests) when pycurl, which kombu's SQS transport needs, imports.
 RABBITMQ_TEST_URL ?= amqp://guest:guest@127.0.0.1:5672/celery_recovery_test
-# `make demo BROKER=rabbitmq` / `BROKER=redis`: the same demo on a local broker (the
-# embedded file-system broker without it).
+SQS_TEST_URL      ?= sqs://moto
+# `make demo BROKER=rabbitmq` / `BROKER=redis` / `BROKER=sqs`: the same demo on a local
+# broker (the embedded file-system broker without it; sqs: a local moto server,
+# scripts/with-local-sqs.py).
 BROKER ?=
 BROKER_URL_rabbitmq := amqp://guest:guest@127.0.0.1:5672//
 BROKER_URL_redis    := redis://127.0.0.1:6379/0
 
-.PHONY: demo test test-rabbitmq chaos bench install clean
+.PHONY: demo test test-rabbitmq test-sqs chaos bench install clean
 
 demo: $(STAMP)  ## run the example workflows on a worker, print what happened, serve the admin
 ifeq ($(BROKER),)
 	$(PY) manage.py demo
+else ifeq ($(BROKER),sqs)
+	$(PY) scripts/with-local-sqs.py $(PY) manage.py demo
 else
-	@test -n "$(BROKER_URL_$(BROKER))" || { echo "BROKER is rabbitmq or redis, not $(BROKER)" >&2; exit 2; }
+	@test -n "$(BROKER_URL_$(BROKER))" || { echo "BROKER is rabbitmq, redis or sqs, not $(BROKER)" >&2; exit 2; }
 	./scripts/ensure-services.sh
 	CELERY_BROKER_URL=$(BROKER_URL_$(BROKER)) $(PY) manage.py demo
 endif
 
-test: $(STAMP)  ## start the services if they are down, then run the whole suite on Redis and the integration suite on RabbitMQ
+test: $(STAMP)  ## start the services if they are down, then run the whole suite on Redis and the integration suite on RabbitMQ and SQS
 	./scripts/ensure-services.sh
 	$(PY) -m pytest
 	TEST_BROKER_URL=$(RABBITMQ_TEST_URL) $(PY) -m pytest tests/integration
+	@if $(PY) -c "import pycurl" 2>/dev/null; then \
+		echo "TEST_BROKER_URL=$(SQS_TEST_URL) pytest tests/integration"; \
+		TEST_BROKER_URL=$(SQS_TEST_URL) $(PY) -m pytest tests/integration; \
+	else \
+		echo "pycurl does not import: the SQS run of the integration suite is left out (pip install -r requirements.txt)" >&2; \
+	fi
 
 test-rabbitmq: $(STAMP)  ## the integration suite on RabbitMQ alone
 	./scripts/ensure-services.sh
 	TEST_BROKER_URL=$(RABBITMQ_TEST_URL) $(PY) -m pytest tests/integration
+
+test-sqs: $(STAMP)  ## the integration suite on SQS alone (moto's server, started by the tests)
+	./scripts/ensure-services.sh
+	TEST_BROKER_URL=$(SQS_TEST_URL) $(PY) -m pytest tests/integration
 
 chaos: $(STAMP)  ## the chaos suite alone, longer: CHAOS_TASKS tasks over CHAOS_SECONDS of faults
 	./scripts/ensure-services.sh

@@ -320,10 +320,18 @@ class SqsDeadLetters(bootsteps.StartStopStep):
 
     def start(self, c: Any) -> None:
         queues = [queue.name for queue in (getattr(c.task_consumer, "queues", None) or ())]
-        self._connection = c.app.connection_for_read()
-        redrive = Redrive(self._connection.default_channel, queues, c.hostname or "")
+        self._connection = connection = c.app.connection_for_read()
+        redrive: list[Redrive] = []
+
+        def drain() -> None:
+            # Connected on the thread, not in start(): SQS out of reach delays the
+            # drain, never the worker.
+            if not redrive:
+                redrive.append(Redrive(connection.default_channel, queues, c.hostname or ""))
+            redrive[0].drain()
+
         self._ticker = Ticker(
-            "recovery-sqs-dead-letters", [(DRAIN_INTERVAL_SECONDS, redrive.drain)],
+            "recovery-sqs-dead-letters", [(DRAIN_INTERVAL_SECONDS, drain)],
             on_start=lambda: db_timeouts.bound_thread_connection(statement=True),
             on_exit=_close_connection).start()
 
