@@ -22,7 +22,8 @@ from kombu.exceptions import OperationalError
 from recovery.delivery import topology
 
 __all__ = ["BROKER", "MOTO", "only_on", "empty_broker", "queues_of_the_runtime",
-           "free_sqs_url", "moto_server", "sqs_client"]
+           "free_sqs_url", "moto_server", "sqs_client", "sqs_messages", "proxied",
+           "broker_port"]
 
 BROKER = topology.broker_kind(os.environ.get("TEST_BROKER_URL", "redis://"))
 #: TEST_BROKER_URL's sentinel for "moto's SQS server, started by the tests".
@@ -104,3 +105,43 @@ def empty_broker(url: str, extra: tuple[str, ...] = ()) -> None:
                     channel.close()
                 except Exception:  # noqa: BLE001
                     pass
+
+
+def sqs_messages(url: str, queue: str = "celery") -> list[dict]:
+    """The kombu envelopes waiting in an SQS queue (as a Redis list holds them), decoded as
+    the workers decode them; received once each and left hidden for 30 s."""
+    from recovery.delivery.sqs_dead_letters import decode_sqs_body
+
+    found: dict[str, dict] = {}
+    with sqs_client(url) as client:
+        try:
+            queue_url = client.get_queue_url(QueueName=queue)["QueueUrl"]
+        except client.exceptions.QueueDoesNotExist:
+            return []
+        while True:
+            messages = client.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10,
+                                              VisibilityTimeout=30).get("Messages") or []
+            if not messages:
+                return list(found.values())
+            for message in messages:
+                found[message["MessageId"]] = decode_sqs_body(message["Body"])
+
+
+def proxied(url: str, port: int) -> tuple[str, dict]:
+    """The broker URL ``url`` as reached through a local proxy on ``port`` (the proxy
+    forwards to the broker's own port: :func:`broker_port`), and the transport options
+    a Celery app without ``recovery.setup`` needs for it."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if topology.broker_kind(url) == topology.SQS:
+        proxied_url = url.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{port}")
+        return proxied_url, topology.sqs_transport_options(proxied_url)
+    return f"redis://127.0.0.1:{port}/{url.rsplit('/', 1)[1]}", {}
+
+
+def broker_port(url: str) -> int:
+    """The broker's port (Redis's 6379 when the URL names none)."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).port or 6379

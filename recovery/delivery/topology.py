@@ -16,7 +16,8 @@ derives the rest here, when Celery reads its configuration:
   (:mod:`recovery.delivery.broker_dead_letters`). Countdown retries use Celery's native
   delayed delivery, which needs exactly these queues. There is no visibility timeout on
   RabbitMQ: an unacknowledged message returns the moment its worker's connection dies.
-* **Amazon SQS** (``sqs://``): the queues' visibility timeout, which live workers extend
+* **Amazon SQS** (``sqs://``): kombu's SQS transport repaired to outlive an unanswered
+  poll (:mod:`recovery.delivery.sqs_transport`), the queues' visibility timeout, which live workers extend
   (ChangeMessageVisibility, :mod:`recovery.delivery.visibility`); on a loopback host (a
   local SQS-API server such as moto or ElasticMQ) plain HTTP and a region of its own,
   on AWS the region from the environment. Each task queue gets SQS's own redrive: a
@@ -58,6 +59,7 @@ __all__ = [
     "quorum_queue_arguments",
     "dead_letter_queue",
     "SQS_DEAD_LETTER_SUFFIX",
+    "SQS_TRANSPORT",
     "sqs_transport_options",
     "sqs_dead_letter_queue_name",
     "sqs_redrive_policy",
@@ -75,6 +77,9 @@ DEAD_LETTER_QUEUE = "recovery.dead_letters"
 SQS_DEAD_LETTER_SUFFIX = "-dead-letters"
 #: SQS's longest queue name.
 _SQS_NAME_MAX = 80
+#: kombu's SQS transport, repaired so that an unanswered poll does not stop the worker
+#: (:mod:`recovery.delivery.sqs_transport`); by name: it imports boto3.
+SQS_TRANSPORT = "recovery.delivery.sqs_transport:Transport"
 #: The region of a local SQS-API server when the environment names none.
 _LOCAL_REGION = "us-east-1"
 
@@ -121,6 +126,8 @@ def apply(app_conf: Any) -> None:
         for name, value in sqs_transport_options(app_conf.broker_url).items():
             options.setdefault(name, value)
         app_conf.broker_transport_options = options
+        if not app_conf.broker_transport:
+            app_conf.broker_transport = SQS_TRANSPORT
     else:
         _virtual_transport(app_conf)
 

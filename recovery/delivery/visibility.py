@@ -32,8 +32,9 @@ logger = logger_for(__name__)
 # kombu's private parts this module relies on (kombu.transport.redis / virtual).
 _CHANNEL_ATTRIBUTES = ("unacked_index_key", "conn_or_acquire", "qos")
 # ... and of kombu.transport.SQS (not imported: it needs boto3, an optional extra).
+# ``_on_messages_ready``: recovery.delivery.sqs_transport repairs it.
 _SQS_CHANNEL_ATTRIBUTES = ("sqs", "canonical_queue_name", "visibility_timeout",
-                           "predefined_queues", "qos")
+                           "predefined_queues", "qos", "_on_messages_ready")
 #: SQS changes the visibility of at most 10 messages per call.
 _SQS_BATCH = 10
 
@@ -41,7 +42,7 @@ _SQS_BATCH = 10
 def is_sqs_channel(channel: Any) -> bool:
     """Whether ``channel`` (an instance or a class) is a channel of kombu's SQS transport."""
     cls = channel if isinstance(channel, type) else type(channel)
-    if cls.__module__.startswith("kombu.transport.SQS"):
+    if any(klass.__module__.startswith("kombu.transport.SQS") for klass in cls.__mro__):
         return True
     return getattr(getattr(channel, "connection", None), "driver_type", None) == "sqs"
 

@@ -15,6 +15,7 @@ from django.db import connection, transaction
 from recovery.workflows import outbox
 from recovery.models import OutboxMessage
 
+from ..brokers import BROKER, broker_port, proxied, sqs_messages
 from . import worker_tasks as t
 from .harness import TcpProxy, wait_for
 
@@ -28,6 +29,9 @@ class Rollback(Exception):
 
 
 def queued(store, queue: str = "celery") -> list[dict]:
+    """The messages waiting in a queue of the broker, as kombu envelopes."""
+    if BROKER == "sqs":
+        return sqs_messages(settings.CELERY_BROKER_URL, queue)
     return [json.loads(raw) for raw in store.lrange(queue, 0, -1)]
 
 
@@ -62,13 +66,13 @@ def test_nothing_is_published_before_the_commit_and_it_runs_once_after(start_wor
 
 def test_broker_down_at_the_commit_then_published_once_it_is_back(start_worker, store, key,
                                                                    worker_env):
-    # Given the web process and a worker that both reach Redis through a link that can fail
-    proxy = TcpProxy("127.0.0.1", 6379)
-    database = settings.CELERY_BROKER_URL.rsplit("/", 1)[1]
-    via_proxy = f"redis://127.0.0.1:{proxy.port}/{database}"
+    # Given the web process and a worker that both reach the broker through a link that can fail
+    proxy = TcpProxy("127.0.0.1", broker_port(settings.CELERY_BROKER_URL))
+    via_proxy, options = proxied(settings.CELERY_BROKER_URL, proxy.port)
     # (CELERY_BROKER_URL in the environment overrides a broker= argument; the write URL wins)
     web = Celery("web", set_as_current=False)
     web.conf.broker_write_url = via_proxy
+    web.conf.broker_transport_options = options
     try:
         start_worker(env={"CELERY_BROKER_URL": via_proxy})
         # When the broker is unreachable at the moment the transaction commits

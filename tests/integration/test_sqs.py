@@ -34,7 +34,7 @@ def _policy(name: str) -> dict:
         if url is None:
             return {}
         attributes = client.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"])
-        return json.loads(attributes["Attributes"].get("RedrivePolicy") or "{}")
+        return json.loads(attributes.get("Attributes", {}).get("RedrivePolicy") or "{}")
 
 
 def _depth(name: str) -> int:

@@ -30,10 +30,18 @@ from recovery.models import (
 )
 from recovery.operations.replay import replay
 
+from ..brokers import only_on
 from . import watchdog_tasks
 from .harness import wait_for
 
-pytestmark = pytest.mark.integration
+# Each sweep asks the workers what they run, hold and wait for (inspect().active(),
+# scheduled(), query_task()): Celery's remote control needs a fanout exchange, which kombu's
+# SQS transport does not implement, so on SQS no worker answers and the sweep decides
+# nothing (docs/brokers.md).
+pytestmark = [pytest.mark.integration,
+              only_on("redis", "amqp", reason="the watchdog asks the workers over Celery's "
+                      "remote control, which kombu's SQS transport does not carry (no fanout "
+                      "exchange)")]
 
 INCLUDE = ("-I", "tests.integration.worker_tasks,tests.integration.watchdog_tasks")
 WATCHDOG = {"INTERVAL_SECONDS": 1, "SAGA_STEP_TIMEOUT_SECONDS": 2, "SAGA_STEP_MAX_REDISPATCHES": 2}

@@ -20,6 +20,7 @@ from config.celery import app
 from recovery.models import DeadLetter, DueRetry
 from recovery.operations.replay import replay
 
+from ..brokers import only_on
 from . import worker_tasks as t
 from .harness import wait_for
 from .test_retry_and_park import result_state, runs
@@ -208,6 +209,8 @@ def test_tasks_whose_ids_no_column_can_hold_are_parked_as_poison_under_their_has
     assert worker.process.poll() is None
 
 
+@only_on("redis", "amqp", reason="publishes a 5 MiB body, which SQS refuses at SendMessage "
+                                  "(a queue takes at most 1 MiB), so no worker ever receives it")
 def test_forged_history_and_oversized_bodies_are_parked_as_poison_before_they_run(
         start_worker, store, key):
     # Given a worker
@@ -526,6 +529,9 @@ def _held_by(worker_name: str, task_ids: list[str]) -> dict[str, str]:
     return {task_id: state for reply in replies.values() for task_id, (state, _) in reply.items()}
 
 
+@only_on("redis", "amqp", reason="asks the worker what it holds over Celery's remote "
+                                  "control (inspect().query_task), which kombu's SQS transport "
+                                  "does not carry")
 def test_messages_handed_back_on_clean_shutdowns_are_not_counted_as_losses(start_worker, store,
                                                                           key):
     # Given prefetched and countdown (ETA) messages, sent with `expires` (checked on every
@@ -586,6 +592,9 @@ def test_replayed_crash_loop_letter_counts_its_deliveries_from_zero(start_worker
     assert letter.replay_count == 1
 
 
+@only_on("redis", "amqp", reason="asks the worker what it holds over Celery's remote "
+                                  "control (inspect().query_task), which kombu's SQS transport "
+                                  "does not carry")
 def test_a_clean_shutdown_while_the_database_is_down_still_hands_its_messages_back(
         start_worker, store, key, db_proxy, worker_env):
     # Given a worker that reaches PostgreSQL through a proxy we can cut, holding a

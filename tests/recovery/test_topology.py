@@ -214,3 +214,10 @@ def test_the_redrive_policy_receives_a_message_broker_delivery_limit_times(setti
     settings.RECOVERY = {**settings.RECOVERY, "BROKER_DELIVERY_LIMIT": 9}
     assert json.loads(topology.sqs_redrive_policy("arn:aws:sqs:us-east-1:1:q-dead-letters")) == {
         "deadLetterTargetArn": "arn:aws:sqs:us-east-1:1:q-dead-letters", "maxReceiveCount": "9"}
+
+
+def test_sqs_gets_recoverys_repaired_transport_unless_the_project_named_one():
+    assert _app("sqs://k:s@127.0.0.1:4566").conf.broker_transport == topology.SQS_TRANSPORT
+    assert _app("sqs://", broker_transport="proj.sqs:Transport").conf.broker_transport == \
+        "proj.sqs:Transport"
+    assert not _app("redis://h/0").conf.broker_transport

@@ -1,4 +1,5 @@
-"""recovery.delivery.visibility on kombu's real Redis transport, against the test Redis."""
+"""recovery.delivery.visibility on kombu's real Redis transport, against the test Redis, and
+on its real SQS transport, against moto's SQS server."""
 
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ from recovery.delivery.housekeeping import Housekeeping
 from recovery.delivery.visibility import extend_held_messages, missing_internals
 
 
-@pytest.fixture
-def holding():
-    """A real kombu consumer on the test Redis holding one unacknowledged message."""
+def _holding_one(url: str, transport_options: dict | None = None):
+    """A real kombu consumer on ``url`` holding one unacknowledged message of a queue of
+    its own: yields (a consumer as the extension sees it, the channel, the message)."""
     name = f"visibility-{uuid.uuid4().hex[:8]}"
     queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
-    with Connection(os.environ.get("TEST_BROKER_URL", celery_app.conf.broker_url)) as conn:
+    with Connection(url, transport_options=transport_options or {}) as conn:
         channel = conn.channel()
         Producer(channel).publish({"n": 1}, exchange=queue.exchange, routing_key=name,
                                   declare=[queue])
@@ -36,6 +37,12 @@ def holding():
             if not received[0].acknowledged:
                 received[0].ack()
         channel.close()
+
+
+@pytest.fixture
+def holding():
+    """A real kombu consumer on the test Redis holding one unacknowledged message."""
+    yield from _holding_one(os.environ.get("TEST_BROKER_URL", celery_app.conf.broker_url))
 
 
 def test_the_real_redis_channel_has_every_internal_the_extension_uses(holding):
@@ -91,23 +98,8 @@ def holding_on_sqs(sqs_url):
     queue whose visibility timeout is 2 s."""
     from recovery.delivery import topology
 
-    name = f"visibility-{uuid.uuid4().hex[:8]}"
-    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
-    options = {**topology.sqs_transport_options(sqs_url), "visibility_timeout": 2}
-    with Connection(sqs_url, transport_options=options) as conn:
-        channel = conn.channel()
-        Producer(channel).publish({"n": 1}, exchange=queue.exchange, routing_key=name,
-                                  declare=[queue])
-        received = []
-        consumer = Consumer(channel, [queue], callbacks=[lambda body, msg: received.append(msg)])
-        consumer.qos(prefetch_count=1)
-        with consumer:
-            conn.drain_events(timeout=5)
-            assert len(received) == 1
-            yield SimpleNamespace(task_consumer=consumer, app=celery_app), channel, received[0]
-            if not received[0].acknowledged:
-                received[0].ack()
-        channel.close()
+    yield from _holding_one(sqs_url, {**topology.sqs_transport_options(sqs_url),
+                                      "visibility_timeout": 2})
 
 
 def _sqs_counts(channel, message) -> tuple[int, int]:
