@@ -4,6 +4,7 @@ DeadLetter table, on real workers against moto's SQS server (TEST_BROKER_URL=sqs
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 from celery import Celery
@@ -18,7 +19,8 @@ from . import worker_tasks as t
 from .harness import wait_for
 from .test_retry_and_park import runs
 
-pytestmark = only_on("sqs", reason="SQS's own redrive policy and dead-letter queues")
+pytestmark = only_on("sqs", reason="SQS's own redrive policy, dead-letter queues and receive "
+                                    "counts")
 
 
 def _url(client, name: str) -> str | None:
@@ -126,3 +128,42 @@ def test_a_message_waiting_in_the_dead_letter_queue_is_parked_once_when_a_worker
     assert DeadLetter.objects.filter(task_id=f"dlq-{key}").count() == 1
     assert len(DeadLetter.objects.get(task_id=f"dlq-{key}").history) == 1
     assert runs(store, key) == 0, "a dead-lettered task is parked, not run"
+
+
+def test_messages_handed_back_on_clean_shutdowns_are_not_counted_as_losses(start_worker, store,
+                                                                          key):
+    """SQS counts every receive (ApproximateReceiveCount), a clean shutdown's hand-back
+    included: those receives must not count towards MAX_DELIVERIES. (The broker-neutral
+    test asks the worker what it holds over remote control, which SQS does not carry;
+    here the worker's log says what it received.)"""
+    from recovery.store.models import DeliveryCount
+
+    # Given countdown (ETA) messages, which a worker holds in memory until they are due,
+    # sent with `expires` (so every receipt is checked against the delivery cap)
+    held = [t.long_running.apply_async((f"{key}-{n}", 0), countdown=600, expires=900).id
+            for n in range(3)]
+    cap = 3  # MAX_DELIVERIES in the test settings
+
+    def received_all(worker) -> bool:
+        log = worker.log()
+        return all(f"[{task_id}] received" in log for task_id in held)
+
+    # When a worker receives them and is stopped cleanly (SIGTERM: warm shutdown) while it
+    # holds them, MAX_DELIVERIES + 1 times in a row (a few deploys)
+    for deploy in range(cap + 1):
+        worker = start_worker(f"deploy{deploy}", concurrency=1)
+        wait_for(lambda: received_all(worker) or DeadLetter.objects.exists(), 30,
+                 message="the worker to hold the three messages")
+        assert not DeadLetter.objects.exists(), worker.log()[-3000:]
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(timeout=30) == 0
+        assert "Restoring 3 unacknowledged message(s)" in worker.log()
+        assert "3 message(s) handed back unused" in worker.log()
+        # Then no delivery is left counted against them
+        assert not DeliveryCount.objects.filter(task_id__in=held, deliveries__gt=0).exists()
+    # And the next worker receives them again without parking any
+    after = start_worker("after")
+    wait_for(lambda: received_all(after), 30, message="the next worker to hold them")
+    time.sleep(2)
+    assert not DeadLetter.objects.exists(), after.log()[-3000:]
+    assert [runs(store, f"{key}-{n}") for n in range(3)] == [0, 0, 0]
