@@ -14,6 +14,7 @@ environment, as boto3 reads them) and run the command directly.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -45,6 +46,8 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     port = _port()
+    # One request log line per SQS call would bury the command's own output.
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     url = f"sqs://demo:demo@127.0.0.1:{port}"
