@@ -50,7 +50,8 @@ from . import conf, events
 from .core import headers as hdr, redaction
 from .core.bounds import cut, delay_seconds
 from .core.classification import Failure, Rule, classify
-from .core.brokers import broker_delay
+from .core.brokers import (broker_delay, delivered_queue, delivered_route,
+                           uses_native_delayed_delivery)
 from .core.errors import DependencyError, TransientError, exception_path
 from .core.policy import Attempt, RetryPolicy, Verdict, default_policy
 from .store import deferred, result_rows
@@ -58,7 +59,7 @@ from .store.connections import discard_broken_connections
 from .store.due import hold
 from .store.models import FallbackUse
 from .store.parking import ParkRecord, park
-from .workflows import degraded
+from .workflows import broker_waits, degraded
 from .workflows.circuit import Circuit, CircuitOpenError
 from .workflows.sagas import is_current
 
@@ -614,9 +615,12 @@ class RecoveryTask(Task):
             )
             if self._hold_in_due_table(signature, delay):
                 raise Retry(exc=exc, when=delay, sig=signature)
-        Task.retry(self, args=args, kwargs=kwargs, exc=exc,
-                   countdown=broker_delay(self.app, delay), max_retries=None,
-                   headers=headers, **options)
+        countdown = broker_delay(self.app, delay)
+        if countdown > 0 and not request.is_eager and uses_native_delayed_delivery(self.app):
+            # It waits in RabbitMQ, where the watchdog cannot see it: say so.
+            broker_waits.note(request.id, countdown)
+        Task.retry(self, args=args, kwargs=kwargs, exc=exc, countdown=countdown,
+                   max_retries=None, headers=headers, **options)
 
     def _hold_in_due_table(self, signature, delay: float) -> bool:
         try:
@@ -662,10 +666,10 @@ class RecoveryTask(Task):
             traceback=tb,
             args=_json_safe(list(args)),
             kwargs=_json_safe(dict(kwargs)),
-            headers=_json_safe(self._replay_options(request)),
+            headers=_json_safe(self._replay_options(request, self.app.amqp.queues)),
             history=history,
             replay=int(hdr.read(request, hdr.REPLAY, 0) or 0),
-            queue=delivery.get("routing_key") or "",
+            queue=delivered_queue(delivery),
             worker=request.hostname or "",
             result=result,
         )
@@ -684,13 +688,13 @@ class RecoveryTask(Task):
                                 letter_id=outcome.letter_id)
 
     @staticmethod
-    def _replay_options(request) -> dict:
+    def _replay_options(request, queues=None) -> dict:
         options = {
             key: value for key, value in request.as_execution_options().items()
             if value not in (None, [], {}) and key not in ("task_id", "expires", "retries")
         }
         delivery = request.delivery_info or {}
-        for key in ("exchange", "routing_key", "priority"):
-            if delivery.get(key) not in (None, ""):
-                options[key] = delivery[key]
+        options.update(delivered_route(delivery, queues))
+        if delivery.get("priority") not in (None, ""):
+            options["priority"] = delivery["priority"]
         return options

@@ -18,11 +18,13 @@ from datetime import datetime
 from typing import Any
 
 from celery import bootsteps
+from django.db import DatabaseError
 from kombu import Consumer
 
 from .. import conf
 from ..core.kinds import FailureKind
 from ..core.names import logger_for
+from ..store.models import DeadLetter
 from . import topology
 from .worker import park_poison
 
@@ -55,9 +57,16 @@ def _int_or_none(value: Any) -> int | None:
 
 
 def park_dead_lettered(message: Any, hostname: str = "") -> Any:
-    """Park one message RabbitMQ dead-lettered; returns :func:`park`'s outcome."""
+    """Park one message RabbitMQ dead-lettered; returns :func:`park`'s outcome, or None
+    when its task is parked already (a task that raised ``Reject`` after recovery parked
+    it, say): that letter says more than "rejected", and stays as it is."""
     headers = dict(message.headers or {})
     properties = dict(message.properties or {})
+    task_id = headers.get("id") or properties.get("correlation_id")
+    if task_id and _parked_already(str(task_id)):
+        logger.info("recovery: %s, dead-lettered by RabbitMQ, is parked already; dropped "
+                    "the broker's copy", task_id)
+        return None
     death = death_account(headers)
     deliveries = death["delivery_count"]
     if death["reason"] == "delivery_limit":
@@ -68,7 +77,7 @@ def park_dead_lettered(message: Any, hostname: str = "") -> Any:
         said = (f"RabbitMQ dead-lettered it from queue {death['queue'] or '?'} "
                 f"(reason: {death['reason']})")
     return park_poison(
-        task_id=headers.get("id") or properties.get("correlation_id"),
+        task_id=task_id,
         task_name=str(headers.get("task") or ""),
         body=message.body,
         content_type=message.content_type or "",
@@ -82,6 +91,14 @@ def park_dead_lettered(message: Any, hostname: str = "") -> Any:
         attempt=(deliveries + 1) if deliveries is not None else 1,
         history_extra={"broker_death": death},
     )
+
+
+def _parked_already(task_id: str) -> bool:
+    try:
+        return DeadLetter.objects.filter(task_id=task_id,
+                                         status=DeadLetter.Status.PARKED).exists()
+    except DatabaseError:
+        return False  # parking spools it, and the drain merges it into the letter later
 
 
 class BrokerDeadLetters(bootsteps.ConsumerStep):

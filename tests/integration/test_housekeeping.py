@@ -12,6 +12,7 @@ from django.utils import timezone
 from recovery.store.due import hold
 from recovery.models import DueRetry
 
+from ..brokers import BROKER
 from . import db_settings_tasks
 from . import worker_tasks as t
 from .harness import Worker, wait_for
@@ -36,8 +37,12 @@ def test_a_hung_database_never_lets_a_held_task_run_twice(start_worker, store, k
     holder = start_worker("a", env={"TEST_DATABASE_URL": _via(db_proxy, worker_env)})
     result = t.long_running.delay(key, outage + 15)
     wait_for(lambda: runs(store, key) == 1, 30, message="the task to start on a")
-    (tag, _), = wait_for(lambda: store.zrange("unacked_index", 0, -1, withscores=True), 10,
-                         message="the held message")
+    # (Redis: the message's visibility, which a must keep refreshing; RabbitMQ keeps a held
+    # message from other workers for as long as a's connection lives: nothing to refresh.)
+    redis = BROKER == "redis"
+    if redis:
+        (tag, _), = wait_for(lambda: store.zrange("unacked_index", 0, -1, withscores=True), 10,
+                             message="the held message")
     # and worker "b" competing for messages, straight to the database
     rival = start_worker("b")
     # When the database hangs (accepts, reads, never answers)
@@ -45,15 +50,16 @@ def test_a_hung_database_never_lets_a_held_task_run_twice(start_worker, store, k
     hung_at = time.time()
     refreshed = []
     while time.time() - hung_at < outage:
-        refreshed.append(store.zscore("unacked_index", tag) or 0.0)
+        refreshed.append(store.zscore("unacked_index", tag) or 0.0 if redis else hung_at)
         time.sleep(1)
     db_proxy.restore()
-    # Then the task runs exactly once: a kept its message invisible to b the whole time
+    # Then the task runs exactly once: a kept its message from b the whole time
     assert result.get(timeout=90) == 1
     time.sleep(3)
     assert runs(store, key) == 1
-    assert max(refreshed) > hung_at + visibility / 2, \
-        f"visibility not refreshed during the hang: {refreshed} (hang at {hung_at})"
+    if redis:
+        assert max(refreshed) > hung_at + visibility / 2, \
+            f"visibility not refreshed during the hang: {refreshed} (hang at {hung_at})"
     # And once the database answers again, a's housekeeping works again: with b gone, a
     # publishes a retry that fell due
     rival.stop()

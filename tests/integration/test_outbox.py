@@ -4,17 +4,16 @@ still once when the broker was down at the commit."""
 
 from __future__ import annotations
 
-import json
 import threading
 
 import pytest
 from celery import Celery
-from django.conf import settings
 from django.db import connection, transaction
 
 from recovery.workflows import outbox
 from recovery.models import OutboxMessage
 
+from ..brokers import broker_address, queued, unreachable, via
 from . import worker_tasks as t
 from .harness import TcpProxy, wait_for
 
@@ -25,10 +24,6 @@ TALLY = "tests.integration.worker_tasks.tally"
 
 class Rollback(Exception):
     pass
-
-
-def queued(store, queue: str = "celery") -> list[dict]:
-    return [json.loads(raw) for raw in store.lrange(queue, 0, -1)]
 
 
 def test_a_rolled_back_transaction_publishes_and_runs_nothing(start_worker, store, key):
@@ -62,10 +57,9 @@ def test_nothing_is_published_before_the_commit_and_it_runs_once_after(start_wor
 
 def test_broker_down_at_the_commit_then_published_once_it_is_back(start_worker, store, key,
                                                                    worker_env):
-    # Given the web process and a worker that both reach Redis through a link that can fail
-    proxy = TcpProxy("127.0.0.1", 6379)
-    database = settings.CELERY_BROKER_URL.rsplit("/", 1)[1]
-    via_proxy = f"redis://127.0.0.1:{proxy.port}/{database}"
+    # Given the web process and a worker that both reach the broker through a link that can fail
+    proxy = TcpProxy(*broker_address())
+    via_proxy = via(proxy.port)
     # (CELERY_BROKER_URL in the environment overrides a broker= argument; the write URL wins)
     web = Celery("web", set_as_current=False)
     web.conf.broker_write_url = via_proxy
@@ -93,7 +87,7 @@ def test_broker_down_at_the_commit_then_published_once_it_is_back(start_worker, 
 def test_concurrent_relays_publish_each_intent_once(broker, transactional_db):
     # Given 300 committed intents the fast path missed (the broker was unreachable)
     web_down = Celery("down", set_as_current=False)
-    web_down.conf.broker_write_url = "redis://127.0.0.1:1/0"
+    web_down.conf.broker_write_url = unreachable()
     with transaction.atomic():
         ids = [outbox.enqueue(TALLY, ("k", n), app=web_down).id for n in range(300)]
     OutboxMessage.objects.update(next_attempt_at=OutboxMessage.objects.first().created_at)
@@ -127,6 +121,6 @@ def test_concurrent_relays_publish_each_intent_once(broker, transactional_db):
 def test_countdown_survives_the_outbox(broker, transactional_db):
     with transaction.atomic():
         result = outbox.enqueue(TALLY, ("k", 1), countdown=60)
-    [message] = queued(broker)
+    [message] = queued(broker, delayed=True)
     assert message["headers"]["id"] == result.id
     assert message["headers"]["eta"] is not None
