@@ -106,6 +106,34 @@ DEFAULTS: Mapping[str, Any] = {
     # the process, so scrapes (several Prometheus replicas, a dashboard) cost one set of
     # queries per window; 0 reads them at every scrape.
     "METRICS_CACHE_SECONDS": 10.0,
+    # Who counts recovery's events: "prometheus" (the recovery_* counters, docs/metrics.md)
+    # and/or "cloudwatch-emf" (CloudWatch metrics, docs/cloudwatch.md). A backend left out
+    # counts nothing; the Prometheus backlogs read at scrape time are served either way.
+    "METRICS_BACKENDS": ("prometheus",),
+    # The CloudWatch backend (recovery.observe.cloudwatch). Keys left out keep these defaults.
+    "CLOUDWATCH": {
+        # The CloudWatch namespace of every metric (not under "AWS/").
+        "NAMESPACE": "CeleryRecovery",
+        # The logger the EMF lines are written to. Unless the project gives it handlers
+        # (LOGGING), each line goes bare to the process's standard output, where the
+        # CloudWatch agent, Lambda or the awslogs log driver pick it up.
+        "LOGGER": "recovery.emf",
+        # Each process sums its counts for this long, then writes them (one line per task,
+        # kind and queue, however many events). 0: one line per event, written at once.
+        "FLUSH_INTERVAL_SECONDS": 10.0,
+        # Distinct series a process holds before it flushes early.
+        "MAX_BUFFERED_SERIES": 1000,
+        # Send the counts with the PutMetricData API (boto3) instead of writing EMF lines,
+        # for hosts without a log agent. Credentials: boto3's usual chain.
+        "PUT_METRIC_DATA": False,
+        # PutMetricData's region (None: boto3's, e.g. AWS_REGION) and endpoint (None: AWS's;
+        # e.g. a VPC endpoint).
+        "REGION": None,
+        "ENDPOINT_URL": None,
+        # Connect and read timeout of each PutMetricData call (the flush thread waits, never
+        # a task).
+        "TIMEOUT_SECONDS": 5.0,
+    },
     # How often each worker's main process sets recovery_worker_heartbeat_timestamp_seconds;
     # the shipped alert (deploy/prometheus/alerts.yml) fires after several missed beats.
     "HEARTBEAT_INTERVAL_SECONDS": 15.0,
