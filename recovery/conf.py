@@ -18,7 +18,7 @@ from typing import Any
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-__all__ = ["DEFAULTS", "get", "classifier_rules", "spool_dir"]
+__all__ = ["DEFAULTS", "get", "merged", "classifier_rules", "spool_dir"]
 
 DEFAULTS: Mapping[str, Any] = {
     # RetryPolicy (as a dict or a RetryPolicy) used by tasks that declare none.
@@ -215,6 +215,24 @@ def get(name: str) -> Any:
     if name in user:
         return user[name]
     return DEFAULTS[name]
+
+
+def merged(name: str, value: Any) -> dict[str, Any]:
+    """A dict setting of ``RECOVERY`` (``ESCALATION``, ``WATCHDOG``, ``CLOUDWATCH``) over its
+    defaults, so keys left out keep them.
+
+    Raises ValueError naming the setting when ``value`` is not a dict, or names a key the
+    defaults do not (a typo would otherwise be ignored without a word).
+    """
+    defaults = DEFAULTS[name]
+    if value is not None and not isinstance(value, Mapping):
+        raise ValueError(f"RECOVERY[{name!r}] must be a dict, not {type(value).__name__}")
+    result = {**defaults, **dict(value or {})}
+    unknown = set(result) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown RECOVERY[{name!r}] keys: {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(sorted(defaults))}")
+    return result
 
 
 def classifier_rules() -> tuple:

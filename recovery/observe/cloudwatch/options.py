@@ -49,14 +49,7 @@ class CloudWatchOptions:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "CloudWatchOptions":
         """Raises ValueError with a plain message naming the bad key."""
-        defaults = conf.DEFAULTS["CLOUDWATCH"]
-        if data is not None and not isinstance(data, Mapping):
-            raise ValueError(f"RECOVERY['CLOUDWATCH'] must be a dict, not {type(data).__name__}")
-        merged = {**defaults, **dict(data or {})}
-        unknown = set(merged) - set(defaults)
-        if unknown:
-            raise ValueError(f"unknown RECOVERY['CLOUDWATCH'] keys: {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(sorted(defaults))}")
+        merged = conf.merged("CLOUDWATCH", data)
         namespace = merged["NAMESPACE"]
         if not valid_namespace(namespace):
             raise ValueError(f"NAMESPACE must be 1-255 characters of A-Z a-z 0-9 . _ # : / - "
