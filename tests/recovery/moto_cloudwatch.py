@@ -3,6 +3,7 @@ PutMetricData tests. Import the fixture into a test module to use it."""
 
 from __future__ import annotations
 
+import urllib.request
 from dataclasses import dataclass
 
 import boto3
@@ -31,7 +32,11 @@ def moto_cloudwatch(monkeypatch) -> LocalCloudWatch:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    # moto keeps its state per process, not per server: start from an empty CloudWatch
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"),
+                           timeout=10).close()
     try:
-        yield LocalCloudWatch(endpoint_url=f"http://{host}:{port}")
+        yield LocalCloudWatch(endpoint_url=endpoint)
     finally:
         server.stop()
