@@ -81,7 +81,8 @@ def buffer() -> Buffer:
                       max_series=options.max_buffered_series)
         _process = _Process(os.getpid(), from_settings, options, made)
     if found is not None and found.pid == os.getpid():
-        # The setting changed (a test, a reload): what the old one held goes out its way.
+        # The setting changed (override_settings in a test; a deployment's settings do not
+        # change while it runs): what the old buffer held goes out its way, now.
         _quietly(found.buffer.stop, 0)
     return made
 
