@@ -225,6 +225,13 @@ def _scrubbed_message(exc: BaseException, request: Any) -> str:
     return cut(redaction.scrub_text(message, values or []), int(conf.get("MESSAGE_MAX_CHARS")))
 
 
+def _routing_key(request: Any) -> str:
+    """The routing key a run was delivered with, without the delay bits of a retry that
+    came through RabbitMQ's delayed delivery: its queue, as a letter and the metrics name
+    it ("" for an eager run, which no broker delivered)."""
+    return delivered_queue(getattr(request, "delivery_info", None))
+
+
 def _isolated(what: str, func, *args: Any, **kwargs: Any) -> None:
     """Run bookkeeping that must never change a task's outcome; log what it raises."""
     try:
@@ -467,9 +474,11 @@ class RecoveryTask(Task):
             logger.error("%s[%s]: fallback %s failed too: %r", self.name, self.request.id, name,
                          fallback_exc)
             self.request._recovery_fallback_error = (name, fallback_exc)
-            events.fallback_ran.send(task_name=self.name, reason=reason, succeeded=False)
+            events.fallback_ran.send(task_name=self.name, reason=reason, succeeded=False,
+                                    queue=_routing_key(self.request))
             return None
-        events.fallback_ran.send(task_name=self.name, reason=reason, succeeded=True)
+        events.fallback_ran.send(task_name=self.name, reason=reason, succeeded=True,
+                                queue=_routing_key(self.request))
         try:
             FallbackUse.objects.create(
                 task_id=self.request.id or "", task_name=self.name, fallback=name, reason=reason,
@@ -543,7 +552,7 @@ class RecoveryTask(Task):
         request = self.request
         failure = self.classify(exc)
         events.task_failed.send(task_name=self.name, kind=failure.kind.value,
-                                transient=not failure.permanent)
+                                transient=not failure.permanent, queue=_routing_key(request))
         history = list(hdr.read(request, hdr.HISTORY, []) or [])
         # Elapsed time counts from the start of the first attempt of this run.
         started_at = float(hdr.read(request, hdr.STARTED_AT, 0) or 0) or started or time.time()
@@ -571,7 +580,8 @@ class RecoveryTask(Task):
                 self._schedule_retry(exc, verdict, history, started_at, args, kwargs,
                                      options or {})
             except Retry:
-                events.retry_scheduled.send(task_name=self.name, kind=failure.kind.value)
+                events.retry_scheduled.send(task_name=self.name, kind=failure.kind.value,
+                                            queue=_routing_key(request))
                 raise
         outcome = self._run_fallback(exc, args, kwargs, reason="gave_up")
         if outcome is not None:
@@ -653,7 +663,6 @@ class RecoveryTask(Task):
                 real_backend, real_backend.prepare_exception(exc), tb,
                 result_rows.hidden_in_request(request))
             result = {"result": shown_exc, "traceback": shown_tb}
-        delivery = request.delivery_info or {}
         record = ParkRecord(
             task_id=request.id,
             task_name=self.name,
@@ -669,7 +678,7 @@ class RecoveryTask(Task):
             headers=_json_safe(self._replay_options(request, self.app.amqp.queues)),
             history=history,
             replay=int(hdr.read(request, hdr.REPLAY, 0) or 0),
-            queue=delivered_queue(delivery),
+            queue=_routing_key(request),
             worker=request.hostname or "",
             result=result,
         )

@@ -119,14 +119,7 @@ class WatchdogPolicy:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "WatchdogPolicy":
         """Raises ValueError with a plain message naming the bad key."""
-        defaults = conf.DEFAULTS["WATCHDOG"]
-        if data is not None and not isinstance(data, Mapping):
-            raise ValueError(f"RECOVERY['WATCHDOG'] must be a dict, not {type(data).__name__}")
-        merged = {**defaults, **dict(data or {})}
-        unknown = set(merged) - set(defaults)
-        if unknown:
-            raise ValueError(f"unknown RECOVERY['WATCHDOG'] keys: {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(sorted(defaults))}")
+        merged = conf.merged("WATCHDOG", data)
         values: dict[str, Any] = {}
         for key in _SECONDS:
             value = merged[key]
