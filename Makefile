@@ -15,6 +15,8 @@ SQS_TEST_URL      ?= sqs://moto
 BROKER ?=
 BROKER_URL_rabbitmq := amqp://guest:guest@127.0.0.1:5672//
 BROKER_URL_redis    := redis://127.0.0.1:6379/0
+BENCH_BROKER_URL_rabbitmq := amqp://guest:guest@127.0.0.1:5672/celery_recovery_bench
+BENCH_BROKER_URL_redis    := redis://127.0.0.1:6379/12
 
 .PHONY: demo test test-rabbitmq test-sqs chaos bench install clean
 
@@ -52,9 +54,9 @@ chaos: $(STAMP)  ## the chaos suite alone, longer: CHAOS_TASKS tasks over CHAOS_
 	./scripts/ensure-services.sh
 	CHAOS_TASKS=$${CHAOS_TASKS:-10000} CHAOS_SECONDS=$${CHAOS_SECONDS:-480} $(PY) -m pytest tests/chaos -m chaos
 
-bench: $(STAMP)  ## throughput, bulk replay and admin change-list benchmarks (need Redis and PostgreSQL)
+bench: $(STAMP)  ## throughput, bulk replay and admin change-list benchmarks (need Redis and PostgreSQL); BROKER=rabbitmq runs the throughput on RabbitMQ
 	./scripts/ensure-services.sh
-	$(PY) bench/throughput.py
+	$(if $(BROKER),BENCH_BROKER_URL=$(BENCH_BROKER_URL_$(BROKER)) )$(PY) bench/throughput.py
 	$(PY) bench/bulk_replay.py
 	$(PY) bench/changelist.py
 

@@ -25,6 +25,14 @@ app.conf.update(task_default_queue="bench", worker_prefetch_multiplier=int(os.en
 if os.environ.get("BENCH_RECOVERY") == "1":
     recovery.setup(app)
 else:
+    # On RabbitMQ the same quorum queue the recovery side declares (and RabbitMQ refuses
+    # to redeclare it otherwise), so the ratio measures only the runtime recovery adds,
+    # never the queue type. Redis keeps stock Celery's settings.
+    from recovery.core.brokers import AMQP, broker_kind
+    from recovery.delivery import topology
+
+    if broker_kind(app.conf.broker_url) == AMQP:
+        topology.apply(app.conf)
     from django.db import close_old_connections
     from celery import signals
 

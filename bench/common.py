@@ -13,3 +13,32 @@ def ensure_database(url: str) -> None:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
         if not exists:
             conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def empty_broker(url: str, queues: tuple[str, ...]) -> None:
+    """Leave nothing queued from an earlier run: flush the Redis database, or purge the
+    named queues on RabbitMQ (a queue not declared yet is fine)."""
+    from recovery.core.brokers import AMQP, REDIS, broker_kind
+
+    kind = broker_kind(url)
+    if kind == REDIS:
+        import redis
+
+        redis.Redis.from_url(url).flushdb()
+    elif kind == AMQP:
+        from kombu import Connection
+
+        with Connection(url, connect_timeout=5) as connection:
+            for name in queues:
+                channel = connection.channel()
+                try:
+                    channel.queue_purge(name)
+                except Exception:  # noqa: BLE001 - NOT_FOUND: nothing to purge
+                    pass
+                finally:
+                    try:
+                        channel.close()
+                    except Exception:  # noqa: BLE001
+                        pass
+    else:
+        raise SystemExit(f"bench: no way to empty a {kind} broker ({url})")

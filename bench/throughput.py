@@ -1,4 +1,6 @@
-"""Throughput of RecoveryTask against plain Celery, measured in one run on the same Redis.
+"""Throughput of RecoveryTask against plain Celery, measured in one run on the same broker
+(Redis or RabbitMQ: BENCH_BROKER_URL; on RabbitMQ both sides use the quorum queue
+recovery.setup declares, so the ratio measures recovery's runtime, not the queue type).
 
 Scenarios (N tasks each, pre-queued, then one worker drains them):
   success  - no-op tasks: plain celery.Task vs RecoveryTask
@@ -45,6 +47,12 @@ SCENARIOS = {
 TARGETS = {"success": 0.97, "retry": 1.0, "park": 1.0}
 
 
+def empty_broker(url: str, queues: tuple[str, ...]) -> None:
+    from bench.common import empty_broker as empty
+
+    empty(url, queues)
+
+
 def ensure_database() -> None:
     from bench.common import ensure_database as create_if_missing
 
@@ -79,7 +87,6 @@ def idle_cpu(concurrency: int, with_recovery: bool, seconds: float = 6.0) -> flo
 
 def run_side(task_name: str, n: int, concurrency: int, with_recovery: bool) -> tuple[float, float]:
     """Returns (tasks per second, worker CPU seconds including start-up)."""
-    import redis
     from django.db import connection
     from django_celery_results.models import TaskResult
 
@@ -88,7 +95,7 @@ def run_side(task_name: str, n: int, concurrency: int, with_recovery: bool) -> t
 
     with connection.cursor() as cursor:  # TRUNCATE: no dead tuples left to slow the next run
         cursor.execute(f"TRUNCATE {TaskResult._meta.db_table}, {DeadLetter._meta.db_table} CASCADE")
-    redis.Redis.from_url(BROKER_URL).flushdb()
+    empty_broker(BROKER_URL, ("bench",))
     with app.producer_or_acquire() as producer:
         for i in range(n):
             app.send_task(task_name, args=(i,), producer=producer)

@@ -14,7 +14,8 @@ from kombu.transport import redis as kombu_redis
 from . import conf
 from .core.policy import default_policy
 from .delivery import topology, visibility
-from .observe import webhook_signing
+from .observe import backends, webhook_signing
+from .observe.cloudwatch.options import CloudWatchOptions
 from .store import pg_fastpath
 from .observe.escalation import EscalationRules
 from .observe.watchdog import WatchdogPolicy
@@ -94,6 +95,7 @@ def check_recovery_settings(app_configs=None, **kwargs):
             ))
     problems.extend(_check_shared_state(user))
     problems.extend(_check_metrics_access(user))
+    problems.extend(_check_metrics_backends(user))
     problems.extend(_check_broker(user))
     if "ESCALATION" in user:
         try:
@@ -150,8 +152,8 @@ def _check_broker(user: dict) -> list:
     elif isinstance(cap, int) and limit <= cap:
         problems.append(Error(
             f"RECOVERY['BROKER_DELIVERY_LIMIT'] ({limit}) is not above MAX_DELIVERIES ({cap}): "
-            "RabbitMQ would dead-letter a crash-looping task before recovery parks it with "
-            "its history.",
+            "the broker (RabbitMQ's delivery limit, SQS's maxReceiveCount) would dead-letter a "
+            "crash-looping task before recovery parks it with its history.",
             hint="Keep BROKER_DELIVERY_LIMIT a few deliveries above MAX_DELIVERIES.",
             id="recovery.E031"))
     if conf.get("BROKER_TOPOLOGY") == "auto":
@@ -249,6 +251,49 @@ def _check_metrics_access(user: dict) -> list:
                      "empty list allows the bearer token only (docs/metrics.md).",
                 id="recovery.E025",
             ))
+    return problems
+
+
+def _check_metrics_backends(user: dict) -> list:
+    """Which exporters count the events, and how CloudWatch is reached: a typo would
+    silently count nothing, and a missing boto3 would only show in the worker's log."""
+    problems = []
+    listed = user.get("METRICS_BACKENDS", conf.DEFAULTS["METRICS_BACKENDS"])
+    if (not isinstance(listed, (list, tuple))
+            or any(name not in backends.KNOWN for name in listed)):
+        problems.append(Error(
+            f"RECOVERY['METRICS_BACKENDS'] is {listed!r}: it must be a list of "
+            f"{', '.join(map(repr, backends.KNOWN))}.",
+            hint='e.g. ["prometheus", "cloudwatch-emf"]; an empty list counts no event '
+                 "(docs/cloudwatch.md).",
+            id="recovery.E040",
+        ))
+        listed = ()
+    try:
+        options = CloudWatchOptions.from_dict(user.get("CLOUDWATCH"))
+    except ValueError as exc:
+        problems.append(Error(
+            f"RECOVERY['CLOUDWATCH'] is invalid: {exc}.",
+            hint="See docs/cloudwatch.md#settings for the keys and their defaults.",
+            id="recovery.E041",
+        ))
+        return problems
+    on = backends.CLOUDWATCH_EMF in listed
+    if on and options.put_metric_data and find_spec("boto3") is None:
+        problems.append(Error(
+            "RECOVERY['CLOUDWATCH']['PUT_METRIC_DATA'] is on but boto3 is not installed: "
+            "no metric would be sent.",
+            hint="pip install 'celery-recovery[cloudwatch]' (boto3), or turn PUT_METRIC_DATA "
+                 "off and let a log agent ship the EMF lines.",
+            id="recovery.E042",
+        ))
+    if user.get("CLOUDWATCH") and not on:
+        problems.append(Warning(
+            "RECOVERY['CLOUDWATCH'] is set but 'cloudwatch-emf' is not in "
+            "RECOVERY['METRICS_BACKENDS']: nothing is sent to CloudWatch.",
+            hint='Add "cloudwatch-emf" to METRICS_BACKENDS, or remove CLOUDWATCH.',
+            id="recovery.W040",
+        ))
     return problems
 
 

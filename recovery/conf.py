@@ -18,7 +18,7 @@ from typing import Any
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-__all__ = ["DEFAULTS", "get", "classifier_rules", "spool_dir"]
+__all__ = ["DEFAULTS", "get", "merged", "classifier_rules", "spool_dir"]
 
 DEFAULTS: Mapping[str, Any] = {
     # RetryPolicy (as a dict or a RetryPolicy) used by tasks that declare none.
@@ -106,6 +106,34 @@ DEFAULTS: Mapping[str, Any] = {
     # the process, so scrapes (several Prometheus replicas, a dashboard) cost one set of
     # queries per window; 0 reads them at every scrape.
     "METRICS_CACHE_SECONDS": 10.0,
+    # Who counts recovery's events: "prometheus" (the recovery_* counters, docs/metrics.md)
+    # and/or "cloudwatch-emf" (CloudWatch metrics, docs/cloudwatch.md). A backend left out
+    # counts nothing; the Prometheus backlogs read at scrape time are served either way.
+    "METRICS_BACKENDS": ("prometheus",),
+    # The CloudWatch backend (recovery.observe.cloudwatch). Keys left out keep these defaults.
+    "CLOUDWATCH": {
+        # The CloudWatch namespace of every metric (not under "AWS/").
+        "NAMESPACE": "CeleryRecovery",
+        # The logger the EMF lines are written to. Unless the project gives it handlers
+        # (LOGGING), each line goes bare to the process's standard output, where the
+        # CloudWatch agent, Lambda or the awslogs log driver pick it up.
+        "LOGGER": "recovery.emf",
+        # Each process sums its counts for this long, then writes them (one line per task,
+        # kind and queue, however many events). 0: one line per event, written at once.
+        "FLUSH_INTERVAL_SECONDS": 10.0,
+        # Distinct series a process holds before it flushes early.
+        "MAX_BUFFERED_SERIES": 1000,
+        # Send the counts with the PutMetricData API (boto3) instead of writing EMF lines,
+        # for hosts without a log agent. Credentials: boto3's usual chain.
+        "PUT_METRIC_DATA": False,
+        # PutMetricData's region (None: boto3's, e.g. AWS_REGION) and endpoint (None: AWS's;
+        # e.g. a VPC endpoint).
+        "REGION": None,
+        "ENDPOINT_URL": None,
+        # Connect and read timeout of each PutMetricData call (the flush thread waits, never
+        # a task).
+        "TIMEOUT_SECONDS": 5.0,
+    },
     # How often each worker's main process sets recovery_worker_heartbeat_timestamp_seconds;
     # the shipped alert (deploy/prometheus/alerts.yml) fires after several missed beats.
     "HEARTBEAT_INTERVAL_SECONDS": 15.0,
@@ -187,6 +215,24 @@ def get(name: str) -> Any:
     if name in user:
         return user[name]
     return DEFAULTS[name]
+
+
+def merged(name: str, value: Any) -> dict[str, Any]:
+    """A dict setting of ``RECOVERY`` (``ESCALATION``, ``WATCHDOG``, ``CLOUDWATCH``) over its
+    defaults, so keys left out keep them.
+
+    Raises ValueError naming the setting when ``value`` is not a dict, or names a key the
+    defaults do not (a typo would otherwise be ignored without a word).
+    """
+    defaults = DEFAULTS[name]
+    if value is not None and not isinstance(value, Mapping):
+        raise ValueError(f"RECOVERY[{name!r}] must be a dict, not {type(value).__name__}")
+    result = {**defaults, **dict(value or {})}
+    unknown = set(result) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown RECOVERY[{name!r}] keys: {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(sorted(defaults))}")
+    return result
 
 
 def classifier_rules() -> tuple:

@@ -110,17 +110,21 @@ class Event:
 
 task_failed = Event("task_failed", """A task's body raised and was classified.
 
-``kind`` is a ``FailureKind`` value; ``transient`` whether a retry may heal it.""",
-                    fields=("task_name", "kind", "transient"))
+``kind`` is a ``FailureKind`` value; ``transient`` whether a retry may heal it; ``queue``
+the routing key the run was delivered with ("" when run eagerly).""",
+                    fields=("task_name", "kind", "transient", "queue"))
 
-retry_scheduled = Event("retry_scheduled", """A failed task was sent again after a backoff.""",
-                        fields=("task_name", "kind"))
+retry_scheduled = Event("retry_scheduled", """A failed task was sent again after a backoff.
+
+``queue`` is the routing key of the run that failed.""",
+                        fields=("task_name", "kind", "queue"))
 
 fallback_ran = Event("fallback_ran", """A task's fallback ran in its place.
 
 ``reason`` is ``gave_up`` (the policy gave up on the task), ``circuit_open`` or
 ``degraded``; ``succeeded`` is False when
-the fallback raised too.""", fields=("task_name", "reason", "succeeded"))
+the fallback raised too; ``queue`` is the routing key of the run it stood in for.""",
+                   fields=("task_name", "reason", "succeeded", "queue"))
 
 task_succeeded = Event("task_succeeded", """A task's body returned; sent from ``on_success``.
 

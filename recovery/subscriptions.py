@@ -18,28 +18,33 @@ from __future__ import annotations
 from . import events
 from .store import deferred
 from .observe import escalation, metrics, notify, sentry
+from .observe.cloudwatch import receivers as cloudwatch
 from .operations import replay
 from .workflows import sagas
 
 __all__ = ["RECEIVERS", "DEFERRED_APPLIERS", "connect"]
 
 RECEIVERS: tuple[tuple[events.Event, tuple], ...] = (
-    (events.task_failed, (metrics.count_task_failed,)),
-    (events.retry_scheduled, (metrics.count_retry_scheduled,)),
-    (events.fallback_ran, (metrics.count_fallback,)),
+    # metrics.* and cloudwatch.* count only while their backend is in
+    # RECOVERY["METRICS_BACKENDS"] (recovery.observe.backends).
+    (events.task_failed, (metrics.count_task_failed, cloudwatch.count_task_failed)),
+    (events.retry_scheduled, (metrics.count_retry_scheduled, cloudwatch.count_retry_scheduled)),
+    (events.fallback_ran, (metrics.count_fallback, cloudwatch.count_fallback)),
     (events.task_succeeded, (replay.resolve_replayed, sagas.step_succeeded)),
     (events.task_parked, (sagas.step_parked,)),
-    (events.letter_parked, (metrics.count_parked, sentry.report_parked, escalation.on_parked)),
-    (events.bookkeeping_deferred, (metrics.count_deferred,)),
-    (events.internal_error, (metrics.count_internal_error,)),
-    (events.replay_finished, (metrics.count_replays,)),
-    (events.compensation_finished, (metrics.count_compensation,)),
-    (events.circuit_changed, (metrics.record_circuit,)),
+    (events.letter_parked, (metrics.count_parked, cloudwatch.count_parked, sentry.report_parked,
+                            escalation.on_parked)),
+    (events.bookkeeping_deferred, (metrics.count_deferred, cloudwatch.count_deferred)),
+    (events.internal_error, (metrics.count_internal_error, cloudwatch.count_internal_error)),
+    (events.replay_finished, (metrics.count_replays, cloudwatch.count_replays)),
+    (events.compensation_finished, (metrics.count_compensation, cloudwatch.count_compensation)),
+    (events.circuit_changed, (metrics.record_circuit, cloudwatch.record_circuit)),
     (events.saga_needs_human, (escalation.on_saga_needs_human,)),
     (events.incident_opened, (sentry.report_opened_incident,)),
     (events.worker_started, (notify.start_delivering,)),
-    (events.worker_heartbeat, (metrics.record_heartbeat, notify.on_heartbeat)),
-    (events.worker_stopping, (notify.stop_delivering,)),
+    (events.worker_heartbeat, (metrics.record_heartbeat, cloudwatch.record_heartbeat,
+                               notify.on_heartbeat)),
+    (events.worker_stopping, (notify.stop_delivering, cloudwatch.stop_publishing)),
 )
 
 

@@ -50,7 +50,8 @@ from . import conf, events
 from .core import headers as hdr, redaction
 from .core.bounds import cut, delay_seconds
 from .core.classification import Failure, Rule, classify
-from .core.brokers import broker_delay
+from .core.brokers import (broker_delay, delivered_queue, delivered_route,
+                           uses_native_delayed_delivery)
 from .core.errors import DependencyError, TransientError, exception_path
 from .core.policy import Attempt, RetryPolicy, Verdict, default_policy
 from .store import deferred, result_rows
@@ -58,7 +59,7 @@ from .store.connections import discard_broken_connections
 from .store.due import hold
 from .store.models import FallbackUse
 from .store.parking import ParkRecord, park
-from .workflows import degraded
+from .workflows import broker_waits, degraded
 from .workflows.circuit import Circuit, CircuitOpenError
 from .workflows.sagas import is_current
 
@@ -222,6 +223,13 @@ def _scrubbed_message(exc: BaseException, request: Any) -> str:
     values = result_rows.hidden_in_request(request)
     message = str(exc) if values is not None else redaction.MASK
     return cut(redaction.scrub_text(message, values or []), int(conf.get("MESSAGE_MAX_CHARS")))
+
+
+def _routing_key(request: Any) -> str:
+    """The routing key a run was delivered with, without the delay bits of a retry that
+    came through RabbitMQ's delayed delivery: its queue, as a letter and the metrics name
+    it ("" for an eager run, which no broker delivered)."""
+    return delivered_queue(getattr(request, "delivery_info", None))
 
 
 def _isolated(what: str, func, *args: Any, **kwargs: Any) -> None:
@@ -466,9 +474,11 @@ class RecoveryTask(Task):
             logger.error("%s[%s]: fallback %s failed too: %r", self.name, self.request.id, name,
                          fallback_exc)
             self.request._recovery_fallback_error = (name, fallback_exc)
-            events.fallback_ran.send(task_name=self.name, reason=reason, succeeded=False)
+            events.fallback_ran.send(task_name=self.name, reason=reason, succeeded=False,
+                                    queue=_routing_key(self.request))
             return None
-        events.fallback_ran.send(task_name=self.name, reason=reason, succeeded=True)
+        events.fallback_ran.send(task_name=self.name, reason=reason, succeeded=True,
+                                queue=_routing_key(self.request))
         try:
             FallbackUse.objects.create(
                 task_id=self.request.id or "", task_name=self.name, fallback=name, reason=reason,
@@ -542,7 +552,7 @@ class RecoveryTask(Task):
         request = self.request
         failure = self.classify(exc)
         events.task_failed.send(task_name=self.name, kind=failure.kind.value,
-                                transient=not failure.permanent)
+                                transient=not failure.permanent, queue=_routing_key(request))
         history = list(hdr.read(request, hdr.HISTORY, []) or [])
         # Elapsed time counts from the start of the first attempt of this run.
         started_at = float(hdr.read(request, hdr.STARTED_AT, 0) or 0) or started or time.time()
@@ -570,7 +580,8 @@ class RecoveryTask(Task):
                 self._schedule_retry(exc, verdict, history, started_at, args, kwargs,
                                      options or {})
             except Retry:
-                events.retry_scheduled.send(task_name=self.name, kind=failure.kind.value)
+                events.retry_scheduled.send(task_name=self.name, kind=failure.kind.value,
+                                            queue=_routing_key(request))
                 raise
         outcome = self._run_fallback(exc, args, kwargs, reason="gave_up")
         if outcome is not None:
@@ -614,9 +625,12 @@ class RecoveryTask(Task):
             )
             if self._hold_in_due_table(signature, delay):
                 raise Retry(exc=exc, when=delay, sig=signature)
-        Task.retry(self, args=args, kwargs=kwargs, exc=exc,
-                   countdown=broker_delay(self.app, delay), max_retries=None,
-                   headers=headers, **options)
+        countdown = broker_delay(self.app, delay)
+        if countdown > 0 and not request.is_eager and uses_native_delayed_delivery(self.app):
+            # It waits in RabbitMQ, where the watchdog cannot see it: say so.
+            broker_waits.note(request.id, countdown)
+        Task.retry(self, args=args, kwargs=kwargs, exc=exc, countdown=countdown,
+                   max_retries=None, headers=headers, **options)
 
     def _hold_in_due_table(self, signature, delay: float) -> bool:
         try:
@@ -649,7 +663,6 @@ class RecoveryTask(Task):
                 real_backend, real_backend.prepare_exception(exc), tb,
                 result_rows.hidden_in_request(request))
             result = {"result": shown_exc, "traceback": shown_tb}
-        delivery = request.delivery_info or {}
         record = ParkRecord(
             task_id=request.id,
             task_name=self.name,
@@ -662,10 +675,10 @@ class RecoveryTask(Task):
             traceback=tb,
             args=_json_safe(list(args)),
             kwargs=_json_safe(dict(kwargs)),
-            headers=_json_safe(self._replay_options(request)),
+            headers=_json_safe(self._replay_options(request, self.app.amqp.queues)),
             history=history,
             replay=int(hdr.read(request, hdr.REPLAY, 0) or 0),
-            queue=delivery.get("routing_key") or "",
+            queue=_routing_key(request),
             worker=request.hostname or "",
             result=result,
         )
@@ -684,13 +697,13 @@ class RecoveryTask(Task):
                                 letter_id=outcome.letter_id)
 
     @staticmethod
-    def _replay_options(request) -> dict:
+    def _replay_options(request, queues=None) -> dict:
         options = {
             key: value for key, value in request.as_execution_options().items()
             if value not in (None, [], {}) and key not in ("task_id", "expires", "retries")
         }
         delivery = request.delivery_info or {}
-        for key in ("exchange", "routing_key", "priority"):
-            if delivery.get(key) not in (None, ""):
-                options[key] = delivery[key]
+        options.update(delivered_route(delivery, queues))
+        if delivery.get("priority") not in (None, ""):
+            options["priority"] = delivery["priority"]
         return options

@@ -21,6 +21,7 @@ from . import conf
 from .core.task_modules import import_task_modules
 from .delivery import topology
 from .observe import metrics
+from .observe.cloudwatch import receivers as cloudwatch
 from .store.db_timeouts import unbound_thread_connection
 
 __all__ = ["setup", "CONSUMER", "import_task_modules"]
@@ -128,7 +129,10 @@ def _metrics_worker_init(sender: Any = None, **kwargs: Any) -> None:
 
 
 def _metrics_child_exit(sender: Any = None, pid: int | None = None, **kwargs: Any) -> None:
+    """A pool child is exiting (in the child): its live gauges go, and the CloudWatch
+    counts it still holds are published (it leaves by ``os._exit``: no ``atexit``)."""
     metrics.mark_process_dead(pid or os.getpid())
+    cloudwatch.flush()
 
 
 def _metrics_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:

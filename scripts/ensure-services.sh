@@ -38,10 +38,13 @@ if ! rabbit_up; then
   rabbitmq-server -detached || true
   for _ in $(seq 1 60); do rabbit_up && break; sleep 1; done
 fi
-if rabbit_up && ! rabbitmqctl -q list_vhosts 2>/dev/null | grep -qx "$RABBIT_VHOST"; then
-  rabbitmqctl -q add_vhost "$RABBIT_VHOST" >/dev/null
-  rabbitmqctl -q set_permissions -p "$RABBIT_VHOST" guest ".*" ".*" ".*" >/dev/null
-fi
+# The test matrix's vhost, and the benchmark's (make bench BROKER=rabbitmq)
+for vhost in "$RABBIT_VHOST" celery_recovery_bench; do
+  if rabbit_up && ! rabbitmqctl -q list_vhosts 2>/dev/null | grep -qx "$vhost"; then
+    rabbitmqctl -q add_vhost "$vhost" >/dev/null
+    rabbitmqctl -q set_permissions -p "$vhost" guest ".*" ".*" ".*" >/dev/null
+  fi
+done
 if [ ! -x /usr/bin/chromium ]; then
   echo "Chromium is missing; installing Debian's chromium package for the browser tests"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

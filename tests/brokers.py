@@ -22,8 +22,9 @@ from kombu.exceptions import OperationalError
 from recovery.delivery import topology
 
 __all__ = ["BROKER", "MOTO", "only_on", "empty_broker", "queues_of_the_runtime",
-           "free_sqs_url", "moto_server", "sqs_client", "sqs_messages", "proxied",
-           "broker_port"]
+           "free_sqs_url", "moto_server", "sqs_client", "sqs_messages", "unacknowledged",
+           "lose_queue", "queued", "broker_address", "via", "transport_options",
+           "unreachable"]
 
 BROKER = topology.broker_kind(os.environ.get("TEST_BROKER_URL", "redis://"))
 #: TEST_BROKER_URL's sentinel for "moto's SQS server, started by the tests".
@@ -127,21 +128,131 @@ def sqs_messages(url: str, queue: str = "celery") -> list[dict]:
                 found[message["MessageId"]] = decode_sqs_body(message["Body"])
 
 
-def proxied(url: str, port: int) -> tuple[str, dict]:
-    """The broker URL ``url`` as reached through a local proxy on ``port`` (the proxy
-    forwards to the broker's own port: :func:`broker_port`), and the transport options
-    a Celery app without ``recovery.setup`` needs for it."""
+def _sqs_counts(url: str, queue: str) -> dict[str, int]:
+    """An SQS queue's approximate counts (``ApproximateNumberOf…`` without the prefix);
+    ``{}`` when the queue does not exist."""
+    prefix = "ApproximateNumberOf"
+    with sqs_client(url) as client:
+        try:
+            queue_url = client.get_queue_url(QueueName=queue)["QueueUrl"]
+        except client.exceptions.QueueDoesNotExist:
+            return {}
+        attributes = client.get_queue_attributes(
+            QueueUrl=queue_url, AttributeNames=[f"{prefix}Messages",
+                                                f"{prefix}MessagesNotVisible"])["Attributes"]
+    return {name[len(prefix):]: int(value) for name, value in attributes.items()}
+
+
+# -- looking into the broker, whichever it is ---------------------------------------------
+
+
+def _url() -> str:
+    from django.conf import settings
+
+    return settings.CELERY_BROKER_URL
+
+
+def _vhost(url: str) -> str:
+    from urllib.parse import unquote, urlsplit
+
+    path = urlsplit(url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+def unacknowledged(store, queue: str = "celery") -> int:
+    """Messages delivered to a worker and not acknowledged yet (Redis: the transport's
+    ``unacked`` hash; RabbitMQ: the queue's count, from rabbitmqctl; SQS: the queue's
+    messages in flight)."""
+    if BROKER == "sqs":
+        return _sqs_counts(_url(), queue).get("MessagesNotVisible", 0)
+    if BROKER != "amqp":
+        return store.hlen("unacked")
+    import subprocess
+
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", _vhost(_url()), "name",
+                          "messages_unacknowledged"], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == queue:
+            return int(parts[1])
+    return 0
+
+
+def lose_queue(store, queue: str = "celery") -> int:
+    """The broker loses every message waiting in ``queue``; returns how many there were
+    (Redis: 1 when the list existed)."""
+    if BROKER == "sqs":
+        waiting = _sqs_counts(_url(), queue).get("Messages", 0)
+        with sqs_client(_url()) as client:
+            client.purge_queue(QueueUrl=client.get_queue_url(QueueName=queue)["QueueUrl"])
+        return waiting
+    if BROKER != "amqp":
+        return store.delete(queue)
+    with Connection(_url(), connect_timeout=5) as connection:
+        channel = connection.channel()
+        try:
+            return channel.queue_purge(queue) or 0
+        finally:
+            channel.close()
+
+
+def queued(store, queue: str = "celery", delayed: bool = False) -> list[dict]:
+    """The messages waiting in ``queue`` (and, on RabbitMQ with ``delayed``, in the
+    delayed-delivery queues), as ``{"headers": …}`` dicts, left where they are (on SQS:
+    hidden for 30 s, as :func:`sqs_messages` receives them)."""
+    import json
+
+    if BROKER == "sqs":
+        return sqs_messages(_url(), queue)
+    if BROKER != "amqp":
+        return [json.loads(raw) for raw in store.lrange(queue, 0, -1)]
+    names = [queue, *(f"celery_delayed_{level}" for level in range(28) if delayed)]
+    found = []
+    with Connection(_url(), connect_timeout=5) as connection:
+        for name in names:
+            channel = connection.channel()
+            try:
+                while True:
+                    message = channel.basic_get(name, no_ack=False)
+                    if message is None:
+                        break
+                    found.append({"headers": dict(message.headers or {}),
+                                  "properties": dict(message.properties or {})})
+            except Exception:  # noqa: BLE001 - a delay level nobody declared
+                pass
+            finally:
+                try:
+                    channel.close()  # gives back what basic_get took, unacknowledged
+                except Exception:  # noqa: BLE001
+                    pass
+    return found
+
+
+def broker_address() -> tuple[str, int]:
+    """Host and port of the test broker."""
     from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
-    if topology.broker_kind(url) == topology.SQS:
-        proxied_url = url.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{port}")
-        return proxied_url, topology.sqs_transport_options(proxied_url)
-    return f"redis://127.0.0.1:{port}/{url.rsplit('/', 1)[1]}", {}
+    parts = urlsplit(_url())
+    return parts.hostname or "127.0.0.1", parts.port or (5672 if BROKER == "amqp" else 6379)
 
 
-def broker_port(url: str) -> int:
-    """The broker's port (Redis's 6379 when the URL names none)."""
-    from urllib.parse import urlsplit
+def via(port: int) -> str:
+    """The test broker's URL through a proxy listening on ``port``."""
+    from urllib.parse import urlsplit, urlunsplit
 
-    return urlsplit(url).port or 6379
+    parts = urlsplit(_url())
+    credentials = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    return urlunsplit(parts._replace(netloc=f"{credentials}127.0.0.1:{port}"))
+
+
+def transport_options(url: str) -> dict:
+    """The transport options a Celery app without ``recovery.setup`` needs to reach the
+    test broker at ``url`` (SQS: the local server's, :func:`topology.sqs_transport_options`)."""
+    return topology.sqs_transport_options(url) if topology.broker_kind(url) == topology.SQS else {}
+
+
+def unreachable() -> str:
+    """A URL that nothing answers: of the test broker's kind on RabbitMQ, else Redis's
+    (an SQS client retries a refused connection for seconds before it gives up)."""
+    return "amqp://guest:guest@127.0.0.1:1//" if BROKER == "amqp" else "redis://127.0.0.1:1/0"

@@ -77,6 +77,11 @@ RECOVERY = {
     # Each test reads the backlogs it just wrote (tests/security/test_metrics_endpoint.py
     # turns the cache on).
     "METRICS_CACHE_SECONDS": 0,
+    # Who counts events, and how CloudWatch metrics are sent, for the worker processes of
+    # tests/integration/test_cloudwatch.py, as JSON.
+    "METRICS_BACKENDS": json.loads(os.environ.get("RECOVERY_TEST_METRICS_BACKENDS")
+                                   or '["prometheus"]'),
+    "CLOUDWATCH": json.loads(os.environ.get("RECOVERY_TEST_CLOUDWATCH") or "{}"),
     # Escalation rules and channels of the worker processes of the escalation tests
     # (tests/integration/test_escalation.py), as JSON.
     "ESCALATION": json.loads(os.environ.get("RECOVERY_TEST_ESCALATION") or "{}"),

@@ -7,11 +7,13 @@ agree on it without importing the worker side.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 __all__ = ["AMQP", "REDIS", "SQS", "broker_kind", "uses_native_delayed_delivery",
-           "broker_delay"]
+           "broker_delay", "delivered_queue", "delivered_route"]
 
 AMQP = "amqp"
 REDIS = "redis"
@@ -48,3 +50,37 @@ def broker_delay(app: Any, seconds: float) -> float:
     if seconds > 0 and uses_native_delayed_delivery(app):
         return float(max(1, math.ceil(seconds)))
     return seconds
+
+
+# Celery's native delayed delivery routes a delayed message through exchanges named
+# ``celery_delayed_<level>`` / ``celery_delayed_delivery`` (with an optional prefix),
+# under a routing key of 28 delay bits before the original key: "0.0.…1.celery".
+_DELAY_BITS = re.compile(r"^(?:[01]\.){28}(?P<key>.+)$")
+_DELAY_EXCHANGE = re.compile(r"^(?:.+_)?celery_delayed_(?:delivery|\d+)$")
+
+
+def delivered_queue(delivery_info: Mapping | None) -> str:
+    """The routing key a message was sent with, as a letter and a metric name its queue:
+    without the delay bits a retry carried through RabbitMQ's delayed delivery."""
+    routing_key = str((delivery_info or {}).get("routing_key") or "")
+    match = _DELAY_BITS.match(routing_key)
+    return match.group("key") if match else routing_key
+
+
+def delivered_route(delivery_info: Mapping | None,
+                    queues: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``exchange``/``routing_key`` to publish a message again where it was delivered
+    from (a replay). A message that came through delayed delivery names the delay
+    exchange, which would route it by its bits: the task queue with its routing key is
+    named instead (``queue``, when the app declares it), else the routing key alone."""
+    delivery = delivery_info or {}
+    exchange = delivery.get("exchange")
+    routing_key = delivered_queue(delivery)
+    if not (isinstance(exchange, str) and _DELAY_EXCHANGE.match(exchange)):
+        return {key: value for key, value in (("exchange", exchange),
+                                              ("routing_key", delivery.get("routing_key")))
+                if value not in (None, "")}
+    for name, queue in (queues or {}).items():
+        if getattr(queue, "routing_key", None) == routing_key:
+            return {"queue": name}
+    return {"routing_key": routing_key} if routing_key else {}

@@ -41,7 +41,8 @@ from .task_modules import import_task_modules
 
 __all__ = ["MASK", "MAX_DEPTH", "SHOWN_MAX_CHARS", "is_secret_key", "mask", "masked_payload",
            "has_secrets", "hidden_values", "scrub_text", "scrub_strings",
-           "shown_letter", "ShownLetter", "scrubbed_failure", "clipped", "saga_secret_keys"]
+           "shown_letter", "ShownLetter", "scrubbed_failure", "clipped", "saga_secret_keys",
+           "holds_mask"]
 
 MASK = "••••••"
 
@@ -220,6 +221,25 @@ def _leaves(value: Any) -> list:
         elif isinstance(item, (str, int, float)):
             found.append(item)
     return found
+
+
+def holds_mask(value: Any) -> bool:
+    """Whether the mask stands anywhere in ``value`` (walked without recursion, any depth).
+
+    A letter imported from a masked export holds the mask where its secrets were: such a
+    payload must never be published as if the mask were the value.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if MASK in item:
+                return True
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False
 
 
 def hidden_values(raw: Any, masked: Any) -> list:

@@ -24,7 +24,7 @@ from .. import conf
 from ..core.kinds import FailureKind
 from ..core.names import logger_for
 from . import topology
-from .worker import park_poison
+from .worker import park_poison, parked_already
 
 __all__ = ["BrokerDeadLetters", "park_dead_lettered", "death_account"]
 
@@ -55,9 +55,16 @@ def _int_or_none(value: Any) -> int | None:
 
 
 def park_dead_lettered(message: Any, hostname: str = "") -> Any:
-    """Park one message RabbitMQ dead-lettered; returns :func:`park`'s outcome."""
+    """Park one message RabbitMQ dead-lettered; returns :func:`park`'s outcome, or None
+    when its task is parked already (a task that raised ``Reject`` after recovery parked
+    it, say): that letter says more than "rejected", and stays as it is."""
     headers = dict(message.headers or {})
     properties = dict(message.properties or {})
+    task_id = headers.get("id") or properties.get("correlation_id")
+    if parked_already(task_id):
+        logger.info("recovery: %s, dead-lettered by RabbitMQ, is parked already; dropped "
+                    "the broker's copy", task_id)
+        return None
     death = death_account(headers)
     deliveries = death["delivery_count"]
     if death["reason"] == "delivery_limit":
@@ -68,7 +75,7 @@ def park_dead_lettered(message: Any, hostname: str = "") -> Any:
         said = (f"RabbitMQ dead-lettered it from queue {death['queue'] or '?'} "
                 f"(reason: {death['reason']})")
     return park_poison(
-        task_id=headers.get("id") or properties.get("correlation_id"),
+        task_id=task_id,
         task_name=str(headers.get("task") or ""),
         body=message.body,
         content_type=message.content_type or "",

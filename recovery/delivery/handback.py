@@ -24,7 +24,7 @@ from django.db import Error as DatabaseError
 from ..store.deliveries import note_handed_back
 from ..core.names import logger_for
 
-__all__ = ["HandBack", "handed_back_ids"]
+__all__ = ["HandBack", "handed_back_ids", "unstarted_requests"]
 
 logger = logger_for(__name__)
 
@@ -42,9 +42,11 @@ def handed_back_ids(consumer: Any) -> set[str]:
     qos = getattr(getattr(task_consumer, "channel", None), "qos", None)
     delivered = getattr(qos, "_delivered", None)
     if delivered is None:
-        held = (*tuple(reserved_requests), *tuple(scheduled_requests))
-        return {str(request.id) for request in held
-                if request.id and request.id not in running}
+        # Celery forgets its requests when the consumer closes, before any step's shutdown:
+        # RecoveryConsumer.on_close kept their ids (unstarted_requests) just before.
+        kept = getattr(consumer, "recovery_unstarted", None)
+        ids = kept if kept is not None else unstarted_requests()
+        return {task_id for task_id in ids if task_id not in running}
     ids = set()
     for message in list(delivered.values()):
         headers = getattr(message, "headers", None) or {}
@@ -53,6 +55,15 @@ def handed_back_ids(consumer: Any) -> set[str]:
         if task_id and task_id not in running:
             ids.add(str(task_id))
     return ids
+
+
+def unstarted_requests() -> set[str]:
+    """Ids of the requests this worker received (or holds for their ETA) and never
+    started: what an AMQP broker gives back when the worker's channel closes."""
+    running = set(tuple(active_requests))
+    return {str(request.id) for request in (*tuple(reserved_requests),
+                                            *tuple(scheduled_requests))
+            if request.id and request not in running}
 
 
 class HandBack(bootsteps.StartStopStep):

@@ -23,7 +23,8 @@ Each worker, on a thread of its own (``recovery-sqs-dead-letters``):
    committed, or spooled while the database is down). A park that fails leaves the
    message in the dead-letter queue: it is received again once its visibility timeout
    passes. Parking is an upsert by task id, so a message parked twice (a worker died
-   between the commit and the delete) is one letter.
+   between the commit and the delete) is one letter; a message whose task has a parked
+   letter already is deleted and leaves that letter as it is.
 
 What real AWS has and a local server may not: ``StartMessageMoveTask`` (the console's
 "redrive back to source"), which would send the messages back to run without a letter:
@@ -50,7 +51,7 @@ from ..core.names import logger_for
 from ..store import db_timeouts
 from . import topology
 from .housekeeping import Ticker
-from .worker import park_poison
+from .worker import park_poison, parked_already
 
 __all__ = ["SqsDeadLetters", "Redrive", "DeadLetterSource", "decode_sqs_body",
            "park_redriven", "DRAIN_INTERVAL_SECONDS"]
@@ -116,11 +117,18 @@ class DeadLetterSource:
 def park_redriven(message: dict[str, Any], source: DeadLetterSource,
                   hostname: str = "") -> Any:
     """Park one message received from ``source``'s dead-letter queue; returns
-    :func:`park`'s outcome."""
+    :func:`park`'s outcome, or None when its task is parked already: that letter says
+    more than "redriven", and stays as it is."""
     attributes = message.get("Attributes") or {}
     payload = decode_sqs_body(message.get("Body") or "")
     headers = payload.get("headers") if isinstance(payload.get("headers"), dict) else {}
     properties = payload.get("properties") if isinstance(payload.get("properties"), dict) else {}
+    task_id = (headers.get("id") or properties.get("correlation_id")
+               or (None if payload else message.get("MessageId")))
+    if parked_already(task_id):
+        logger.info("recovery: %s, moved to %s by SQS redrive, is parked already; dropped "
+                    "SQS's copy", task_id, source.dead_letter_name)
+        return None
     received = _int_or_none(attributes.get("ApproximateReceiveCount"))
     from_arn = str(attributes.get("DeadLetterQueueSourceArn") or "")
     queue = from_arn.rsplit(":", 1)[-1] if from_arn else source.queue
@@ -131,8 +139,7 @@ def park_redriven(message: dict[str, Any], source: DeadLetterSource,
             + ": it kept ending its worker and recovery's own delivery cap could not stop it")
     body = _celery_body(payload) if payload else message.get("Body")
     return park_poison(
-        task_id=headers.get("id") or properties.get("correlation_id")
-        or (None if payload else message.get("MessageId")),
+        task_id=task_id,
         task_name=str(headers.get("task") or ""),
         body=body,
         content_type=str(payload.get("content-type") or ""),
@@ -273,7 +280,7 @@ class Redrive:
 
     def _park_one(self, client: Any, source: DeadLetterSource, message: dict) -> int:
         try:
-            park_redriven(message, source, self.hostname)
+            outcome = park_redriven(message, source, self.hostname)
         except Exception:  # noqa: BLE001 - the message stays in SQS: nothing lost
             logger.critical("recovery: could not park a message SQS moved to %s (message id "
                             "%s); it stays there and is received again after its visibility "
@@ -282,7 +289,7 @@ class Redrive:
             return 0
         client.delete_message(QueueUrl=source.dead_letter_url,
                               ReceiptHandle=message["ReceiptHandle"])
-        return 1
+        return 0 if outcome is None else 1
 
 
 def _json_object(text: Any) -> dict[str, Any]:

@@ -39,16 +39,20 @@ from django.db import Error as DatabaseError
 
 from .. import conf, events
 from ..core import envelope, redaction
+from ..core.brokers import delivered_queue
 from ..core.envelope import EnvelopeError
 from ..core.errors import exception_path
 from ..core.kinds import FailureKind
 from ..store import result_rows
 from ..store.deliveries import count_redelivery, note_loss
+from ..store.models import DeadLetter
 from ..store.parking import ParkRecord, park
+from .handback import unstarted_requests
 from .housekeeping import Housekeeping
 from ..core.names import logger_for
 
-__all__ = ["RecoveryConsumer", "RecoveryRequest", "Housekeeping", "park_poison"]
+__all__ = ["RecoveryConsumer", "RecoveryRequest", "Housekeeping", "park_poison",
+           "parked_already"]
 
 logger = logger_for(__name__)
 
@@ -152,12 +156,42 @@ def park_poison(*, task_id: str | None, task_name: str, body: Any, content_type:
             "delay_seconds": None,
             **(history_extra or {}),
         }],
-        queue=delivery_info.get("routing_key") or "",
+        queue=delivered_queue(delivery_info),
         worker=hostname,
     )
     outcome = park(record)
     logger.error("recovery: parked %s message %s[%s]: %s", kind.value, task_name, task_id, reason)
     return outcome
+
+
+def parked_already(task_id: str | None) -> bool:
+    """Whether ``task_id`` has a parked letter. A broker's dead-letter drain (RabbitMQ's
+    dead-letter exchange, SQS's redrive) then leaves that letter as it is, since it says
+    more than "the broker gave it up" (a task that raised ``Reject`` after recovery parked
+    it, say), and drops the broker's copy. False when the database cannot tell: parking
+    spools the message then, and the spool's drain merges it into the letter."""
+    if not task_id:
+        return False
+    try:
+        return DeadLetter.objects.filter(task_id=str(task_id),
+                                         status=DeadLetter.Status.PARKED).exists()
+    except DatabaseError:
+        return False
+
+
+def _acknowledge_instead_of_rejecting(message: Any) -> None:
+    """The message is parked: what Celery does next (reject it) must end it. A broker with
+    a dead-letter exchange (RabbitMQ: recovery.delivery.topology) routes a rejected
+    message there, and the drain would park it a second time, as "rejected", over the
+    letter that says what was wrong with it: acknowledge it instead."""
+    reject_log_error = message.reject_log_error
+
+    def acknowledge_log_error(logger: Any, errors: Any, requeue: bool = False) -> Any:
+        if requeue:
+            return reject_log_error(logger, errors, requeue=True)
+        return message.ack_log_error(logger, errors)
+
+    message.reject_log_error = acknowledge_log_error
 
 
 def _tolerant_close(close):
@@ -175,6 +209,14 @@ def _tolerant_close(close):
 class RecoveryConsumer(Consumer):
     """Celery's consumer, parking what it would otherwise drop, and surviving a broker
     restart while it holds messages."""
+
+    #: Ids of the requests received and never started, as the consumer last closed
+    #: (recovery.delivery.handback reads them on shutdown).
+    recovery_unstarted: set[str] | None = None
+
+    def on_close(self):
+        self.recovery_unstarted = unstarted_requests()
+        return super().on_close()
 
     def on_connection_error_after_connected(self, exc):
         # Celery 5.7 first collect()s the broken connection, which detaches its transport,
@@ -214,6 +256,7 @@ class RecoveryConsumer(Consumer):
             logger.critical("recovery: could not park unknown task; requeueing", exc_info=True)
             message.reject_log_error(logger, self.connection_errors, requeue=True)
             return
+        _acknowledge_instead_of_rejecting(message)
         try:
             super().on_unknown_task(body, message, exc)
         except Exception:  # noqa: BLE001 - the letter is safe; the result backend may be down
@@ -221,10 +264,12 @@ class RecoveryConsumer(Consumer):
 
     def on_unknown_message(self, body, message):
         if self._park_undecodable(message, None, "message is not a Celery task message"):
+            _acknowledge_instead_of_rejecting(message)
             super().on_unknown_message(body, message)
 
     def on_invalid_task(self, body, message, exc):
         if self._park_undecodable(message, exc, f"invalid task message: {exc}"):
+            _acknowledge_instead_of_rejecting(message)
             super().on_invalid_task(body, message, exc)
 
     def on_decode_error(self, message, exc):
@@ -342,7 +387,7 @@ class RecoveryRequest(Request):
         """What a replay republishes with (the letter's ``headers``), as RecoveryTask parks
         it; the raw request would hand the replay its own args twice."""
         options = getattr(self.task, "_replay_options", None)
-        return options(self._context) if options is not None else {}
+        return options(self._context, self.task.app.amqp.queues) if options is not None else {}
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if soft or not self.task.acks_late:

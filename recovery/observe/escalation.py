@@ -75,11 +75,7 @@ class EscalationRules:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EscalationRules":
-        merged = {**conf.DEFAULTS["ESCALATION"], **dict(data or {})}
-        unknown = set(merged) - set(conf.DEFAULTS["ESCALATION"])
-        if unknown:
-            raise ValueError(f"unknown RECOVERY['ESCALATION'] keys: {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(sorted(conf.DEFAULTS['ESCALATION']))}")
+        merged = conf.merged("ESCALATION", data)
         letters = merged["THRESHOLD_LETTERS"]
         if letters is not None and (not isinstance(letters, int) or letters < 1):
             raise ValueError(f"THRESHOLD_LETTERS must be a positive integer or None, not {letters!r}")

@@ -38,6 +38,7 @@ from typing import Any
 from celery import current_app
 
 from .. import conf
+from .backends import PROMETHEUS, counted_by
 from ..store.spool import Spool
 from ..core.names import MovedModuleWarning, logger_for, public_module
 
@@ -47,7 +48,8 @@ __all__ = [
     "saga_escalated", "worker_heartbeat", "incident_opened", "incident_resolved",
     "notification_outcome", "internal_error", "write_deferred", "exposition", "ensure_multiprocess_dir",
     "multiprocess_dir", "mark_process_dead", "start_worker_server", "stop_worker_server",
-    "SpoolCollector", "CIRCUIT_STATE_VALUES", "Cached",
+    "SpoolCollector", "CIRCUIT_STATE_VALUES", "Cached", "label", "task_label", "ran_task_label",
+    "UNREGISTERED_TASK",
 ]
 
 logger = logger_for(__name__)
@@ -58,7 +60,7 @@ CIRCUIT_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 #: The dead-letter statuses recovery_dead_letters counts (DeadLetter.Status values).
 OPEN_STATUSES = ("parked", "replaying")
 _LABEL_MAX_CHARS = 120
-#: The ``task`` label of every task name this process does not know (see _task_label).
+#: The ``task`` label of every task name this process does not know (see task_label).
 UNREGISTERED_TASK = "unregistered"
 
 # name (without _total), type, help, labels, gauge multiprocess mode
@@ -154,17 +156,21 @@ def label(value: Any) -> str:
     return text[:_LABEL_MAX_CHARS]
 
 
-def _ran_task_label(name: str) -> str:
-    """The label of a task that is running here: a registered task, so a known name."""
+def ran_task_label(name: str) -> str:
+    """The label of a task that is running here: a registered task, so a known name.
+
+    Shared with the other exporters (:mod:`recovery.observe.cloudwatch`): a name one of
+    them saw run here is a name :func:`task_label` keeps for all."""
     text = label(name)
     _ran_tasks.add(text)
     return text
 
 
-def _task_label(name: Any) -> str:
+def task_label(name: Any) -> str:
     """The label of a task name read from a message or a row, which anyone who can publish
     may forge: kept when the app knows the task, else ``unregistered``, so a flood of
-    made-up names adds one series, not one per name."""
+    made-up names adds one series, not one per name (one CloudWatch metric, which is billed
+    per metric, not one per name)."""
     text = label(name)
     if text in _ran_tasks:
         return text
@@ -221,18 +227,18 @@ def _reset() -> None:
 @_safe
 def task_failed(task: str, kind: str, transient: bool) -> None:
     """A task run raised; ``kind`` and ``transient`` are its classification."""
-    _metric("failures").labels(_ran_task_label(task), label(kind), "true" if transient else "false").inc()
+    _metric("failures").labels(ran_task_label(task), label(kind), "true" if transient else "false").inc()
 
 
 @_safe
 def retry_scheduled(task: str, kind: str) -> None:
-    _metric("retries").labels(_ran_task_label(task), label(kind)).inc()
+    _metric("retries").labels(ran_task_label(task), label(kind)).inc()
 
 
 @_safe
 def dead_letter_parked(task: str, kind: str, replay: int = 0) -> None:
     """A letter was parked; a replayed task parked again also counts as a replay outcome."""
-    _metric("parked").labels(_task_label(task), label(kind)).inc()
+    _metric("parked").labels(task_label(task), label(kind)).inc()
     if replay:
         _metric("replays").labels("parked_again").inc()
 
@@ -241,7 +247,7 @@ def dead_letter_parked(task: str, kind: str, replay: int = 0) -> None:
 def internal_error(task: str, exception: str) -> None:
     """An error escaped the pool child outside the task's body and was not a decoding
     failure (see recovery.delivery.worker.RecoveryRequest)."""
-    _metric("internal_errors").labels(_task_label(task), label(exception)).inc()
+    _metric("internal_errors").labels(task_label(task), label(exception)).inc()
 
 
 @_safe
@@ -263,12 +269,12 @@ def compensation_outcome(outcome: str) -> None:
 
 @_safe
 def fallback_used(task: str, reason: str) -> None:
-    _metric("fallbacks").labels(_ran_task_label(task), label(reason)).inc()
+    _metric("fallbacks").labels(ran_task_label(task), label(reason)).inc()
 
 
 @_safe
 def fallback_failed(task: str, reason: str) -> None:
-    _metric("fallback_failures").labels(_ran_task_label(task), label(reason)).inc()
+    _metric("fallback_failures").labels(ran_task_label(task), label(reason)).inc()
 
 
 @_safe
@@ -309,46 +315,57 @@ def notification_outcome(channel: str, outcome: str) -> None:
 
 
 # -- receivers of recovery.events (connected by recovery.subscriptions) -----------------------
+# Each counts only while "prometheus" is in RECOVERY["METRICS_BACKENDS"] (the default).
 
 
+@counted_by(PROMETHEUS)
 def count_task_failed(task_name: str, kind: str, transient: bool, **_: Any) -> None:
     task_failed(task_name, kind, transient)
 
 
+@counted_by(PROMETHEUS)
 def count_retry_scheduled(task_name: str, kind: str, **_: Any) -> None:
     retry_scheduled(task_name, kind)
 
 
+@counted_by(PROMETHEUS)
 def count_fallback(task_name: str, reason: str, succeeded: bool, **_: Any) -> None:
     (fallback_used if succeeded else fallback_failed)(task_name, reason)
 
 
+@counted_by(PROMETHEUS)
 def count_parked(record: Any, first_report: bool = True, **_: Any) -> None:
     # A spooled letter was counted when it was spooled, not again when the drain writes it.
     if first_report:
         dead_letter_parked(record.task_name, record.kind, record.replay)
 
 
+@counted_by(PROMETHEUS)
 def count_deferred(kind: str, **_: Any) -> None:
     write_deferred(kind)
 
 
+@counted_by(PROMETHEUS)
 def count_internal_error(task_name: str, error_type: str, **_: Any) -> None:
     internal_error(task_name, error_type)
 
 
+@counted_by(PROMETHEUS)
 def count_replays(outcome: str, count: int = 1, **_: Any) -> None:
     replay_outcome(outcome, count)
 
 
+@counted_by(PROMETHEUS)
 def count_compensation(outcome: str, **_: Any) -> None:
     compensation_outcome(outcome)
 
 
+@counted_by(PROMETHEUS)
 def record_circuit(dependency: str, state: str, **_: Any) -> None:
     circuit_changed(dependency, state)
 
 
+@counted_by(PROMETHEUS)
 def record_heartbeat(hostname: str, **_: Any) -> None:
     worker_heartbeat(hostname)
 

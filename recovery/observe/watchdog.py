@@ -58,6 +58,8 @@ from django.db.models import Count, Max, Min, Q
 from django.utils import timezone
 
 from .. import conf
+from ..core.brokers import delivered_queue
+from ..workflows import broker_waits
 from ..core.redaction import MASK, masked_payload
 from ..core.task_modules import import_task_modules
 from ..delivery import presence
@@ -117,14 +119,7 @@ class WatchdogPolicy:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "WatchdogPolicy":
         """Raises ValueError with a plain message naming the bad key."""
-        defaults = conf.DEFAULTS["WATCHDOG"]
-        if data is not None and not isinstance(data, Mapping):
-            raise ValueError(f"RECOVERY['WATCHDOG'] must be a dict, not {type(data).__name__}")
-        merged = {**defaults, **dict(data or {})}
-        unknown = set(merged) - set(defaults)
-        if unknown:
-            raise ValueError(f"unknown RECOVERY['WATCHDOG'] keys: {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(sorted(defaults))}")
+        merged = conf.merged("WATCHDOG", data)
         values: dict[str, Any] = {}
         for key in _SECONDS:
             value = merged[key]
@@ -536,7 +531,7 @@ def _describe(app: Any, worker: str, info: Mapping[str, Any], started: float, el
         "task_id": info["id"],
         "worker": info.get("hostname") or worker,
         "worker_pid": info.get("worker_pid"),
-        "queue": str(delivery.get("routing_key") or ""),
+        "queue": delivered_queue(delivery),
         "started_at": datetime.fromtimestamp(started, tz=dt_timezone.utc).isoformat(),
         "started_at_estimated": estimated,
         # Rounded up: a task just past its deadline must not read as exactly at it.
@@ -579,6 +574,7 @@ def _handle_overdue(overdue: list[dict], chosen: WatchdogPolicy, workers: Worker
                      .values_list("task_id", flat=True))
                | set(DeadLetter.objects.filter(task_id__in=ids, status=DeadLetter.Status.PARKED)
                      .values_list("task_id", flat=True)))
+    waiting |= broker_waits.waiting(ids - waiting, now=now.timestamp())
     held = workers.holding(ids - waiting)
     redispatched = 0
     exhausted: dict[str, list[dict]] = {}
@@ -718,6 +714,7 @@ def _check_replaying(app: Any, chosen: WatchdogPolicy, workers: Workers, now: da
         return {}
     ids = set(candidates.values())
     busy = set(DueRetry.objects.filter(task_id__in=ids).values_list("task_id", flat=True))
+    busy |= broker_waits.waiting(ids - busy, now=now.timestamp())
     busy |= workers.holding(ids - busy)
     pks = [pk for pk, task_id in candidates.items() if task_id not in busy]
     if not pks:

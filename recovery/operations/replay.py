@@ -37,6 +37,7 @@ from django.utils import timezone
 from ..events import compensation_finished, replay_finished
 from ..core import headers as hdr
 from ..core.kinds import FailureKind
+from ..core.redaction import MASK, holds_mask
 from ..core.task_modules import import_task_modules
 from ..store import deferred
 from ..store.deliveries import forget as forget_deliveries
@@ -128,6 +129,25 @@ def _registered_task(task_name: str, app: Any) -> Any:
         ) from None
 
 
+def _published_payload(letter: DeadLetter) -> tuple[Any, Any]:
+    """The arguments a replay of ``letter`` publishes."""
+    args, kwargs = letter.args, letter.kwargs
+    if letter.kind in _RAW_BODY_KINDS and not args and not kwargs:
+        # A message refused as too large keeps its arguments only in its body (recovery.core.bounds).
+        args, kwargs = body_payload(letter.raw_body, letter.content_type) or (args, kwargs)
+    return args, kwargs
+
+
+def _refuse_masked(letter: DeadLetter, args: Any, kwargs: Any, verb: str = "replay") -> None:
+    """A payload holding the mask (a letter imported from a masked export) is never
+    published: the task would run with the mask as its secret."""
+    if holds_mask(args) or holds_mask(kwargs):
+        raise ReplayError(
+            f"cannot {verb} letter {letter.pk}: its payload holds masked values ({MASK}), as "
+            f"a letter imported from a masked export does; put the real values in with an "
+            f"edited replay, or discard it")
+
+
 def _signature_for(letter: DeadLetter, app: Any, queue: str | None) -> tuple[Any, dict]:
     """The replay's signature and headers, from the allow-list only.
 
@@ -138,10 +158,7 @@ def _signature_for(letter: DeadLetter, app: Any, queue: str | None) -> tuple[Any
         options, carried = replay_options(letter.headers, letter.queue, app, queue)
     except UnknownQueue as exc:
         raise ReplayError(f"cannot replay letter {letter.pk}: {exc}") from None
-    args, kwargs = letter.args, letter.kwargs
-    if letter.kind in _RAW_BODY_KINDS and not args and not kwargs:
-        # A message refused as too large keeps its arguments only in its body (recovery.core.bounds).
-        args, kwargs = body_payload(letter.raw_body, letter.content_type) or (args, kwargs)
+    args, kwargs = _published_payload(letter)
     signature = app.signature(letter.task_name, args=args, kwargs=kwargs, **options)
     return signature, carried
 
@@ -152,8 +169,9 @@ def require_replayable(letter: DeadLetter, app: Any = None, queue: str | None = 
     with arguments it was never sent. Forms call it to say so before a payload check.
 
     Raises:
-        ReplayError: the body could not be decoded (and no edited payload replaces it),
-            or the queue (chosen, or the letter's own) is not one the app knows.
+        ReplayError: the body could not be decoded, or the payload holds masked values (and
+            no edited payload replaces it), or the queue (chosen, or the letter's own) is
+            not one the app knows.
     """
     app = app or current_app
     if (not edited and letter.kind in _RAW_BODY_KINDS
@@ -161,6 +179,8 @@ def require_replayable(letter: DeadLetter, app: Any = None, queue: str | None = 
         raise ReplayError(
             f"cannot replay letter {letter.pk}: body not decodable, so its arguments are "
             f"unknown; replay it with an edited payload, or discard it")
+    if not edited:
+        _refuse_masked(letter, *_published_payload(letter))
     _signature_for(letter, app, queue)
 
 
@@ -174,6 +194,9 @@ def _prepare_replay(letter: DeadLetter, *, actor: str, app: Any, queue: str | No
         new_args = letter.args if args is None else args
         new_kwargs = letter.kwargs if kwargs is None else kwargs
         validate_payload(letter.task_name, new_args, new_kwargs, app)
+        if holds_mask(new_args) or holds_mask(new_kwargs):
+            raise PayloadError(f"the payload still holds masked values ({MASK}); type the "
+                               f"real values in their place")
         if (new_args, new_kwargs) != (letter.args, letter.kwargs):
             DeadLetterEvent.objects.create(
                 letter=letter, action=DeadLetterEvent.Action.EDITED, actor=actor, note=note,
@@ -200,6 +223,7 @@ def _publish_replay(letter: DeadLetter, *, actor: str, app: Any, queue: str | No
     publish_options = {} if producer is None else {"producer": producer}
     try:
         # Inside the try: whatever fails here must put the letter back to parked.
+        _refuse_masked(letter, *_published_payload(letter))
         signature, carried = _signature_for(letter, app, queue)
         signature.apply_async(task_id=letter.task_id,
                               headers={**carried, hdr.REPLAY: letter.replay_count},
@@ -546,6 +570,7 @@ def _prepare_compensation(letter: DeadLetter, *, app: Any) -> str:
             f"task {letter.task_name!r} declares no compensation; declare one with "
             f"compensate='<task name>' on the task, or discard or resolve the letter"
         )
+    _refuse_masked(letter, letter.args, letter.kwargs, "compensate")
     try:
         validate_payload(name, letter.args, letter.kwargs, app)
     except PayloadError as exc:

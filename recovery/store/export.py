@@ -1,5 +1,7 @@
 """Dead letters as JSON lines or CSV, for audits, data requests and archiving
-before a purge. Secrets are masked unless the caller asks to reveal them.
+before a purge. Secrets are masked unless the caller asks to reveal them. The same
+record goes to a Kafka topic (:mod:`recovery.store.kafka`) and is read back by
+:mod:`recovery.store.importing`.
 
 Streams: one letter in memory at a time (plus one chunk of events), whatever
 the size of the queryset.
@@ -17,7 +19,8 @@ from django.db.models import QuerySet
 from ..core import redaction
 from .models import DeadLetter
 
-__all__ = ["letter_record", "write_jsonl", "write_csv", "csv_cell", "CSV_COLUMNS"]
+__all__ = ["letter_record", "records", "encoded", "write_jsonl", "write_csv", "csv_cell",
+           "CSV_COLUMNS"]
 
 CHUNK = 500
 
@@ -54,13 +57,25 @@ def _letters(queryset: QuerySet, events: bool) -> Iterator[DeadLetter]:
     return queryset.iterator(chunk_size=CHUNK)
 
 
+def records(queryset: QuerySet, *, reveal: bool = False,
+            events: bool = True) -> Iterator[dict]:
+    """:func:`letter_record` of each letter of ``queryset``, streamed: what every export
+    writes (a file, or a Kafka topic: :mod:`recovery.store.kafka`)."""
+    for letter in _letters(queryset, events):
+        yield letter_record(letter, reveal=reveal, events=events)
+
+
+def encoded(record: dict) -> str:
+    """A record as the JSON text every export writes (times as ISO text, UTF-8 kept)."""
+    return json.dumps(record, default=str, ensure_ascii=False)
+
+
 def write_jsonl(queryset: QuerySet, out: IO[str], *, reveal: bool = False,
                 events: bool = True) -> int:
     """One JSON object per line per letter, with its audit trail; returns how many."""
     written = 0
-    for letter in _letters(queryset, events):
-        out.write(json.dumps(letter_record(letter, reveal=reveal, events=events), default=str,
-                             ensure_ascii=False) + "\n")
+    for record in records(queryset, reveal=reveal, events=events):
+        out.write(encoded(record) + "\n")
         written += 1
     return written
 

@@ -18,6 +18,10 @@ THIRD_PARTY: dict[str, str] = {
                          "first (recovery.wiring's worker_init)",
     "redis": "an optional extra: the shared state may live in the database instead",
     "django_celery_results": "optional: only its result backend needs the fast path",
+    "boto3": "an optional extra (cloudwatch): only the PutMetricData publisher needs it",
+    "botocore": "comes with boto3, for the PutMetricData client's timeouts",
+    "confluent_kafka": "an optional extra: only `dlq export --to kafka://` and `dlq import "
+                       "--from kafka://` need it (recovery.store.kafka)",
 }
 
 #: Functions whose imports are the point of the function, by (module, qualified name).

@@ -11,11 +11,14 @@ from recovery.models import DeadLetter
 
 from tests.chaos.services import RedisServer
 
+from ..brokers import only_on
 from . import worker_tasks as t
 from .harness import wait_for
 from .test_retry_and_park import result_state
 
 
+@only_on("redis", reason="restarts a Redis server of its own, which is its broker whatever the "
+                          "matrix runs on")
 def test_worker_holding_messages_survives_a_redis_restart_and_finishes_them(
         start_worker, worker_env, tmp_path, key):
     # Given a private Redis with append-only persistence, and a worker on it that holds

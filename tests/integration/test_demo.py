@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from ..brokers import only_on
 from .harness import ROOT, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration,
+              only_on("redis", reason="the demo runs on its embedded file-system broker "
+                                      "whatever the matrix runs on: once is enough")]
 
 
 def demo_env(var_dir: Path) -> dict:

@@ -4,18 +4,16 @@ still once when the broker was down at the commit."""
 
 from __future__ import annotations
 
-import json
 import threading
 
 import pytest
 from celery import Celery
-from django.conf import settings
 from django.db import connection, transaction
 
 from recovery.workflows import outbox
 from recovery.models import OutboxMessage
 
-from ..brokers import BROKER, broker_port, proxied, sqs_messages
+from ..brokers import broker_address, queued, transport_options, unreachable, via
 from . import worker_tasks as t
 from .harness import TcpProxy, wait_for
 
@@ -26,13 +24,6 @@ TALLY = "tests.integration.worker_tasks.tally"
 
 class Rollback(Exception):
     pass
-
-
-def queued(store, queue: str = "celery") -> list[dict]:
-    """The messages waiting in a queue of the broker, as kombu envelopes."""
-    if BROKER == "sqs":
-        return sqs_messages(settings.CELERY_BROKER_URL, queue)
-    return [json.loads(raw) for raw in store.lrange(queue, 0, -1)]
 
 
 def test_a_rolled_back_transaction_publishes_and_runs_nothing(start_worker, store, key):
@@ -67,12 +58,12 @@ def test_nothing_is_published_before_the_commit_and_it_runs_once_after(start_wor
 def test_broker_down_at_the_commit_then_published_once_it_is_back(start_worker, store, key,
                                                                    worker_env):
     # Given the web process and a worker that both reach the broker through a link that can fail
-    proxy = TcpProxy("127.0.0.1", broker_port(settings.CELERY_BROKER_URL))
-    via_proxy, options = proxied(settings.CELERY_BROKER_URL, proxy.port)
+    proxy = TcpProxy(*broker_address())
+    via_proxy = via(proxy.port)
     # (CELERY_BROKER_URL in the environment overrides a broker= argument; the write URL wins)
     web = Celery("web", set_as_current=False)
     web.conf.broker_write_url = via_proxy
-    web.conf.broker_transport_options = options
+    web.conf.broker_transport_options = transport_options(via_proxy)
     try:
         start_worker(env={"CELERY_BROKER_URL": via_proxy})
         # When the broker is unreachable at the moment the transaction commits
@@ -97,7 +88,7 @@ def test_broker_down_at_the_commit_then_published_once_it_is_back(start_worker, 
 def test_concurrent_relays_publish_each_intent_once(broker, transactional_db):
     # Given 300 committed intents the fast path missed (the broker was unreachable)
     web_down = Celery("down", set_as_current=False)
-    web_down.conf.broker_write_url = "redis://127.0.0.1:1/0"
+    web_down.conf.broker_write_url = unreachable()
     with transaction.atomic():
         ids = [outbox.enqueue(TALLY, ("k", n), app=web_down).id for n in range(300)]
     OutboxMessage.objects.update(next_attempt_at=OutboxMessage.objects.first().created_at)
@@ -131,6 +122,6 @@ def test_concurrent_relays_publish_each_intent_once(broker, transactional_db):
 def test_countdown_survives_the_outbox(broker, transactional_db):
     with transaction.atomic():
         result = outbox.enqueue(TALLY, ("k", 1), countdown=60)
-    [message] = queued(broker)
+    [message] = queued(broker, delayed=True)
     assert message["headers"]["id"] == result.id
     assert message["headers"]["eta"] is not None

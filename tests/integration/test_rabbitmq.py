@@ -125,3 +125,39 @@ def test_a_sub_second_backoff_is_carried_by_native_delayed_delivery_as_one_secon
     gaps = [b - a for a, b in zip(times(store, key), times(store, key)[1:])]
     assert len(gaps) == 2 and all(gap >= 0.9 for gap in gaps), gaps
     assert not DeadLetter.objects.filter(task_id=result.id).exists()
+
+
+def test_messages_held_and_handed_back_on_clean_shutdowns_are_not_counted_as_losses(
+        start_worker, store, key):
+    """RabbitMQ gives back what a stopped worker held unstarted marked redelivered, as it
+    does for a dead worker's: the worker says which it never started (its own request
+    state, read before Celery forgets it), so a few deploys never add up to the cap."""
+    import signal
+    import socket
+    import uuid
+    from datetime import datetime, timedelta, timezone
+
+    from .test_worker_failures import _held_by, publish_raw, task_body
+
+    # Messages with an ETA a client sent straight to the queue (not through delayed
+    # delivery): each worker holds them in its memory until then, unstarted.
+    eta = (datetime.now(timezone.utc) + timedelta(seconds=45)).isoformat()
+    held = [str(uuid.uuid4()) for _ in range(2)]
+    for n, task_id in enumerate(held):
+        publish_raw(task_body(f"{key}-h{n}", 0), t.long_running.name, task_id, eta=eta,
+                    expires=(datetime.now(timezone.utc) + timedelta(seconds=900)).isoformat())
+    cap = 3  # MAX_DELIVERIES in the test settings
+    for deploy in range(cap + 1):
+        worker = start_worker(f"deploy{deploy}", concurrency=1)
+        name = f"deploy{deploy}@{socket.gethostname()}"
+        states = wait_for(lambda: len(found := _held_by(name, held)) == 2 and found, 30,
+                          message="the worker to hold the two messages")
+        assert set(states.values()) == {"scheduled"}
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(timeout=30) == 0
+        assert "2 message(s) handed back unused" in worker.log()
+        assert not DeadLetter.objects.exists(), worker.log()[-3000:]
+    start_worker("after")
+    wait_for(lambda: [runs(store, f"{key}-h{n}") for n in range(2)] == [1, 1], 90,
+             message="both to run once their ETA came")
+    assert not DeadLetter.objects.exists()

@@ -19,6 +19,7 @@ from tasks import standins
 from tasks.models import ServiceCall, ServiceEffect, ServiceFault
 from tasks.orders import place_order, place_order_or_hold
 
+from ..brokers import unacknowledged
 from . import worker_tasks as t
 from .harness import wait_for
 
@@ -184,7 +185,7 @@ def test_a_step_completing_while_the_database_is_cut_advances_the_run_once_it_is
     wait_for(lambda: os.path.isdir(spool) and
              sum(f.endswith(".json") for f in os.listdir(spool)) >= 2, 30,
              message="the result and the step's completion spooled")
-    wait_for(lambda: store.hlen("unacked") == 0, 20, message="step message acknowledged")
+    wait_for(lambda: unacknowledged(store) == 0, 20, message="step message acknowledged")
     run.refresh_from_db()
     assert run.status == "running"
     # Then once the database is back the run advances to the next step and finishes

@@ -7,6 +7,7 @@ from importlib.metadata import version
 import pytest
 from django.core.checks import Error, Warning, run_checks
 
+from recovery import checks
 from recovery.checks import (check_celery_serialization, check_private_internals,
                              check_recovery_settings)
 
@@ -380,3 +381,50 @@ def test_database_timeouts_must_be_positive_seconds(recovery, key, value):
 def test_a_database_timeout_of_none_is_valid(recovery, key):
     recovery(**{key: None})
     assert check_recovery_settings() == []
+
+
+# -- metrics backends and CloudWatch --------------------------------------------------------------
+
+
+def test_cloudwatch_with_prometheus_and_put_metric_data_passes(recovery):
+    recovery(METRICS_BACKENDS=["prometheus", "cloudwatch-emf"],
+             CLOUDWATCH={"NAMESPACE": "Shop/Recovery", "PUT_METRIC_DATA": True,
+                         "REGION": "eu-west-1"})
+
+    assert check_recovery_settings() == []
+
+
+@pytest.mark.parametrize("backends", [["prometheus", "statsd"], "prometheus", None, {"prometheus"}])
+def test_an_unknown_or_malformed_metrics_backend_fails_e040(recovery, backends):
+    recovery(METRICS_BACKENDS=backends)
+
+    problems = check_recovery_settings()
+
+    assert ids(problems) == ["recovery.E040"]
+    assert "cloudwatch-emf" in problems[0].msg
+
+
+def test_an_invalid_cloudwatch_setting_fails_e041_naming_the_key(recovery):
+    recovery(METRICS_BACKENDS=["cloudwatch-emf"], CLOUDWATCH={"NAMESPACE": "AWS/Mine"})
+
+    problems = check_recovery_settings()
+
+    assert ids(problems) == ["recovery.E041"]
+    assert "NAMESPACE" in problems[0].msg
+
+
+def test_put_metric_data_without_boto3_fails_e042(recovery, monkeypatch):
+    real = checks.find_spec
+    monkeypatch.setattr(checks, "find_spec", lambda name: None if name == "boto3" else real(name))
+    recovery(METRICS_BACKENDS=["cloudwatch-emf"], CLOUDWATCH={"PUT_METRIC_DATA": True})
+
+    assert ids(check_recovery_settings()) == ["recovery.E042"]
+
+
+def test_cloudwatch_settings_without_the_backend_warn_w040(recovery):
+    recovery(CLOUDWATCH={"NAMESPACE": "Shop/Recovery"})
+
+    problems = check_recovery_settings()
+
+    assert ids(problems) == ["recovery.W040"]
+    assert isinstance(problems[0], Warning)

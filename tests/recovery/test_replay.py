@@ -7,6 +7,7 @@ import json
 import pytest
 
 from config.celery import app
+from recovery.core.redaction import MASK
 from recovery.operations import replay as service
 from recovery.models import DeadLetter, DeadLetterEvent
 
@@ -163,3 +164,38 @@ def test_an_interrupted_bulk_replay_puts_unpublished_letters_back_to_parked(brok
     monkeypatch.setattr(service, "_publish_replay", real_publish)
     assert service.bulk("replay", DeadLetter.objects.all(), actor="bob").done == 3
     assert len(published(broker)) == 5
+
+
+# -- letters imported from a masked export ----------------------------------------------------
+
+
+def test_a_payload_holding_the_mask_is_never_replayed_as_it_is(broker):
+    # Given a letter imported from a masked export: the mask stands where a secret was
+    letter = make_letter(args=[1, MASK])
+    # When it is replayed as stored, alone or in bulk
+    with pytest.raises(service.ReplayError, match="its payload holds masked values"):
+        service.replay(letter, actor="alice")
+    result = service.bulk("replay", DeadLetter.objects.all(), actor="alice")
+    # Then nothing is published and the letter stays parked
+    assert (result.done, result.failed) == (0, 1)
+    assert "its payload holds masked values" in result.errors[0]
+    letter.refresh_from_db()
+    assert letter.status == DeadLetter.Status.PARKED and published(broker) == []
+
+
+def test_an_edited_payload_with_the_real_values_replays_an_imported_letter(broker):
+    letter = make_letter(kwargs={}, args=[1, MASK])
+    with pytest.raises(service.PayloadError, match="still holds masked values"):
+        service.replay(letter, actor="alice", args=[MASK, 500])
+    service.replay(letter, actor="alice", args=[1, 500])
+    [message] = published(broker)
+    assert message["headers"]["id"] == "task-1"
+    assert DeadLetter.objects.get().args == [1, 500]
+
+
+def test_a_payload_holding_the_mask_is_never_compensated(broker):
+    letter = make_letter(args=[1, f"card {MASK}"])
+    with pytest.raises(service.ReplayError, match="cannot compensate letter .* masked values"):
+        service.compensate(letter, actor="alice")
+    letter.refresh_from_db()
+    assert letter.status == DeadLetter.Status.PARKED and published(broker) == []

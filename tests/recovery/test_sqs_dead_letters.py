@@ -149,3 +149,25 @@ def test_a_message_whose_parking_fails_stays_in_the_dead_letter_queue(sqs_url, c
     assert redrive.drain() == 1
     assert DeadLetter.objects.filter(task_id=f"kept-{name}").count() == 1
     assert _depth(client, source.dead_letter_url) == 0
+
+
+@pytest.mark.django_db
+def test_a_redriven_message_of_a_task_parked_already_leaves_its_letter_and_is_deleted(
+        sqs_url, channel, name):
+    from recovery.delivery.worker import park_poison
+
+    # Given a task recovery parked already, saying what was wrong with it
+    park_poison(task_id=f"parked-{name}", task_name="tests.integration.worker_tasks.flaky_twice",
+                body=b"{}", content_type="application/json", headers={}, delivery_info={},
+                exc=None, reason="invalid task message: what was wrong")
+    # and its message in the dead-letter queue all the same
+    redrive = Redrive(channel, [name])
+    [source] = redrive.set_up()
+    _publish(sqs_url, source.dead_letter_name, f"parked-{name}", [name])
+    # When the worker drains it
+    assert redrive.drain() == 0
+    # Then the letter still says what was wrong, and SQS's copy is gone
+    letter = DeadLetter.objects.get(task_id=f"parked-{name}")
+    assert letter.reason == "invalid task message: what was wrong"
+    assert len(letter.history) == 1
+    assert _depth(channel.sqs(), source.dead_letter_url) == 0

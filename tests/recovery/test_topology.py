@@ -221,3 +221,48 @@ def test_sqs_gets_recoverys_repaired_transport_unless_the_project_named_one():
     assert _app("sqs://", broker_transport="proj.sqs:Transport").conf.broker_transport == \
         "proj.sqs:Transport"
     assert not _app("redis://h/0").conf.broker_transport
+
+
+DELAYED_KEY = "0." * 27 + "1.celery"
+
+
+def test_a_letters_queue_is_read_without_the_delay_bits_of_a_delayed_retry():
+    from recovery.core.brokers import delivered_queue
+
+    assert delivered_queue({"routing_key": DELAYED_KEY}) == "celery"
+    assert delivered_queue({"routing_key": "orders"}) == "orders"
+    assert delivered_queue({"routing_key": "1.0.orders"}) == "1.0.orders"
+    assert delivered_queue(None) == ""
+
+
+def test_a_replay_of_a_delayed_retry_goes_to_its_queue_not_to_the_delay_exchange():
+    from recovery.core.brokers import delivered_route
+
+    queues = {"celery": Queue("celery", Exchange("celery", type="topic"), routing_key="celery")}
+    delayed = {"exchange": "celery_delayed_delivery", "routing_key": DELAYED_KEY}
+    assert delivered_route(delayed, queues) == {"queue": "celery"}
+    assert delivered_route({**delayed, "exchange": "app_celery_delayed_3"}, {}) == {
+        "routing_key": "celery"}
+    assert delivered_route({"exchange": "celery", "routing_key": "celery"}, queues) == {
+        "exchange": "celery", "routing_key": "celery"}
+    assert delivered_route({"exchange": "", "routing_key": "celery"}) == {"routing_key": "celery"}
+
+
+@pytest.mark.django_db
+def test_a_retry_noted_as_waiting_in_the_broker_counts_until_shortly_after_it_is_due(settings):
+    from recovery.workflows import broker_waits
+
+    settings.RECOVERY = {**settings.RECOVERY, "SHARED_STATE_URL": "database"}
+    broker_waits.note("t-1", 10, now=1000.0)
+    broker_waits.note("t-1", 2, now=1001.0)  # an earlier due time never shortens the wait
+    assert broker_waits.waiting(["t-1", "t-2"], now=1005.0) == {"t-1"}
+    assert broker_waits.waiting(["t-1"], now=1010.0 + broker_waits.GRACE_SECONDS - 1) == {"t-1"}
+    assert broker_waits.waiting(["t-1"], now=1010.0 + broker_waits.GRACE_SECONDS + 1) == set()
+
+
+def test_a_note_that_cannot_be_written_never_stops_the_retry(settings, caplog):
+    from recovery.workflows import broker_waits
+
+    settings.RECOVERY = {**settings.RECOVERY, "SHARED_STATE_URL": "redis://127.0.0.1:1/0"}
+    broker_waits.note("t-1", 5)
+    assert "could not note that t-1 waits" in caplog.text

@@ -7,12 +7,21 @@
                          [--dry-run] [--yes]
     manage.py dlq purge [filters] [--older-than 30d] [--include-parked] [--dry-run] [--yes]
     manage.py dlq export [filters] [--format jsonl|csv] [--output FILE] [--reveal]
+    manage.py dlq export [filters] --to kafka://host:9092/topic [--no-events] [--timeout S]
+    manage.py dlq import --from FILE.jsonl|-|kafka://host:9092/topic [--group-id G]
+                         [--max-messages N] [--timeout S] [--batch-size N]
     manage.py dlq stats                      manage.py dlq drain
 
 Filters: --ids 1,2,3 --task-id ID --task NAME --kind KIND --status STATUS --fingerprint SHA1
 --since/--until (ISO date or time, or 30m/6h/2d ago) --limit N. Every operation goes
 through recovery.operations.replay, so it is locked, audited (actor cli:<user>) and the same as in
 the admin. Exit status 1 when some letters could not be handled.
+
+Kafka (``--to``/``--from kafka://``): one record per letter keyed by task id, masked, with
+Spring Kafka's dead-letter headers; credentials from RECOVERY_KAFKA_SASL_USERNAME and
+RECOVERY_KAFKA_SASL_PASSWORD. Needs confluent-kafka, and is not tested against a running
+broker: see docs/kafka.md. ``import`` upserts by task id (a second run changes nothing),
+never overwrites a letter of this database and never imports an audit trail.
 """
 
 from __future__ import annotations
@@ -20,9 +29,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from datetime import datetime, timedelta
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db import DatabaseError
 from django.db.models import Count
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
@@ -32,6 +43,7 @@ from dlq_admin.reveals import BATCH_SIZE, record_reveals
 from recovery.core import redaction
 from recovery.operations import replay as service
 from recovery.models import DeadLetter
+from recovery.store import export, importing, kafka
 from recovery.store.parking import drain_spool, spool
 
 _AGO = re.compile(r"^(\d+)([smhd])$")
@@ -68,7 +80,8 @@ def _create_private(path: str) -> int:
 
 
 class Command(BaseCommand):
-    help = "Inspect, replay, discard and resolve dead letters (see the module docstring)."
+    help = ("Inspect, replay, discard and resolve dead letters; export them to a file or a Kafka "
+            "topic and import them back (Kafka: docs/kafka.md; see the module docstring).")
 
     def add_arguments(self, parser):
         sub = parser.add_subparsers(dest="verb", required=True)
@@ -108,12 +121,36 @@ class Command(BaseCommand):
         purge.add_argument("--dry-run", action="store_true", help="count, delete nothing")
         purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
         purge.add_argument("--batch-size", type=int, default=1000)
-        export = filtered("export", "write letters as JSON lines or CSV (secrets masked)")
-        export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
-        export.add_argument("--output", "-o", help="file to write (default: standard output)")
-        export.add_argument("--reveal", action="store_true", help="write secrets unmasked")
-        export.add_argument("--no-events", action="store_true",
-                            help="leave out the audit trail (jsonl only)")
+        out = filtered("export", "write letters as JSON lines or CSV, or to a Kafka topic "
+                                 "(secrets masked; Kafka: see docs/kafka.md)")
+        out.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+        target = out.add_mutually_exclusive_group()
+        target.add_argument("--output", "-o", help="file to write (default: standard output)")
+        target.add_argument("--to", metavar="KAFKA_URL",
+                            help="kafka://host:9092[,host2:9092]/topic[?security.protocol=...]: "
+                                 "one record per letter keyed by task id, with Spring Kafka's "
+                                 "kafka_dlt-* headers (never --reveal; not tested against a "
+                                 "running broker here)")
+        out.add_argument("--reveal", action="store_true", help="write secrets unmasked (files only)")
+        out.add_argument("--no-events", action="store_true",
+                         help="leave out the audit trail (jsonl and Kafka)")
+        out.add_argument("--timeout", type=float, default=60.0,
+                         help="Kafka: seconds to wait for the broker to confirm each letter")
+        into = sub.add_parser(
+            "import", help="read letters back from a JSON lines export or a Kafka topic, upserted "
+                           "by task id (secrets stay masked; see docs/kafka.md)")
+        into.add_argument("--from", dest="source", required=True, metavar="SOURCE",
+                          help="a JSON lines file from `dlq export`, - for standard input, or "
+                               "kafka://host:9092/topic")
+        into.add_argument("--group-id", help="Kafka: the consumer group (default: a new one, "
+                                             "which reads the topic from its start)")
+        into.add_argument("--max-messages", type=int, help="Kafka: read at most this many records")
+        into.add_argument("--timeout", type=float, default=30.0,
+                          help="Kafka: stop after this many seconds without a record")
+        into.add_argument("--batch-size", type=int, default=500,
+                          help="records per database transaction")
+        into.add_argument("--max-record-bytes", type=int, default=importing.MAX_RECORD_BYTES,
+                          help="skip records larger than this")
         sub.add_parser("stats", help="counts by status, kind and task")
         drain = sub.add_parser("drain", help="move spooled letters into the database now")
         drain.add_argument("--requeue-quarantined", action="store_true",
@@ -170,15 +207,13 @@ class Command(BaseCommand):
             )
 
     def do_show(self, options):
-        from recovery.store.export import letter_record
-
         try:
             letter = DeadLetter.objects.get(pk=options["id"])
         except DeadLetter.DoesNotExist:
             raise CommandError(f"no dead letter with id {options['id']}") from None
         if options.get("reveal"):
             record_reveals([letter.pk], actor=cli_actor(), via="dlq show --reveal")
-        data = letter_record(letter, reveal=options.get("reveal", False))
+        data = export.letter_record(letter, reveal=options.get("reveal", False))
         self.stdout.write(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
     def _bulk(self, verb, options):
@@ -275,11 +310,12 @@ class Command(BaseCommand):
         self.stdout.write(f"Purged {deleted} letter{'s' if deleted != 1 else ''}.")
 
     def do_export(self, options):
-        from recovery.store import export
-
         qs = self._queryset(options).order_by("pk")
         if options.get("limit"):
             qs = qs[: options["limit"]]
+        if options.get("to"):
+            self._export_to_kafka(qs, options)
+            return
         writer = export.write_csv if options["format"] == "csv" else export.write_jsonl
         kwargs = {} if options["format"] == "csv" else {"events": not options["no_events"]}
         # The file is created first (a refused path reveals nothing), then the reveals are
@@ -295,6 +331,90 @@ class Command(BaseCommand):
             written = writer(qs, self.stdout, reveal=options["reveal"], **kwargs)
         self.stderr.write(f"Exported {written} letter{'s' if written != 1 else ''}"
                           f"{' (secrets revealed)' if options['reveal'] else ' (secrets masked)'}.")
+
+    @staticmethod
+    def _kafka_url(text: str) -> kafka.KafkaURL:
+        try:
+            url = kafka.parse_url(text)
+            url.client_config()  # credentials the URL's settings need
+        except kafka.KafkaURLError as exc:
+            raise CommandError(f"{exc}; nothing was sent or read") from None
+        return url
+
+    def _export_to_kafka(self, qs, options):
+        if options["reveal"]:
+            raise CommandError("--reveal writes to files only: every reader of a topic would see "
+                               "the secrets; nothing was sent")
+        if options["format"] != "jsonl":
+            raise CommandError("--to kafka:// sends JSON records; leave out --format csv")
+        if options["timeout"] <= 0:
+            raise CommandError("--timeout must be more than 0 seconds; nothing was sent")
+        url = self._kafka_url(options["to"])
+        try:
+            sent = kafka.export_letters(qs, url, events=not options["no_events"],
+                                        timeout_seconds=options["timeout"])
+        except (kafka.KafkaUnavailable, kafka.KafkaClientError) as exc:
+            raise CommandError(str(exc)) from None
+        self.stderr.write(f"Exported {sent} letter{'s' if sent != 1 else ''} to {url} "
+                          f"(secrets masked).")
+
+    def do_import(self, options):
+        source = options["source"]
+        if (options["batch_size"] < 1 or options["max_record_bytes"] < 1
+                or (options.get("max_messages") is not None and options["max_messages"] < 1)):
+            raise CommandError("--batch-size, --max-record-bytes and --max-messages must be at "
+                               "least 1; nothing was read")
+        if options["timeout"] <= 0:
+            raise CommandError("--timeout must be more than 0 seconds; nothing was read")
+        if kafka.is_kafka_url(source):
+            url = self._kafka_url(source)
+            try:
+                report = kafka.import_letters(
+                    url, actor=cli_actor(), group_id=options.get("group_id"),
+                    max_messages=options.get("max_messages"), idle_seconds=options["timeout"],
+                    batch_size=options["batch_size"],
+                    max_record_bytes=options["max_record_bytes"])
+            except (kafka.KafkaUnavailable, kafka.KafkaClientError) as exc:
+                raise CommandError(f"{exc}; the batches committed before stay imported") from None
+            except DatabaseError as exc:
+                raise CommandError(f"the database refused a batch ({exc}); its offsets are not "
+                                   f"committed, so a re-run reads it again") from None
+            problems = [report.incomplete, report.commit_error]
+            described = f"{report.read} record{'s' if report.read != 1 else ''} read from {url}"
+        else:
+            report = self._import_file(source, options)
+            problems = []
+            described = f"from {source}"
+        self.stdout.write(f"Imported {described}: {report.summary()}.")
+        for line in report.kept[:50]:
+            self.stderr.write(f"  kept {line}")
+        for line in report.skipped[:50]:
+            self.stderr.write(f"  skipped {line}")
+        for problem in filter(None, problems):
+            self.stderr.write(f"  {problem}")
+        if not report.ok:
+            failures = [f"{len(report.skipped)} record(s) could not be imported"] \
+                if report.skipped else []
+            raise CommandError("; ".join(failures + [p for p in problems if p]))
+
+    def _import_file(self, source: str, options) -> importing.Report:
+        if source.endswith(".csv"):
+            raise CommandError("a CSV export cannot be imported (it loses types); export "
+                               "JSON lines (the default) and import that")
+        try:
+            stream = sys.stdin.buffer if source == "-" else open(source, "rb")
+        except OSError as exc:
+            raise CommandError(f"cannot read {source}: {exc.strerror}") from None
+        try:
+            return importing.import_jsonl(
+                stream, actor=cli_actor(), source="standard input" if source == "-" else source,
+                batch_size=options["batch_size"], max_bytes=options["max_record_bytes"])
+        except DatabaseError as exc:
+            raise CommandError(f"the database refused a batch ({exc}); the batches before it "
+                               f"are imported, and a re-run changes nothing in them") from None
+        finally:
+            if source != "-":
+                stream.close()
 
     def do_stats(self, options):
         for label, field in (("status", "status"), ("kind", "kind"), ("task", "task_name")):

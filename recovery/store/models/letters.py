@@ -141,6 +141,7 @@ class DeadLetterEvent(models.Model):
         COMPENSATE_FAILED = "compensate_failed", "Compensation could not be published"
         REPLAY_LOST = "replay_lost", "Replay never reported back"
         REVEALED = "revealed", "Secrets revealed"
+        IMPORTED = "imported", "Imported from an export"
 
     letter = models.ForeignKey(DeadLetter, on_delete=models.CASCADE, related_name="events")
     action = models.CharField(max_length=32, choices=Action.choices)
