@@ -174,6 +174,20 @@ def test_a_replay_of_a_delayed_retry_goes_to_its_queue_not_to_the_delay_exchange
     assert delivered_route({"exchange": "", "routing_key": "celery"}) == {"routing_key": "celery"}
 
 
+def test_the_queue_a_run_was_delivered_from_is_named_by_its_routing_key():
+    from recovery.core.brokers import queue_delivered_from
+
+    queues = {"celery": Queue("celery", Exchange("celery", type="topic"), routing_key="celery"),
+              "reports": Queue("reports", Exchange("reports", type="topic"),
+                               routing_key="reports.daily")}
+    assert queue_delivered_from({"exchange": "reports", "routing_key": "reports.daily"},
+                                queues) == "reports"
+    delayed = {"exchange": "celery_delayed_delivery", "routing_key": DELAYED_KEY}
+    assert queue_delivered_from(delayed, queues) == "celery"
+    assert queue_delivered_from({"routing_key": "elsewhere"}, queues) is None
+    assert queue_delivered_from(None, queues) is None
+
+
 @pytest.mark.django_db
 def test_a_retry_noted_as_waiting_in_the_broker_counts_until_shortly_after_it_is_due(settings):
     from recovery.workflows import broker_waits
