@@ -33,6 +33,9 @@ PRESENCE = "recovery.delivery.presence:Presence"
 # By name: the steps' modules import the models, and setup() may run before Django is.
 HOUSEKEEPING = "recovery.delivery.housekeeping:Housekeeping"
 BROKER_DEAD_LETTERS = "recovery.delivery.broker_dead_letters:BrokerDeadLetters"
+# Queues created on demand get the declared queues' delivery limit on RabbitMQ.
+DEFAULT_AMQP = "celery.app.amqp:AMQP"
+PROTECTED_AMQP = "recovery.delivery.topology:ProtectedAMQP"
 _REUSE_FOREVER = 2**31
 
 
@@ -50,6 +53,8 @@ def setup(app: Celery) -> Celery:
         # checks, broken connections) decide when to reconnect: see _reuse_connection.
         CELERY_DB_REUSE_MAX=_REUSE_FOREVER,
     )
+    if app.amqp_cls == DEFAULT_AMQP and "amqp" not in vars(app):
+        app.amqp_cls = PROTECTED_AMQP
     for step in (HOUSEKEEPING, HANDBACK, PRESENCE, BROKER_DEAD_LETTERS):
         if step not in app.steps["consumer"]:
             app.steps["consumer"].add(step)

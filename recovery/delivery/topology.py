@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from celery.app.amqp import AMQP as CeleryAMQP, Queues
 from kombu import Exchange, Queue
 
 from .. import conf
@@ -45,6 +46,7 @@ __all__ = [
     "quorum_queue_arguments",
     "dead_letter_queue",
     "apply",
+    "ProtectedAMQP",
 ]
 
 #: Where RabbitMQ sends what exceeded its delivery limit, and the queue the workers drain.
@@ -131,3 +133,25 @@ def missing_protection(queues: Mapping[str, Queue] | Any) -> list[str]:
         if not arguments.get("x-delivery-limit") or not arguments.get("x-dead-letter-exchange"):
             names.append(queue.name)
     return names
+
+
+class ProtectedQueues(Queues):
+    """Celery's queue map, whose queues created on demand (a task routed to a queue no one
+    declared: ``apply_async(queue="reports")``, a ``task_routes`` destination, ``-Q``) get
+    the delivery limit and dead-letter exchange of the declared ones when they are quorum
+    queues. Celery gives them only ``x-queue-type``, and RabbitMQ would let a task that
+    kills its worker loop there forever when recovery's own cap cannot act."""
+
+    def new_missing(self, name: str) -> Queue:
+        queue = super().new_missing(name)
+        arguments = queue.queue_arguments or {}
+        if arguments.get("x-queue-type") == "quorum":
+            queue.queue_arguments = {**quorum_queue_arguments(), **arguments}
+        return queue
+
+
+class ProtectedAMQP(CeleryAMQP):
+    """Celery's AMQP helper with :class:`ProtectedQueues` (installed by
+    ``recovery.setup`` unless the project brought an AMQP class of its own)."""
+
+    queues_cls = ProtectedQueues
