@@ -3,6 +3,8 @@ rest of its configuration; what the project set itself wins."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from celery import Celery
 from kombu import Exchange, Queue
@@ -198,6 +200,44 @@ def test_a_retry_noted_as_waiting_in_the_broker_counts_until_shortly_after_it_is
     assert broker_waits.waiting(["t-1", "t-2"], now=1005.0) == {"t-1"}
     assert broker_waits.waiting(["t-1"], now=1010.0 + broker_waits.GRACE_SECONDS - 1) == {"t-1"}
     assert broker_waits.waiting(["t-1"], now=1010.0 + broker_waits.GRACE_SECONDS + 1) == set()
+
+
+@pytest.mark.django_db
+def test_notes_of_retries_long_past_due_are_dropped_from_the_database(settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from recovery.models import SharedState
+    from recovery.workflows import broker_waits
+
+    settings.RECOVERY = {**settings.RECOVERY, "SHARED_STATE_URL": "database"}
+    broker_waits.note("old", 1)
+    broker_waits.note("recent", 1)
+    keep_for = settings.RECOVERY["BROKER_DELAY_MAX_SECONDS"] + 2 * broker_waits.GRACE_SECONDS
+    SharedState.objects.filter(key="waiting:old").update(
+        updated_at=timezone.now() - timedelta(seconds=keep_for + 1))
+    SharedState.objects.create(key="circuit:payments", value={"state": "open"})
+    SharedState.objects.filter(key="circuit:payments").update(
+        updated_at=timezone.now() - timedelta(days=1))
+
+    assert broker_waits.forget_past() == 1
+    assert set(SharedState.objects.values_list("key", flat=True)) == {
+        "waiting:recent", "circuit:payments"}, "only old broker-wait notes go"
+
+
+def test_a_note_kept_in_redis_expires_by_itself(settings):
+    import redis
+
+    from recovery.workflows import broker_waits, shared_state
+
+    url = os.environ.get("TEST_STORE_URL", "redis://127.0.0.1:6379/11")
+    settings.RECOVERY = {**settings.RECOVERY, "SHARED_STATE_URL": url}
+    broker_waits.note("t-ttl", 4)
+    client = redis.Redis.from_url(url)
+    ttl = client.ttl(shared_state.KEY_PREFIX + "waiting:t-ttl")
+    client.delete(shared_state.KEY_PREFIX + "waiting:t-ttl")
+    assert 4 + 2 * broker_waits.GRACE_SECONDS - 2 <= ttl <= 4 + 2 * broker_waits.GRACE_SECONDS
 
 
 def test_a_note_that_cannot_be_written_never_stops_the_retry(settings, caplog):
