@@ -246,3 +246,38 @@ def test_a_note_that_cannot_be_written_never_stops_the_retry(settings, caplog):
     settings.RECOVERY = {**settings.RECOVERY, "SHARED_STATE_URL": "redis://127.0.0.1:1/0"}
     broker_waits.note("t-1", 5)
     assert "could not note that t-1 waits" in caplog.text
+
+
+def test_a_dead_lettered_message_that_cannot_be_parked_is_given_back_after_a_pause(
+        monkeypatch, caplog):
+    """Held unacknowledged it would take a prefetch slot until the connection closes (ten
+    such and the drain stops); given back at once it would loop as fast as parking fails."""
+    from recovery.delivery import broker_dead_letters
+
+    def refuse(message, hostname=""):
+        raise OSError("database down and spool unwritable")
+
+    monkeypatch.setattr(broker_dead_letters, "park_dead_lettered", refuse)
+    calls = []
+
+    class Message:
+        headers = {"id": "t-dlx"}
+
+        def reject(self, requeue=False):
+            calls.append(("reject", requeue))
+
+        def ack(self):
+            calls.append(("ack",))
+
+    class Timer:
+        def call_after(self, seconds, callback):
+            calls.append(("after", seconds))
+            self.callback = callback
+
+    step = object.__new__(broker_dead_letters.BrokerDeadLetters)
+    step.hostname, step.timer = "w1", Timer()
+    step.on_message(Message())
+    assert calls == [("after", broker_dead_letters.RETRY_PARK_SECONDS)]
+    step.timer.callback()
+    assert calls[-1] == ("reject", True)
+    assert "goes back to recovery.dead_letters" in caplog.text
