@@ -93,6 +93,9 @@ def park_dead_lettered(message: Any, hostname: str = "") -> Any:
         hostname=hostname,
         attempt=(deliveries + 1) if deliveries is not None else 1,
         history_extra={"broker_death": death},
+        # Parked already by its task while the database was down (so not found above):
+        # the spooled letter says more than this copy, whichever drains last.
+        keep_existing=True,
     )
 
 

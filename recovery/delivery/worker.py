@@ -107,10 +107,12 @@ def _decoded_args(body: Any, content_type: str) -> tuple[list, dict]:
 def park_poison(*, task_id: str | None, task_name: str, body: Any, content_type: str,
                 headers: dict | None, delivery_info: dict | None, exc: BaseException | None,
                 reason: str, kind: FailureKind = FailureKind.POISON, hostname: str = "",
-                attempt: int = 1, history_extra: dict | None = None) -> Any:
+                attempt: int = 1, history_extra: dict | None = None,
+                keep_existing: bool = False) -> Any:
     """Park a message that cannot run as a dead letter keeping its raw body.
     ``history_extra`` adds to the attempt's history entry what only the caller knows
-    (the broker's own account of why it gave the message up)."""
+    (the broker's own account of why it gave the message up); ``keep_existing`` leaves a
+    letter the task has already alone but for that entry (:class:`ParkRecord`)."""
     raw = _raw_text(body)
     if not task_id:
         task_id = "poison-" + hashlib.sha256(_body_bytes(body)).hexdigest()
@@ -142,6 +144,7 @@ def park_poison(*, task_id: str | None, task_name: str, body: Any, content_type:
         }],
         queue=delivered_queue(delivery_info),
         worker=hostname,
+        keep_existing=keep_existing,
     )
     outcome = park(record)
     logger.error("recovery: parked %s message %s[%s]: %s", kind.value, task_name, task_id, reason)
