@@ -104,19 +104,36 @@ def _virtual_transport(app_conf: Any) -> None:
     app_conf.broker_transport_options = options
 
 
+#: What recovery sets on RabbitMQ where the project kept Celery's default
+#: (:data:`_CELERY_DEFAULTS`): quorum queues on topic exchanges, which Celery's native
+#: delayed delivery needs.
+_RABBITMQ_DEFAULTS = {
+    "task_default_queue_type": "quorum",
+    "task_default_exchange_type": "topic",
+    "task_create_missing_queue_type": "quorum",
+    "task_create_missing_queue_exchange_type": "topic",
+}
+_CELERY_DEFAULTS = {
+    "task_default_queue_type": "classic",
+    "task_default_exchange_type": "direct",
+    "task_create_missing_queue_type": "classic",
+    "task_create_missing_queue_exchange_type": None,
+}
+
+
 def _rabbitmq(app_conf: Any) -> None:
     options = dict(app_conf.broker_transport_options or {})
     options.setdefault("confirm_publish", True)
     app_conf.broker_transport_options = options
     if app_conf.task_queues:
         return  # the project's own queues (recovery.W020 checks them)
+    # Celery's defaults give way; a value the project chose stays (a fanout exchange, say).
+    for name, value in _RABBITMQ_DEFAULTS.items():
+        if app_conf.get(name) == _CELERY_DEFAULTS[name]:
+            app_conf[name] = value
     exchange = Exchange(app_conf.task_default_exchange or app_conf.task_default_queue,
-                        type="topic", durable=True)
+                        type=app_conf.task_default_exchange_type, durable=True)
     app_conf.update(
-        task_default_queue_type="quorum",
-        task_default_exchange_type="topic",
-        task_create_missing_queue_type="quorum",
-        task_create_missing_queue_exchange_type="topic",
         task_queues=(Queue(app_conf.task_default_queue, exchange,
                            routing_key=app_conf.task_default_routing_key
                            or app_conf.task_default_queue,

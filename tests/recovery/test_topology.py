@@ -72,6 +72,16 @@ def test_the_delivery_limit_and_the_default_queue_follow_the_settings(settings):
     assert queue.exchange.name == "orders" and queue.routing_key == "orders"
 
 
+def test_exchange_and_queue_types_the_project_chose_are_kept():
+    app = _app("amqp://h//", task_default_exchange_type="fanout",
+               task_create_missing_queue_exchange_type="fanout")
+
+    assert app.conf.task_default_exchange_type == "fanout"
+    assert app.amqp.queues["celery"].exchange.type == "fanout"
+    assert app.conf.task_create_missing_queue_exchange_type == "fanout"
+    assert app.conf.task_default_queue_type == "quorum", "Celery's default gave way"
+
+
 def test_a_projects_own_rabbitmq_queues_and_options_are_kept():
     own = Queue("mine", Exchange("mine", type="direct"), routing_key="mine")
     app = _app("amqp://h//", task_queues=(own,),
