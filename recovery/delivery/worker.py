@@ -32,6 +32,7 @@ from celery.exceptions import (
 )
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
+from celery.worker import state as worker_state
 from celery.worker.state import task_ready
 from kombu.serialization import loads, prepare_accept_content
 
@@ -46,6 +47,7 @@ from ..core.kinds import FailureKind
 from ..store import result_rows
 from ..store.deliveries import count_redelivery, note_loss
 from ..store.parking import ParkRecord, park
+from . import handback
 from .handback import unstarted_requests
 from .housekeeping import Housekeeping
 from ..core.names import logger_for
@@ -188,6 +190,11 @@ class RecoveryConsumer(Consumer):
 
     def on_close(self):
         self.recovery_unstarted = unstarted_requests()
+        # On a shutdown (not a lost connection) the pool may yet start some of them.
+        # (Celery sets should_stop to the exit code: 0 on a warm shutdown.)
+        shutting_down = (worker_state.should_stop is not None
+                         or worker_state.should_terminate is not None)
+        handback.started_after_close = set() if shutting_down else None
         return super().on_close()
 
     def on_connection_error_after_connected(self, exc):
@@ -359,6 +366,10 @@ class RecoveryRequest(Request):
         it; the raw request would hand the replay its own args twice."""
         options = getattr(self.task, "_replay_options", None)
         return options(self._context, self.task.app.amqp.queues) if options is not None else {}
+
+    def on_accepted(self, pid, time_accepted):
+        handback.note_started(self.id)
+        return super().on_accepted(pid, time_accepted)
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if soft or not self.task.acks_late:
