@@ -50,8 +50,11 @@ from . import conf, events
 from .core import headers as hdr, redaction
 from .core.bounds import cut, delay_seconds
 from .core.classification import Failure, Rule, classify
-from .core.brokers import (broker_delay, delivered_queue, delivered_route,
+from .core.brokers import (broker_delay, delivered_queue, delivered_route, queue_delivered_from,
                            uses_native_delayed_delivery)
+
+#: Options by which a caller of ``self.retry`` chose where the next run goes.
+ROUTE_OPTIONS = ("queue", "exchange", "routing_key")
 from .core.errors import DependencyError, TransientError, exception_path
 from .core.policy import Attempt, RetryPolicy, Verdict, default_policy
 from .store import deferred, result_rows
@@ -619,6 +622,7 @@ class RecoveryTask(Task):
         due-table, short ones as a broker ETA message (Celery raises Reject if that
         publish fails)."""
         request = self.request
+        options = self._routed_back(options)
         if delay > float(conf.get("BROKER_DELAY_MAX_SECONDS")) and not request.is_eager:
             signature = self.signature_from_request(
                 request, args, kwargs, retries=request.retries + 1, headers=headers, **options,
@@ -631,6 +635,16 @@ class RecoveryTask(Task):
             broker_waits.note(request.id, countdown)
         Task.retry(self, args=args, kwargs=kwargs, exc=exc, countdown=countdown,
                    max_retries=None, headers=headers, **options)
+
+    def _routed_back(self, options: dict) -> dict:
+        """``options`` naming the queue this run was delivered from when the broker delays
+        through RabbitMQ's delay exchanges, unless the caller chose a route: there, Celery
+        would route a retry of a task sent to another queue to the default one."""
+        if (self.request.is_eager or any(options.get(key) for key in ROUTE_OPTIONS)
+                or not uses_native_delayed_delivery(self.app)):
+            return options
+        queue = queue_delivered_from(self.request.delivery_info, self.app.amqp.queues)
+        return {**options, "queue": queue} if queue else options
 
     def _hold_in_due_table(self, signature, delay: float) -> bool:
         try:

@@ -19,7 +19,8 @@ from django.db import close_old_connections
 
 from . import conf
 from .core.task_modules import import_task_modules
-from .delivery import topology
+from .core.brokers import REDIS, broker_kind
+from .delivery import redis_fetch, topology
 from .observe import metrics
 from .observe.cloudwatch import receivers as cloudwatch
 from .store.db_timeouts import unbound_thread_connection
@@ -33,6 +34,9 @@ PRESENCE = "recovery.delivery.presence:Presence"
 HOUSEKEEPING = "recovery.delivery.housekeeping:Housekeeping"
 BROKER_DEAD_LETTERS = "recovery.delivery.broker_dead_letters:BrokerDeadLetters"
 SQS_DEAD_LETTERS = "recovery.delivery.sqs_dead_letters:SqsDeadLetters"
+# Queues created on demand get the declared queues' delivery limit on RabbitMQ.
+DEFAULT_AMQP = "celery.app.amqp:AMQP"
+PROTECTED_AMQP = "recovery.delivery.topology:ProtectedAMQP"
 _REUSE_FOREVER = 2**31
 
 
@@ -51,6 +55,8 @@ def setup(app: Celery) -> Celery:
         # checks, broken connections) decide when to reconnect: see _reuse_connection.
         CELERY_DB_REUSE_MAX=_REUSE_FOREVER,
     )
+    if app.amqp_cls == DEFAULT_AMQP and "amqp" not in vars(app):
+        app.amqp_cls = PROTECTED_AMQP
     for step in (HOUSEKEEPING, HANDBACK, PRESENCE, BROKER_DEAD_LETTERS, SQS_DEAD_LETTERS):
         if step not in app.steps["consumer"]:
             app.steps["consumer"].add(step)
@@ -69,6 +75,7 @@ def setup(app: Celery) -> Celery:
     signals.task_prerun.connect(_reuse_connection, weak=False, dispatch_uid="recovery-db-reuse")
     signals.worker_process_init.connect(_unbound_child_connection, weak=False,
                                         dispatch_uid="recovery-db-unbound-child")
+    signals.worker_init.connect(_reliable_fetch, weak=False, dispatch_uid="recovery-redis-fetch")
     signals.worker_init.connect(_metrics_worker_init, weak=False,
                                 dispatch_uid="recovery-metrics-init")
     signals.worker_process_shutdown.connect(_metrics_child_exit, weak=False,
@@ -76,6 +83,14 @@ def setup(app: Celery) -> Celery:
     signals.worker_shutdown.connect(_metrics_worker_shutdown, weak=False,
                                     dispatch_uid="recovery-metrics-shutdown")
     return app
+
+
+def _reliable_fetch(sender: Any = None, **kwargs: Any) -> None:
+    """On Redis, a worker takes each message and records it as held in one step
+    (:mod:`recovery.delivery.redis_fetch`): killed in between, it would lose it."""
+    app = getattr(sender, "app", None)
+    if app is not None and broker_kind(app.conf.broker_url) == REDIS:
+        redis_fetch.install()
 
 
 WATCHDOG_ENTRY = "recovery-watchdog"

@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 __all__ = ["AMQP", "REDIS", "SQS", "broker_kind", "uses_native_delayed_delivery",
-           "broker_delay", "delivered_queue", "delivered_route"]
+           "broker_delay", "delivered_queue", "delivered_route", "queue_delivered_from"]
 
 AMQP = "amqp"
 REDIS = "redis"
@@ -84,3 +84,20 @@ def delivered_route(delivery_info: Mapping | None,
         if getattr(queue, "routing_key", None) == routing_key:
             return {"queue": name}
     return {"routing_key": routing_key} if routing_key else {}
+
+
+def queue_delivered_from(delivery_info: Mapping | None,
+                         queues: Mapping[str, Any] | None) -> str | None:
+    """The name of the app's queue a message was delivered from: the queue whose routing
+    key the message carried (without delay bits), or None when the app declares none.
+
+    A retry on native delayed delivery must name it: Celery (5.7) takes the delay's
+    routing key from the queue its router picks, the default queue unless one is named,
+    and would send the retry of a task routed elsewhere to the default queue."""
+    routing_key = delivered_queue(delivery_info)
+    if not routing_key:
+        return None
+    for name, queue in (queues or {}).items():
+        if getattr(queue, "routing_key", None) == routing_key:
+            return name
+    return None

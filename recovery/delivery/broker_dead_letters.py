@@ -30,6 +30,9 @@ __all__ = ["BrokerDeadLetters", "park_dead_lettered", "death_account"]
 
 logger = logger_for(__name__)
 
+#: How long a dead-lettered message that could not be parked waits before it is tried again.
+RETRY_PARK_SECONDS = 10.0
+
 
 def death_account(headers: dict | None) -> dict[str, Any]:
     """What RabbitMQ says about why it gave a message up: the newest ``x-death`` entry
@@ -88,6 +91,9 @@ def park_dead_lettered(message: Any, hostname: str = "") -> Any:
         hostname=hostname,
         attempt=(deliveries + 1) if deliveries is not None else 1,
         history_extra={"broker_death": death},
+        # Parked already by its task while the database was down (so not found above):
+        # the spooled letter says more than this copy, whichever drains last.
+        keep_existing=True,
     )
 
 
@@ -100,6 +106,11 @@ class BrokerDeadLetters(bootsteps.ConsumerStep):
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self.hostname = getattr(parent, "hostname", "") or ""
+        self.timer: Any = None
+
+    def start(self, c: Any) -> None:
+        self.timer = c.timer
+        super().start(c)
 
     def include_if(self, c: Any) -> bool:
         if conf.get("BROKER_TOPOLOGY") == "off":
@@ -117,8 +128,25 @@ class BrokerDeadLetters(bootsteps.ConsumerStep):
             park_dead_lettered(message, self.hostname)
         except Exception:  # noqa: BLE001 - the message stays in RabbitMQ: nothing lost
             logger.critical("recovery: could not park a message RabbitMQ dead-lettered (task "
-                            "id %s); it stays unacknowledged in %s and comes back when this "
-                            "worker's connection does", (message.headers or {}).get("id"),
-                            topology.DEAD_LETTER_QUEUE, exc_info=True)
+                            "id %s); it goes back to %s in %.0fs to be tried again",
+                            (message.headers or {}).get("id"), topology.DEAD_LETTER_QUEUE,
+                            RETRY_PARK_SECONDS, exc_info=True)
+            self._requeue_later(message)
             return
         message.ack()
+
+    def _requeue_later(self, message: Any) -> None:
+        """Give the message back after a pause: held unacknowledged, it would take one of
+        the drain's prefetch slots until the connection closes, and ten failures would
+        stop the drain; given back at once, it would loop as fast as parking fails."""
+        def requeue() -> None:
+            try:
+                message.reject(requeue=True)
+            except Exception:  # noqa: BLE001 - channel gone: RabbitMQ requeues it itself
+                logger.warning("recovery: could not give back a dead-lettered message; "
+                               "RabbitMQ requeues it when the channel closes", exc_info=True)
+
+        if self.timer is None:
+            requeue()
+        else:
+            self.timer.call_after(RETRY_PARK_SECONDS, requeue)

@@ -46,7 +46,8 @@ def handed_back_ids(consumer: Any) -> set[str]:
         # RecoveryConsumer.on_close kept their ids (unstarted_requests) just before.
         kept = getattr(consumer, "recovery_unstarted", None)
         ids = kept if kept is not None else unstarted_requests()
-        return {task_id for task_id in ids if task_id not in running}
+        started = started_after_close or set()
+        return {task_id for task_id in ids if task_id not in running and task_id not in started}
     ids = set()
     for message in list(delivered.values()):
         headers = getattr(message, "headers", None) or {}
@@ -55,6 +56,18 @@ def handed_back_ids(consumer: Any) -> set[str]:
         if task_id and task_id not in running:
             ids.add(str(task_id))
     return ids
+
+
+#: Ids of requests a pool child started after the consumer closed (a warm shutdown lets
+#: the pool run what it was given): they were not handed back. None until the consumer
+#: closes, so the normal path records nothing.
+started_after_close: set[str] | None = None
+
+
+def note_started(task_id: str) -> None:
+    """A pool child started ``task_id`` (RecoveryRequest.on_accepted)."""
+    if started_after_close is not None:
+        started_after_close.add(task_id)
 
 
 def unstarted_requests() -> set[str]:

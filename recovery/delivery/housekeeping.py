@@ -6,7 +6,8 @@
   worker holds (``recovery.delivery.visibility``). Redis only, never the database: if it stopped,
   held tasks would pass the visibility timeout and run a second time elsewhere;
 * the ``recovery-housekeeping`` thread: publishes due retries, drains the dead-letter
-  spool, relays the outbox and reconciles saga runs, on its own database connection
+  spool, relays the outbox, reconciles saga runs and drops notes of retries long past
+  due (`recovery.workflows.broker_waits`), on its own database connection
   with recovery's timeouts (``recovery.store.db_timeouts``). A database that hangs holds up
   this thread only, and each job resumes on its next tick once the database answers;
 * the heartbeat metric, on the consumer's timer: it stops when the consumer stops;
@@ -31,6 +32,7 @@ from ..store import db_timeouts, pg_fastpath
 from ..store.connections import discard_broken_connections
 from ..store.due import publish_due
 from ..store.parking import drain_spool
+from ..workflows import broker_waits
 from ..workflows.outbox import relay
 from ..workflows.sagas import reconcile
 from . import visibility
@@ -43,6 +45,8 @@ logger = logger_for(__name__)
 # How long stopping a worker waits for a housekeeping thread stuck on a hung database
 # before leaving it (it is a daemon thread: it ends with the process).
 STOP_WAIT_SECONDS = 5.0
+#: How often notes of retries long past due are dropped (shared state in the database).
+BROKER_WAIT_PRUNE_SECONDS = 60.0
 
 Job = tuple[float, Callable[[], None]]
 
@@ -209,6 +213,9 @@ class Housekeeping(bootsteps.StartStopStep):
              _database_job("saga runs not reconciled yet", "reconciling saga runs failed",
                            lambda: reconcile(older_than_seconds=2 * saga_interval,
                                              check_results=False, app=c.app))),
+            (BROKER_WAIT_PRUNE_SECONDS,
+             _database_job("old broker-wait notes not pruned yet",
+                           "pruning old broker-wait notes failed", broker_waits.forget_past)),
         ]
 
     @staticmethod

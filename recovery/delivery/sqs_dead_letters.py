@@ -157,6 +157,9 @@ def park_redriven(message: dict[str, Any], source: DeadLetterSource,
             "time": str(attributes.get("SentTimestamp") or ""),
             "delivery_count": received,
         }},
+        # Parked already by its task while the database was down (so not found above):
+        # the spooled letter says more than this copy, whichever drains last.
+        keep_existing=True,
     )
 
 

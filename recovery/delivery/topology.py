@@ -43,6 +43,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from celery.app.amqp import AMQP as CeleryAMQP, Queues
 from kombu import Exchange, Queue
 
 from .. import conf
@@ -65,6 +66,7 @@ __all__ = [
     "sqs_redrive_policy",
     "is_loopback_url",
     "apply",
+    "ProtectedAMQP",
 ]
 
 #: Where RabbitMQ sends what exceeded its delivery limit, and the queue the workers drain.
@@ -201,19 +203,36 @@ def _virtual_transport(app_conf: Any) -> None:
     app_conf.broker_transport_options = options
 
 
+#: What recovery sets on RabbitMQ where the project kept Celery's default
+#: (:data:`_CELERY_DEFAULTS`): quorum queues on topic exchanges, which Celery's native
+#: delayed delivery needs.
+_RABBITMQ_DEFAULTS = {
+    "task_default_queue_type": "quorum",
+    "task_default_exchange_type": "topic",
+    "task_create_missing_queue_type": "quorum",
+    "task_create_missing_queue_exchange_type": "topic",
+}
+_CELERY_DEFAULTS = {
+    "task_default_queue_type": "classic",
+    "task_default_exchange_type": "direct",
+    "task_create_missing_queue_type": "classic",
+    "task_create_missing_queue_exchange_type": None,
+}
+
+
 def _rabbitmq(app_conf: Any) -> None:
     options = dict(app_conf.broker_transport_options or {})
     options.setdefault("confirm_publish", True)
     app_conf.broker_transport_options = options
     if app_conf.task_queues:
         return  # the project's own queues (recovery.W020 checks them)
+    # Celery's defaults give way; a value the project chose stays (a fanout exchange, say).
+    for name, value in _RABBITMQ_DEFAULTS.items():
+        if app_conf.get(name) == _CELERY_DEFAULTS[name]:
+            app_conf[name] = value
     exchange = Exchange(app_conf.task_default_exchange or app_conf.task_default_queue,
-                        type="topic", durable=True)
+                        type=app_conf.task_default_exchange_type, durable=True)
     app_conf.update(
-        task_default_queue_type="quorum",
-        task_default_exchange_type="topic",
-        task_create_missing_queue_type="quorum",
-        task_create_missing_queue_exchange_type="topic",
         task_queues=(Queue(app_conf.task_default_queue, exchange,
                            routing_key=app_conf.task_default_routing_key
                            or app_conf.task_default_queue,
@@ -230,3 +249,25 @@ def missing_protection(queues: Mapping[str, Queue] | Any) -> list[str]:
         if not arguments.get("x-delivery-limit") or not arguments.get("x-dead-letter-exchange"):
             names.append(queue.name)
     return names
+
+
+class ProtectedQueues(Queues):
+    """Celery's queue map, whose queues created on demand (a task routed to a queue no one
+    declared: ``apply_async(queue="reports")``, a ``task_routes`` destination, ``-Q``) get
+    the delivery limit and dead-letter exchange of the declared ones when they are quorum
+    queues. Celery gives them only ``x-queue-type``, and RabbitMQ would let a task that
+    kills its worker loop there forever when recovery's own cap cannot act."""
+
+    def new_missing(self, name: str) -> Queue:
+        queue = super().new_missing(name)
+        arguments = queue.queue_arguments or {}
+        if arguments.get("x-queue-type") == "quorum":
+            queue.queue_arguments = {**quorum_queue_arguments(), **arguments}
+        return queue
+
+
+class ProtectedAMQP(CeleryAMQP):
+    """Celery's AMQP helper with :class:`ProtectedQueues` (installed by
+    ``recovery.setup`` unless the project brought an AMQP class of its own)."""
+
+    queues_cls = ProtectedQueues

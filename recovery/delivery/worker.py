@@ -32,6 +32,7 @@ from celery.exceptions import (
 )
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
+from celery.worker import state as worker_state
 from celery.worker.state import task_ready
 from kombu.serialization import loads, prepare_accept_content
 
@@ -47,6 +48,7 @@ from ..store import result_rows
 from ..store.deliveries import count_redelivery, note_loss
 from ..store.models import DeadLetter
 from ..store.parking import ParkRecord, park
+from . import handback
 from .handback import unstarted_requests
 from .housekeeping import Housekeeping
 from ..core.names import logger_for
@@ -123,10 +125,12 @@ def _received_before(message: Any) -> bool:
 def park_poison(*, task_id: str | None, task_name: str, body: Any, content_type: str,
                 headers: dict | None, delivery_info: dict | None, exc: BaseException | None,
                 reason: str, kind: FailureKind = FailureKind.POISON, hostname: str = "",
-                attempt: int = 1, history_extra: dict | None = None) -> Any:
+                attempt: int = 1, history_extra: dict | None = None,
+                keep_existing: bool = False) -> Any:
     """Park a message that cannot run as a dead letter keeping its raw body.
     ``history_extra`` adds to the attempt's history entry what only the caller knows
-    (the broker's own account of why it gave the message up)."""
+    (the broker's own account of why it gave the message up); ``keep_existing`` leaves a
+    letter the task has already alone but for that entry (:class:`ParkRecord`)."""
     raw = _raw_text(body)
     if not task_id:
         task_id = "poison-" + hashlib.sha256(_body_bytes(body)).hexdigest()
@@ -158,6 +162,7 @@ def park_poison(*, task_id: str | None, task_name: str, body: Any, content_type:
         }],
         queue=delivered_queue(delivery_info),
         worker=hostname,
+        keep_existing=keep_existing,
     )
     outcome = park(record)
     logger.error("recovery: parked %s message %s[%s]: %s", kind.value, task_name, task_id, reason)
@@ -216,6 +221,11 @@ class RecoveryConsumer(Consumer):
 
     def on_close(self):
         self.recovery_unstarted = unstarted_requests()
+        # On a shutdown (not a lost connection) the pool may yet start some of them.
+        # (Celery sets should_stop to the exit code: 0 on a warm shutdown.)
+        shutting_down = (worker_state.should_stop is not None
+                         or worker_state.should_terminate is not None)
+        handback.started_after_close = set() if shutting_down else None
         return super().on_close()
 
     def on_connection_error_after_connected(self, exc):
@@ -388,6 +398,10 @@ class RecoveryRequest(Request):
         it; the raw request would hand the replay its own args twice."""
         options = getattr(self.task, "_replay_options", None)
         return options(self._context, self.task.app.amqp.queues) if options is not None else {}
+
+    def on_accepted(self, pid, time_accepted):
+        handback.note_started(self.id)
+        return super().on_accepted(pid, time_accepted)
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if soft or not self.task.acks_late:

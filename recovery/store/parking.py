@@ -130,6 +130,11 @@ class ParkRecord:
     # The FAILURE result to store with the letter: {"result": <backend-ready exception
     # dict>, "traceback": str}; None when the caller stores it elsewhere.
     result: dict | None = None
+    # A second account of a task that may be parked already (the broker's copy of a
+    # message it dead-lettered): it never replaces a parked letter, whose own account says
+    # more; its history entries are added to that letter. Kept through the spool, so the
+    # order in which spooled records drain cannot let it overwrite.
+    keep_existing: bool = False
 
     def __post_init__(self) -> None:
         # Exceptions quote their arguments: the secrets among them are scrubbed from the
@@ -202,7 +207,7 @@ def park(record: ParkRecord, *, backend: Any = None, request: Any = None,
     """
     for attempt in (1, 2):
         try:
-            letter_id, result_stored = _write(record, backend, request)
+            letter_id, result_stored, merged = _write(record, backend, request)
         except Exception as write_error:  # noqa: BLE001 - not `exc`: that is the task's
             if isinstance(write_error, DatabaseError):
                 # A stale connection (database restarted) fails once; a fresh one may work.
@@ -224,8 +229,9 @@ def park(record: ParkRecord, *, backend: Any = None, request: Any = None,
                     record.task_name, record.task_id, write_error,
                 )
         else:
-            events.letter_parked.send(record=record, letter_id=letter_id, exc=exc,
-                                      first_report=True)
+            if not merged:
+                events.letter_parked.send(record=record, letter_id=letter_id, exc=exc,
+                                          first_report=True)
             return ParkOutcome(letter_id, spooled=False, result_stored=result_stored)
     path = spool().put(record.to_dict())
     logger.warning("recovery: spooled dead letter %s[%s] to %s", record.task_name, record.task_id, path)
@@ -250,8 +256,10 @@ def _merge_history(existing: list, record: ParkRecord) -> list:
     return kept + list(record.history)
 
 
-def _write(record: ParkRecord, backend: Any, request: Any) -> tuple[int, bool]:
-    """Upsert the letter (and store its FAILURE result); returns (letter id, result stored)."""
+def _write(record: ParkRecord, backend: Any, request: Any) -> tuple[int, bool, bool]:
+    """Upsert the letter (and store its FAILURE result); returns (letter id, result stored,
+    merged): merged when a ``keep_existing`` record only added history to a parked letter,
+    which is no new parking to report."""
     failed_at = _parse_time(record.failed_at)
     values = dict(
         task_name=record.task_name,
@@ -288,7 +296,7 @@ def _write(record: ParkRecord, backend: Any, request: Any) -> tuple[int, bool]:
             # tells which of them the database refuses, and writes what it can.
             letter_id = None
         if letter_id is not None:
-            return letter_id, with_result
+            return letter_id, with_result, False
     with transaction.atomic():
         letter = DeadLetter.objects.select_for_update().filter(task_id=record.task_id).first()
         if letter is None:
@@ -308,6 +316,12 @@ def _write(record: ParkRecord, backend: Any, request: Any) -> tuple[int, bool]:
                 letter = DeadLetter.objects.select_for_update().filter(task_id=record.task_id).first()
                 if letter is None:
                     raise
+        if record.keep_existing and letter.status == values["status"]:
+            added = [entry for entry in record.history if entry not in letter.history]
+            if added:
+                letter.history = list(letter.history) + added
+                letter.save(update_fields=["history", "updated_at"])
+            return letter.pk, False, True
         if letter.history != record.history or letter.attempts == 0 or letter.status != values["status"]:
             history = _merge_history(letter.history, record)
             for name, value in values.items():
@@ -318,7 +332,7 @@ def _write(record: ParkRecord, backend: Any, request: Any) -> tuple[int, bool]:
             letter.attempts = attempt_count(history)
             letter.save()
         result_stored = with_result and _store_failure(backend, record, request)
-    return letter.pk, result_stored
+    return letter.pk, result_stored, False
 
 
 def _store_failure(backend: Any, record: ParkRecord, request: Any) -> bool:
@@ -364,9 +378,10 @@ def drain_spool(backend: Any = None, limit: int | None = None) -> int:
             record = ParkRecord.from_dict(data)
         except (TypeError, ValueError, AttributeError) as exc:
             raise BadRecord(f"not a dead-letter record: {exc}") from exc
-        letter_id, _result_stored = _write(record, backend, None)
-        events.letter_parked.send(record=record, letter_id=letter_id, exc=None,
-                                  first_report=False)
+        letter_id, _result_stored, merged = _write(record, backend, None)
+        if not merged:
+            events.letter_parked.send(record=record, letter_id=letter_id, exc=None,
+                                      first_report=False)
 
     try:
         drained = pending.drain(_quarantine_unless_unreachable(write), limit=limit)

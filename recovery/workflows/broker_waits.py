@@ -15,10 +15,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
+from .. import conf
 from ..core.names import logger_for
 from . import shared_state
 
-__all__ = ["GRACE_SECONDS", "note", "waiting"]
+__all__ = ["GRACE_SECONDS", "note", "waiting", "forget_past"]
 
 logger = logger_for(__name__)
 
@@ -38,7 +39,10 @@ def note(task_id: str, delay_seconds: float, now: float | None = None) -> None:
         record["until"] = max(float(record.get("until") or 0), until)
 
     try:
-        shared_state.store().update(KEY_PREFIX + task_id, later)
+        # The note outlives its use by a grace period, then goes (Redis: by itself; the
+        # database: forget_past, from the workers' housekeeping).
+        shared_state.store().update(KEY_PREFIX + task_id, later,
+                                    expires_in=float(delay_seconds) + 2 * GRACE_SECONDS)
     except Exception:  # noqa: BLE001 - shared state down: the retry goes ahead anyway
         logger.warning("recovery: could not note that %s waits %.1fs in the broker; the "
                        "watchdog may take it for lost meanwhile", task_id, delay_seconds,
@@ -57,3 +61,12 @@ def waiting(task_ids: Iterable[str], now: float | None = None) -> set[str]:
         if isinstance(until, (int, float)) and until + GRACE_SECONDS > now:
             found.add(task_id)
     return found
+
+
+def forget_past() -> int:
+    """Drop the notes of retries long past due, where notes do not expire by themselves
+    (shared state kept in the database): a note is written only for a countdown the broker
+    carries, at most ``BROKER_DELAY_MAX_SECONDS``, so one unchanged for that plus twice the
+    grace period is of no more use. Returns how many went."""
+    unchanged_for = float(conf.get("BROKER_DELAY_MAX_SECONDS")) + 2 * GRACE_SECONDS
+    return shared_state.store().forget(KEY_PREFIX, unchanged_for)

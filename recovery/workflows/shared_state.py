@@ -10,13 +10,16 @@ the embedded demo default uses. Updates are read-modify-write transactions: Redi
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
+from datetime import timedelta
 from functools import lru_cache
 from typing import Any, Protocol
 
 from django.apps import apps
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
 from .. import conf
 
@@ -28,8 +31,15 @@ KEY_PREFIX = "recovery:state:"
 class Store(Protocol):
     def get(self, key: str) -> dict: ...
 
-    def update(self, key: str, change: Callable[[dict], Any]) -> Any:
-        """Apply ``change`` to the record (mutating it) atomically; return what it returns."""
+    def update(self, key: str, change: Callable[[dict], Any],
+               expires_in: float | None = None) -> Any:
+        """Apply ``change`` to the record (mutating it) atomically; return what it returns.
+        ``expires_in``: the record may go that many seconds after this write (Redis drops
+        it then; the database keeps it until :func:`forget` is asked to)."""
+
+    def forget(self, key_prefix: str, unchanged_for: float) -> int:
+        """Drop the records under ``key_prefix`` not written for ``unchanged_for`` seconds
+        (a no-op where records expire by themselves); how many went."""
 
 
 class RedisStore:
@@ -42,7 +52,8 @@ class RedisStore:
         raw = self.client.get(KEY_PREFIX + key)
         return json.loads(raw) if raw else {}
 
-    def update(self, key: str, change: Callable[[dict], Any]) -> Any:
+    def update(self, key: str, change: Callable[[dict], Any],
+               expires_in: float | None = None) -> Any:
         import redis
 
         name = KEY_PREFIX + key
@@ -58,11 +69,15 @@ class RedisStore:
                         pipe.unwatch()
                         return result
                     pipe.multi()
-                    pipe.set(name, json.dumps(record))
+                    pipe.set(name, json.dumps(record),
+                             ex=max(1, math.ceil(expires_in)) if expires_in else None)
                     pipe.execute()
                     return result
                 except redis.WatchError:
                     continue
+
+    def forget(self, key_prefix: str, unchanged_for: float) -> int:
+        return 0
 
 
 def _table() -> Any:
@@ -76,7 +91,8 @@ class DatabaseStore:
         row = _table().objects.filter(key=key).first()
         return dict(row.value) if row else {}
 
-    def update(self, key: str, change: Callable[[dict], Any]) -> Any:
+    def update(self, key: str, change: Callable[[dict], Any],
+               expires_in: float | None = None) -> Any:
         with transaction.atomic():
             row, _ = _table().objects.select_for_update().get_or_create(key=key)
             record = dict(row.value or {})
@@ -85,6 +101,12 @@ class DatabaseStore:
                 row.value = record
                 row.save(update_fields=["value", "updated_at"])
             return result
+
+    def forget(self, key_prefix: str, unchanged_for: float) -> int:
+        cutoff = timezone.now() - timedelta(seconds=unchanged_for)
+        deleted, _ = _table().objects.filter(key__startswith=key_prefix,
+                                             updated_at__lt=cutoff).delete()
+        return deleted
 
 
 def store() -> Store:

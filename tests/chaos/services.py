@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -280,3 +281,59 @@ class HangingProxy:
                     other.sendall(data)
                 except OSError:
                     return
+
+
+class RabbitMQNode:
+    """A private RabbitMQ node (its own name, ports and data directory; no plugins), so
+    that restarting it disturbs no other test and no shared broker."""
+
+    def __init__(self) -> None:
+        # Under /tmp itself: the server script runs as the rabbitmq user when started as
+        # root, and pytest's own temporary directories are private to root.
+        self.dir = Path(tempfile.mkdtemp(prefix="cr-rabbitmq-"))
+        (self.dir / "mnesia").mkdir()
+        (self.dir / "log").mkdir()
+        (self.dir / "enabled_plugins").write_text("[].\n")
+        (self.dir / "rabbitmq.conf").write_text("")
+        subprocess.run(["chmod", "-R", "a+rwX", str(self.dir)], check=True)
+        self.port = free_port()
+        self.name = f"crtest{self.port}@localhost"
+        self.env = {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.dir / "advanced.config"),
+            "RABBITMQ_PID_FILE": str(self.dir / "pid"),
+        }
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def _ctl(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+        return subprocess.run(["rabbitmqctl", "-n", self.name, *args], env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def start(self) -> "RabbitMQNode":
+        subprocess.run(["rabbitmq-server", "-detached"], env=self.env, check=True,
+                       capture_output=True, timeout=60)
+        deadline = time.monotonic() + 90
+        while self._ctl("await_startup", "--timeout", "5", timeout=30).returncode != 0:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"RabbitMQ node {self.name} did not start")
+            time.sleep(1)
+        return self
+
+    def restart(self) -> None:
+        """Stop the node (its queues are durable, on disk), then start it on the same data."""
+        self._ctl("stop")
+        self.start()
+
+    def stop(self) -> None:
+        self._ctl("stop")
+        shutil.rmtree(self.dir, ignore_errors=True)

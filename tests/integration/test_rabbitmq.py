@@ -29,6 +29,16 @@ def _queue_depth(name: str) -> int:
             channel.close()
 
 
+def _queue_depth_or_none(name: str) -> int | None:
+    """The depth of ``name``, or None if no one declared it."""
+    from amqp.exceptions import NotFound
+
+    try:
+        return _queue_depth(name)
+    except NotFound:
+        return None
+
+
 def _delete_queue(name: str) -> None:
     with Connection(app.conf.broker_url) as connection:
         channel = connection.channel()
@@ -161,3 +171,26 @@ def test_messages_held_and_handed_back_on_clean_shutdowns_are_not_counted_as_los
     wait_for(lambda: [runs(store, f"{key}-h{n}") for n in range(2)] == [1, 1], 90,
              message="both to run once their ETA came")
     assert not DeadLetter.objects.exists()
+
+
+def test_a_retry_of_a_task_sent_to_another_queue_comes_back_to_it_and_it_is_protected(start_worker,
+                                                                          store, key):
+    """A retry through native delayed delivery lands in the queue its task was sent to,
+    not in the default queue: a worker that consumes only that queue runs every attempt."""
+    queue = f"routed-{key}"
+    try:
+        start_worker(extra=("-Q", queue))
+        result = t.flaky_twice.apply_async((key,), queue=queue)
+        assert result.get(timeout=60) == 3
+        assert runs(store, key) == 3
+        assert _queue_depth_or_none("celery") in (0, None), "no attempt in the default queue"
+        # And the queue no one declared got the declared queues' delivery limit: declaring
+        # it again with exactly those arguments succeeds only if the worker did too.
+        routed = app.amqp.queues[queue]
+        assert routed.queue_arguments == topology.quorum_queue_arguments()
+        with Connection(app.conf.broker_url) as connection:
+            channel = connection.channel()
+            routed.bind(channel).declare()
+            channel.close()
+    finally:
+        _delete_queue(queue)

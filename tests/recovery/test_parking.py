@@ -678,3 +678,53 @@ def test_a_first_park_with_its_result_really_takes_the_single_statement_fast_pat
     assert writes[0].startswith("WITH letter AS (INSERT INTO")
     assert f'INSERT INTO "{TaskResult._meta.db_table}"' in writes[0]
     assert TaskResult.objects.get(task_id=record.task_id).status == "FAILURE"
+
+
+@db
+def test_a_brokers_copy_spooled_after_the_tasks_own_letter_adds_to_it_and_replaces_nothing():
+    """The database is down: the task parks itself (spooled), then RabbitMQ dead-letters its
+    message and the drain of recovery.dead_letters parks that copy (spooled too, after it).
+    Drained in that order, the letter keeps the task's account and gains the broker's."""
+    from recovery import events
+
+    death = {"reason": "delivery_limit", "queue": "payments", "count": 1, "time": "",
+             "delivery_count": 21}
+    broker_copy = make_record(
+        kind="poison", reason="RabbitMQ dead-lettered it after 21 deliveries", exception_type="",
+        exception_message="RabbitMQ dead-lettered it", traceback="", raw_body="[[1234], {}]",
+        history=[{"at": LATER, "attempt": 22, "replay": 0, "exception_type": "",
+                  "exception_message": "RabbitMQ dead-lettered it", "kind": "poison",
+                  "delay_seconds": None, "broker_death": death}],
+        failed_at=LATER, keep_existing=True)
+    spool().put(make_record().to_dict())
+    time.sleep(0.01)
+    spool().put(broker_copy.to_dict())
+    told = []
+
+    def listener(record, letter_id, **kw):
+        told.append(record.kind)
+
+    events.letter_parked.connect(listener)
+    try:
+        assert drain_spool() == 2
+    finally:
+        events.letter_parked.disconnect(listener)
+
+    letter = DeadLetter.objects.get(task_id="7d4c0b5e-charge-1234")
+    assert (letter.kind, letter.reason) == ("dependency",
+                                            "gave up after 3 attempts (requests: HTTP 503)")
+    assert letter.exception_type == "requests.exceptions.HTTPError"
+    assert letter.history[:3] == make_record().history
+    assert letter.history[-1]["broker_death"] == death
+    assert told == ["dependency"], "the broker's copy is no second parking"
+    # Parked directly (the database is back), the copy is merged the same way
+    assert park(broker_copy).letter_id == letter.pk
+    assert DeadLetter.objects.get(pk=letter.pk).history == letter.history
+
+
+@db
+def test_a_brokers_copy_of_a_task_never_parked_becomes_its_letter():
+    record = make_record(task_id="only-the-broker", kind="poison", reason="dead-lettered",
+                         keep_existing=True)
+    assert park(record).spooled is False
+    assert DeadLetter.objects.get(task_id="only-the-broker").kind == "poison"

@@ -4,6 +4,7 @@ rest of its configuration; what the project set itself wins."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from celery import Celery
@@ -70,6 +71,16 @@ def test_the_delivery_limit_and_the_default_queue_follow_the_settings(settings):
     queue = app.amqp.queues["orders"]
     assert queue.queue_arguments["x-delivery-limit"] == 7
     assert queue.exchange.name == "orders" and queue.routing_key == "orders"
+
+
+def test_exchange_and_queue_types_the_project_chose_are_kept():
+    app = _app("amqp://h//", task_default_exchange_type="fanout",
+               task_create_missing_queue_exchange_type="fanout")
+
+    assert app.conf.task_default_exchange_type == "fanout"
+    assert app.amqp.queues["celery"].exchange.type == "fanout"
+    assert app.conf.task_create_missing_queue_exchange_type == "fanout"
+    assert app.conf.task_default_queue_type == "quorum", "Celery's default gave way"
 
 
 def test_a_projects_own_rabbitmq_queues_and_options_are_kept():
@@ -248,6 +259,20 @@ def test_a_replay_of_a_delayed_retry_goes_to_its_queue_not_to_the_delay_exchange
     assert delivered_route({"exchange": "", "routing_key": "celery"}) == {"routing_key": "celery"}
 
 
+def test_the_queue_a_run_was_delivered_from_is_named_by_its_routing_key():
+    from recovery.core.brokers import queue_delivered_from
+
+    queues = {"celery": Queue("celery", Exchange("celery", type="topic"), routing_key="celery"),
+              "reports": Queue("reports", Exchange("reports", type="topic"),
+                               routing_key="reports.daily")}
+    assert queue_delivered_from({"exchange": "reports", "routing_key": "reports.daily"},
+                                queues) == "reports"
+    delayed = {"exchange": "celery_delayed_delivery", "routing_key": DELAYED_KEY}
+    assert queue_delivered_from(delayed, queues) == "celery"
+    assert queue_delivered_from({"routing_key": "elsewhere"}, queues) is None
+    assert queue_delivered_from(None, queues) is None
+
+
 @pytest.mark.django_db
 def test_a_retry_noted_as_waiting_in_the_broker_counts_until_shortly_after_it_is_due(settings):
     from recovery.workflows import broker_waits
@@ -260,9 +285,82 @@ def test_a_retry_noted_as_waiting_in_the_broker_counts_until_shortly_after_it_is
     assert broker_waits.waiting(["t-1"], now=1010.0 + broker_waits.GRACE_SECONDS + 1) == set()
 
 
+@pytest.mark.django_db
+def test_notes_of_retries_long_past_due_are_dropped_from_the_database(settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from recovery.models import SharedState
+    from recovery.workflows import broker_waits
+
+    settings.RECOVERY = {**settings.RECOVERY, "SHARED_STATE_URL": "database"}
+    broker_waits.note("old", 1)
+    broker_waits.note("recent", 1)
+    keep_for = settings.RECOVERY["BROKER_DELAY_MAX_SECONDS"] + 2 * broker_waits.GRACE_SECONDS
+    SharedState.objects.filter(key="waiting:old").update(
+        updated_at=timezone.now() - timedelta(seconds=keep_for + 1))
+    SharedState.objects.create(key="circuit:payments", value={"state": "open"})
+    SharedState.objects.filter(key="circuit:payments").update(
+        updated_at=timezone.now() - timedelta(days=1))
+
+    assert broker_waits.forget_past() == 1
+    assert set(SharedState.objects.values_list("key", flat=True)) == {
+        "waiting:recent", "circuit:payments"}, "only old broker-wait notes go"
+
+
+def test_a_note_kept_in_redis_expires_by_itself(settings):
+    import redis
+
+    from recovery.workflows import broker_waits, shared_state
+
+    url = os.environ.get("TEST_STORE_URL", "redis://127.0.0.1:6379/11")
+    settings.RECOVERY = {**settings.RECOVERY, "SHARED_STATE_URL": url}
+    broker_waits.note("t-ttl", 4)
+    client = redis.Redis.from_url(url)
+    ttl = client.ttl(shared_state.KEY_PREFIX + "waiting:t-ttl")
+    client.delete(shared_state.KEY_PREFIX + "waiting:t-ttl")
+    assert 4 + 2 * broker_waits.GRACE_SECONDS - 2 <= ttl <= 4 + 2 * broker_waits.GRACE_SECONDS
+
+
 def test_a_note_that_cannot_be_written_never_stops_the_retry(settings, caplog):
     from recovery.workflows import broker_waits
 
     settings.RECOVERY = {**settings.RECOVERY, "SHARED_STATE_URL": "redis://127.0.0.1:1/0"}
     broker_waits.note("t-1", 5)
     assert "could not note that t-1 waits" in caplog.text
+
+
+def test_a_dead_lettered_message_that_cannot_be_parked_is_given_back_after_a_pause(
+        monkeypatch, caplog):
+    """Held unacknowledged it would take a prefetch slot until the connection closes (ten
+    such and the drain stops); given back at once it would loop as fast as parking fails."""
+    from recovery.delivery import broker_dead_letters
+
+    def refuse(message, hostname=""):
+        raise OSError("database down and spool unwritable")
+
+    monkeypatch.setattr(broker_dead_letters, "park_dead_lettered", refuse)
+    calls = []
+
+    class Message:
+        headers = {"id": "t-dlx"}
+
+        def reject(self, requeue=False):
+            calls.append(("reject", requeue))
+
+        def ack(self):
+            calls.append(("ack",))
+
+    class Timer:
+        def call_after(self, seconds, callback):
+            calls.append(("after", seconds))
+            self.callback = callback
+
+    step = object.__new__(broker_dead_letters.BrokerDeadLetters)
+    step.hostname, step.timer = "w1", Timer()
+    step.on_message(Message())
+    assert calls == [("after", broker_dead_letters.RETRY_PARK_SECONDS)]
+    step.timer.callback()
+    assert calls[-1] == ("reject", True)
+    assert "goes back to recovery.dead_letters" in caplog.text
