@@ -7,6 +7,9 @@ STAMP  := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1s
 # The broker matrix (docs/brokers.md): the whole suite on Redis, the integration suite
 # (real workers) again on RabbitMQ, in a vhost of its own, and on Amazon SQS (moto's
 # server mode, started by the tests) when pycurl, which kombu's SQS transport needs, imports.
+# Tests marked broker_independent (e-mail, webhooks, metrics exposition) run on Redis only;
+# scripts/broker_matrix.py prints each integration test's outcome on each broker.
+OTHER_BROKERS := -m "not broker_independent"
 RABBITMQ_TEST_URL ?= amqp://guest:guest@127.0.0.1:5672/celery_recovery_test
 SQS_TEST_URL      ?= sqs://moto
 # `make demo BROKER=rabbitmq` / `BROKER=redis` / `BROKER=sqs`: the same demo on a local
@@ -33,22 +36,24 @@ endif
 
 test: $(STAMP)  ## start the services if they are down, then run the whole suite on Redis and the integration suite on RabbitMQ and SQS
 	./scripts/ensure-services.sh
-	$(PY) -m pytest
-	TEST_BROKER_URL=$(RABBITMQ_TEST_URL) $(PY) -m pytest tests/integration
+	rm -f var/junit-*.xml
+	$(PY) -m pytest --junitxml=var/junit-redis.xml
+	TEST_BROKER_URL=$(RABBITMQ_TEST_URL) $(PY) -m pytest tests/integration $(OTHER_BROKERS) --junitxml=var/junit-rabbitmq.xml
 	@if $(PY) -c "import pycurl" 2>/dev/null; then \
-		echo "TEST_BROKER_URL=$(SQS_TEST_URL) pytest tests/integration"; \
-		TEST_BROKER_URL=$(SQS_TEST_URL) $(PY) -m pytest tests/integration; \
+		echo "TEST_BROKER_URL=$(SQS_TEST_URL) pytest tests/integration $(OTHER_BROKERS)"; \
+		TEST_BROKER_URL=$(SQS_TEST_URL) $(PY) -m pytest tests/integration $(OTHER_BROKERS) --junitxml=var/junit-sqs.xml; \
 	else \
 		echo "pycurl does not import: the SQS run of the integration suite is left out (pip install -r requirements.txt)" >&2; \
 	fi
+	$(PY) scripts/broker_matrix.py
 
 test-rabbitmq: $(STAMP)  ## the integration suite on RabbitMQ alone
 	./scripts/ensure-services.sh
-	TEST_BROKER_URL=$(RABBITMQ_TEST_URL) $(PY) -m pytest tests/integration
+	TEST_BROKER_URL=$(RABBITMQ_TEST_URL) $(PY) -m pytest tests/integration $(OTHER_BROKERS) --junitxml=var/junit-rabbitmq.xml
 
 test-sqs: $(STAMP)  ## the integration suite on SQS alone (moto's server, started by the tests)
 	./scripts/ensure-services.sh
-	TEST_BROKER_URL=$(SQS_TEST_URL) $(PY) -m pytest tests/integration
+	TEST_BROKER_URL=$(SQS_TEST_URL) $(PY) -m pytest tests/integration $(OTHER_BROKERS) --junitxml=var/junit-sqs.xml
 
 chaos: $(STAMP)  ## the chaos suite alone, longer: CHAOS_TASKS tasks over CHAOS_SECONDS of faults
 	./scripts/ensure-services.sh

@@ -5,7 +5,10 @@
 moto's server mode on a free loopback port, started by the test session; any other
 sqs:// URL is used as it is). A test that cannot hold on a broker says why with
 ``@only_on("redis", reason=…)``: it is reported as skipped with that reason on the
-others, never silently.
+others, never silently. An integration test whose subject has nothing to do with the
+broker (an e-mail, a webhook, metrics exposition, database connections) is marked
+``broker_independent``: the Makefile runs it in the Redis run only, to keep the matrix
+within its time.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from kombu.exceptions import OperationalError
 
 from recovery.delivery import topology
 
-__all__ = ["BROKER", "MOTO", "only_on", "empty_broker", "queues_of_the_runtime",
+__all__ = ["BROKER", "MOTO", "only_on", "broker_independent", "empty_broker", "queues_of_the_runtime",
            "free_sqs_url", "moto_server", "sqs_client", "sqs_messages", "unacknowledged",
            "lose_queue", "queued", "broker_address", "via", "transport_options",
            "unreachable"]
@@ -66,6 +69,10 @@ def sqs_client(url: str) -> Iterator[object]:
     with Connection(url, transport_options=topology.sqs_transport_options(url),
                     connect_timeout=5) as connection:
         yield connection.default_channel.sqs()
+
+
+#: Marks an integration test whose subject does not depend on the broker (see above).
+broker_independent = pytest.mark.broker_independent
 
 
 def only_on(*kinds: str, reason: str):

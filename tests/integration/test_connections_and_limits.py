@@ -9,6 +9,7 @@ from recovery.models import DeadLetter
 
 from . import worker_tasks as t
 from .harness import wait_for
+from ..brokers import broker_independent
 from .test_retry_and_park import runs
 
 pytestmark = pytest.mark.integration
@@ -29,6 +30,7 @@ def backend_pids_of_others() -> list[int]:
         return [row[0] for row in cursor.fetchall()]
 
 
+@broker_independent
 def test_workers_reuse_database_connections(start_worker, store, key):
     # Given a running worker that has warmed up its connections
     start_worker(concurrency=2)
@@ -41,6 +43,7 @@ def test_workers_reuse_database_connections(start_worker, store, key):
     assert sessions_opened() - before <= 6
 
 
+@broker_independent
 def test_dropped_connection_does_not_lose_a_letter(start_worker, store, key):
     start_worker(concurrency=1)
     assert t.add_one.delay(1).get(timeout=30) == 2

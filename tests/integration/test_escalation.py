@@ -14,8 +14,9 @@ from recovery.models import DeadLetter, Incident, IncidentNotification
 
 from . import worker_tasks as t
 from .harness import wait_for
+from ..brokers import broker_independent
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, broker_independent]  # tickets and e-mail
 SECRET = "whsec_" + "aW50ZWdyYXRpb24tc2VjcmV0LW9mLTMyLWJ5dGVzISE="  # 32 bytes
 
 

@@ -21,8 +21,9 @@ from recovery.models import DeadLetter
 
 from . import worker_tasks as t
 from .harness import wait_for
+from ..brokers import broker_independent
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, broker_independent]  # metrics exposition
 
 
 def free_port() -> int:
