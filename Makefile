@@ -59,9 +59,13 @@ chaos: $(STAMP)  ## the chaos suite alone, longer: CHAOS_TASKS tasks over CHAOS_
 	./scripts/ensure-services.sh
 	CHAOS_TASKS=$${CHAOS_TASKS:-10000} CHAOS_SECONDS=$${CHAOS_SECONDS:-480} $(PY) -m pytest tests/chaos -m chaos
 
-bench: $(STAMP)  ## throughput, bulk replay and admin change-list benchmarks (need Redis and PostgreSQL); BROKER=rabbitmq runs the throughput on RabbitMQ
+bench: $(STAMP)  ## throughput, bulk replay and admin change-list benchmarks (need Redis and PostgreSQL); BROKER=rabbitmq or sqs runs the throughput there (sqs: a local moto server)
 	./scripts/ensure-services.sh
+ifeq ($(BROKER),sqs)
+	$(PY) scripts/with-local-sqs.py sh -c 'BENCH_BROKER_URL=$$CELERY_BROKER_URL $(PY) bench/throughput.py'
+else
 	$(if $(BROKER),BENCH_BROKER_URL=$(BENCH_BROKER_URL_$(BROKER)) )$(PY) bench/throughput.py
+endif
 	$(PY) bench/bulk_replay.py
 	$(PY) bench/changelist.py
 

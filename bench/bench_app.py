@@ -28,11 +28,15 @@ else:
     # On RabbitMQ the same quorum queue the recovery side declares (and RabbitMQ refuses
     # to redeclare it otherwise), so the ratio measures only the runtime recovery adds,
     # never the queue type. Redis keeps stock Celery's settings.
-    from recovery.core.brokers import AMQP, broker_kind
+    from recovery.core.brokers import AMQP, SQS, broker_kind
     from recovery.delivery import topology
 
     if broker_kind(app.conf.broker_url) == AMQP:
         topology.apply(app.conf)
+    elif broker_kind(app.conf.broker_url) == SQS:
+        # kombu's own SQS transport, with what it needs to reach a local server at all
+        # (plain HTTP, a region) and the same polling as the recovery side.
+        app.conf.broker_transport_options = topology.sqs_transport_options(app.conf.broker_url)
     from django.db import close_old_connections
     from celery import signals
 

@@ -17,15 +17,15 @@ def ensure_database(url: str) -> None:
 
 def empty_broker(url: str, queues: tuple[str, ...]) -> None:
     """Leave nothing queued from an earlier run: flush the Redis database, or purge the
-    named queues on RabbitMQ (a queue not declared yet is fine)."""
-    from recovery.core.brokers import AMQP, REDIS, broker_kind
+    named queues on RabbitMQ or SQS (a queue not declared yet is fine)."""
+    from recovery.core.brokers import AMQP, REDIS, SQS, broker_kind
 
     kind = broker_kind(url)
     if kind == REDIS:
         import redis
 
         redis.Redis.from_url(url).flushdb()
-    elif kind == AMQP:
+    elif kind in (AMQP, SQS):
         from kombu import Connection
 
         with Connection(url, connect_timeout=5) as connection:

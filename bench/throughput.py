@@ -1,6 +1,8 @@
 """Throughput of RecoveryTask against plain Celery, measured in one run on the same broker
-(Redis or RabbitMQ: BENCH_BROKER_URL; on RabbitMQ both sides use the quorum queue
-recovery.setup declares, so the ratio measures recovery's runtime, not the queue type).
+(Redis, RabbitMQ or SQS: BENCH_BROKER_URL; on RabbitMQ both sides use the quorum queue
+recovery.setup declares, so the ratio measures recovery's runtime, not the queue type;
+`make bench BROKER=sqs` runs it against a local moto server, whose HTTP round trips, not
+a real SQS's, set the pace).
 
 Scenarios (N tasks each, pre-queued, then one worker drains them):
   success  - no-op tasks: plain celery.Task vs RecoveryTask
