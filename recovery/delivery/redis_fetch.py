@@ -89,6 +89,8 @@ class ReliableChannel(kombu_redis.Channel):
     _recovery_wait_next = False
     #: Set when the server has no BLMOVE (Redis before 6.2): kombu's own BRPOP then.
     _recovery_unsupported = False
+    #: Whether the command in flight is the wait (its reply is read as BLMOVE's).
+    _recovery_waiting = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._recovery_recorded: set[str] = set()
@@ -125,7 +127,7 @@ class ReliableChannel(kombu_redis.Channel):
     def _brpop_read(self, **options: Any) -> bool:
         if self._recovery_unsupported:
             return super()._brpop_read(**options)
-        waited = getattr(self, "_recovery_waiting", False)
+        waited = self._recovery_waiting
         try:
             try:
                 reply = self.client.parse_response(
