@@ -73,7 +73,7 @@ def check_recovery_settings(app_configs=None, **kwargs):
                                   or value <= 0):
             problems.append(Error(f"RECOVERY['{key}'] must be a positive number of seconds, "
                                   f"or None for no bound.", id="recovery.E006"))
-    for key in ("ADMIN_BULK_MAX", "DELIVERY_COUNT_RETENTION_DAYS"):
+    for key in ("ADMIN_BULK_MAX", "DELIVERY_COUNT_RETENTION_DAYS", "EFFECTS_RETENTION_DAYS"):
         value = user.get(key)
         if value is not None and (not isinstance(value, (int, float)) or value <= 0):
             problems.append(Error(f"RECOVERY['{key}'] must be a positive number.",

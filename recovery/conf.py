@@ -72,6 +72,9 @@ DEFAULTS: Mapping[str, Any] = {
     "RETENTION_DAYS": {"resolved": 30, "discarded": 30, "compensated": 90},
     # Delivery counts untouched this long belong to tasks long finished; purge forgets them.
     "DELIVERY_COUNT_RETENTION_DAYS": 7,
+    # Proofs that a task's effect ran (self.effect) older than this are purged with the
+    # letters, except those of tasks whose letter is still parked or replaying.
+    "EFFECTS_RETENTION_DAYS": 90,
     # How often each worker's outbox relay publishes committed intents the fast path missed.
     "OUTBOX_RELAY_INTERVAL_SECONDS": 1.0,
     # Longest wait between publish attempts of one outbox row while the broker is down.

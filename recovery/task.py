@@ -37,7 +37,7 @@ import time
 import traceback as traceback_module
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, ContextManager
 
 from celery import Task, states
 from celery.exceptions import Ignore, Reject, Retry
@@ -57,7 +57,7 @@ from .core.brokers import (broker_delay, delivered_queue, delivered_route, queue
 ROUTE_OPTIONS = ("queue", "exchange", "routing_key")
 from .core.errors import DependencyError, TransientError, exception_path
 from .core.policy import Attempt, RetryPolicy, Verdict, default_policy
-from .store import deferred, result_rows
+from .store import deferred, effects, result_rows
 from .store.connections import discard_broken_connections
 from .store.due import hold
 from .store.models import FallbackUse
@@ -530,6 +530,43 @@ class RecoveryTask(Task):
         Useful to log or return "succeeded after N attempts"; empty on a first run.
         """
         return list(hdr.read(self.request, hdr.HISTORY, []) or [])
+
+    def effect(self, name: str) -> ContextManager[bool]:
+        """A transaction for an effect in the application's database that must happen once
+        per task, whatever reruns it (a killed worker's redelivery, a retry, a replay)::
+
+            with self.effect("charge") as first:
+                if first:
+                    Payment.objects.create(order_id=order_id, amount=amount)
+
+        It records ``(task id, name)`` in the same transaction and yields whether this run
+        is the first to; an exception inside rolls both back. See docs/effects.md.
+        """
+        request = self.request
+        return effects.effect_once(request.id, name, generation=self._effects_generation(),
+                                   task_name=self.name)
+
+    def idempotency_key(self, name: str) -> str:
+        """A stable key for the external call ``name`` (e.g. a payment API's
+        ``Idempotency-Key``): the same across retries, redeliveries and replays of this task
+        id, different for a new call of the task."""
+        return effects.idempotency_key(self.request.id, name, self._effects_generation())
+
+    def _effects_generation(self) -> int:
+        if self.request.id is None:
+            raise RuntimeError(f"{self.name}: effects need a task id; call the task through "
+                               f"apply_async/delay (or apply), not as a plain function")
+        value = hdr.read(self.request, hdr.EFFECTS_GENERATION, 0)
+        try:
+            generation = int(value)
+        except (TypeError, ValueError):
+            generation = -1
+        if generation < 0:
+            # A header no replay of ours wrote: running the effect again on a made-up
+            # generation is the one thing the proof exists to prevent.
+            raise ValueError(f"{self.name}[{self.request.id}]: header {hdr.EFFECTS_GENERATION}="
+                             f"{value!r} is not a generation")
+        return generation
 
     def classify(self, exc: BaseException) -> Failure:
         return classify(exc, rules=(*self.classifier_rules, *conf.classifier_rules()))

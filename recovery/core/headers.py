@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["HISTORY", "POLICY", "STARTED_AT", "REPLAY", "COMPENSATES", "SAGA", "ORIGINAL_TASK_ID",
-           "CARRIED", "read", "from_options", "policy_header"]
+           "EFFECTS_GENERATION", "CARRIED", "read", "from_options", "policy_header"]
 
 HISTORY = "recovery_history"
 POLICY = "recovery_policy"
@@ -29,9 +29,13 @@ SAGA = "recovery_saga"
 #: hash (recovery.store.parking.letter_task_id)
 ORIGINAL_TASK_ID = "recovery_original_task_id"
 
+#: on a replay that reruns its effects (``replay(..., rerun_effects=True)``): the generation
+#: of ``recovery_effect`` proofs the run records and checks (recovery.store.effects)
+EFFECTS_GENERATION = "recovery_effects_generation"
+
 #: headers a retry carries to the next attempt besides the history (Celery drops custom
 #: headers on retry)
-CARRIED = (POLICY, REPLAY, COMPENSATES, SAGA)
+CARRIED = (POLICY, REPLAY, COMPENSATES, SAGA, EFFECTS_GENERATION)
 
 #: A replay carries only COMPENSATES and SAGA over from a letter (so a parked compensation
 #: that is replayed still says what it compensates); see recovery.operations.replay_options.

@@ -43,6 +43,7 @@ from ..store import deferred
 from ..store.deliveries import forget as forget_deliveries
 from ..store.models import DeadLetter, DeadLetterEvent
 from ..workflows import sagas
+from .effects_rerun import mark_effects_rerun
 from .replay_options import (UnknownQueue, body_payload, check_queue, replay_options,
                              undecodable_body)
 from ..core.names import logger_for
@@ -251,8 +252,12 @@ def _publish_replay(letter: DeadLetter, *, actor: str, app: Any, queue: str | No
 
 
 def replay(letter: DeadLetter | int, *, actor: str = "system", queue: str | None = None,
-           args: Any = None, kwargs: Any = None, note: str = "", app: Any = None) -> DeadLetter:
+           args: Any = None, kwargs: Any = None, note: str = "", app: Any = None,
+           rerun_effects: bool = False) -> DeadLetter:
     """Republish a parked letter (with an edited payload when ``args``/``kwargs`` are given).
+
+    ``rerun_effects``: run the effects its task already committed (``self.effect``) again,
+    instead of skipping them; audited (:mod:`recovery.operations.effects_rerun`).
 
     Raises:
         ReplayError: the letter is not parked, its task is not registered, the queue is
@@ -263,6 +268,9 @@ def replay(letter: DeadLetter | int, *, actor: str = "system", queue: str | None
     app = app or current_app
     with transaction.atomic():
         locked = _lock(letter)
+        if rerun_effects:
+            _require_parked(locked, "replayed")
+            mark_effects_rerun(locked, actor=actor, note=note)
         _prepare_replay(locked, actor=actor, app=app, queue=queue, args=args, kwargs=kwargs,
                         note=note)
     # Publish after the commit, so the replayed run never sees the letter still parked.

@@ -33,7 +33,7 @@ __all__ = ["UnknownQueue", "known_queues", "consumed_queues", "is_known_queue", 
            "undecodable_body", "CARRIED_FROM_LETTER"]
 
 #: recovery headers a replay carries over from the letter (the rest are set afresh)
-CARRIED_FROM_LETTER = (hdr.COMPENSATES, hdr.SAGA)
+CARRIED_FROM_LETTER = (hdr.COMPENSATES, hdr.SAGA, hdr.EFFECTS_GENERATION)
 
 _MAX_PRIORITY = 255
 
@@ -138,6 +138,9 @@ def _priority(value: Any) -> int | None:
 def _carried_header(name: str, value: Any) -> Any:
     if name == hdr.SAGA:
         return dict(value) if isinstance(value, Mapping) else None
+    if name == hdr.EFFECTS_GENERATION:
+        # 0 is the default every run assumes: carrying it would only lengthen the message.
+        return value if type(value) is int and value > 0 else None
     return value if isinstance(value, str) and value else None
 
 

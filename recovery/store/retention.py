@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from .. import conf
 from .models import DeadLetter, DeliveryCount
+from .effects import purge_effects
 from ..core.names import logger_for
 
 __all__ = ["RetentionError", "PurgePlan", "plan", "purge", "CLOSED"]
@@ -105,7 +106,8 @@ def purge(purge_plan: PurgePlan, *, batch_size: int = 1000, actor: str = "system
 
     Each batch re-checks the plan under ``SELECT ... FOR UPDATE SKIP LOCKED``, so a
     letter replayed or re-parked meanwhile, or held by an operator, is left alone.
-    Also forgets delivery counts nobody has touched for ``DELIVERY_COUNT_RETENTION_DAYS``.
+    Also forgets delivery counts nobody has touched for ``DELIVERY_COUNT_RETENTION_DAYS``
+    and effect proofs older than ``EFFECTS_RETENTION_DAYS`` (:mod:`recovery.store.effects`).
     """
     deleted = 0
     last_pk = 0
@@ -124,5 +126,6 @@ def purge(purge_plan: PurgePlan, *, batch_size: int = 1000, actor: str = "system
             progress(deleted)
     stale = timezone.now() - timedelta(days=conf.get("DELIVERY_COUNT_RETENTION_DAYS"))
     DeliveryCount.objects.filter(updated_at__lt=stale).delete()
+    purge_effects(timezone.now() - timedelta(days=conf.get("EFFECTS_RETENTION_DAYS")))
     logger.info("%s purged %d dead letters (%s)", actor, deleted, purge_plan.describe())
     return deleted

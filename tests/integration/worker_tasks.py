@@ -13,7 +13,7 @@ import time
 import redis
 from celery import Task, shared_task
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
 
 from recovery import RecoveryTask, RetryPolicy
 from recovery.workflows.sagas import Saga, Step
@@ -306,3 +306,52 @@ def saga_second_leg(self, context: dict) -> dict:
 
 
 two_legs = Saga("two_legs", steps=[Step(saga_first_leg), Step(saga_second_leg)])
+
+
+# -- effects that happen once (recovery.store.effects) ------------------------------------
+#
+# Both tasks write one row of `effect_probe` (the test creates the table), then report the
+# window between their commit and the broker's acknowledgement, where a killed pool child
+# makes the broker deliver the message again: the plain one writes its row again, the one
+# behind self.effect skips it.
+
+def _write_probe(probe: str, kind: str, i: int, task_id: str) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("INSERT INTO effect_probe (probe, kind, i, task_id) VALUES (%s, %s, %s, %s)",
+                       [probe, kind, i, task_id])
+
+
+def _hold_after_commit(key: str, kind: str, i: int, hold: float) -> None:
+    store().rpush(f"t:window:{key}", f"{kind}:{i}:{os.getpid()}")
+    store().incr(f"t:windows:{key}")
+    time.sleep(hold)
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
+def writes_once(self, key: str, i: int, hold: float) -> int:
+    with self.effect("probe") as first:
+        if first:
+            _write_probe(key, "once", i, self.request.id)
+    _hold_after_commit(key, "once", i, hold)
+    return i
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
+def writes_plain(self, key: str, i: int, hold: float) -> int:
+    with transaction.atomic():
+        _write_probe(key, "plain", i, self.request.id)
+    _hold_after_commit(key, "plain", i, hold)
+    return i
+
+
+@shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
+def charges_then_fails(self, key: str, fail_after: bool) -> str:
+    """An effect, then a failure: what a replay must not charge twice."""
+    with self.effect("charge") as first:
+        if first:
+            _write_probe(key, "charge", 0, self.request.id)
+    record_run(key)
+    store().rpush(f"t:keys:{key}", self.idempotency_key("charge"))
+    if fail_after and store().get(f"t:heal:{key}") is None:
+        raise DataIntegrityError("the order's address is gone")
+    return self.idempotency_key("charge")

@@ -2,7 +2,7 @@
 
     manage.py dlq list [filters]             manage.py dlq show ID
     manage.py dlq replay [filters] [--queue Q] [--rate N] [--batch-size N] [--note TEXT]
-                         [--dry-run] [--yes]
+                         [--rerun-effects] [--dry-run] [--yes]
     manage.py dlq discard|resolve|compensate [filters] [--batch-size N] [--note TEXT]
                          [--dry-run] [--yes]
     manage.py dlq purge [filters] [--older-than 30d] [--include-parked] [--dry-run] [--yes]
@@ -42,6 +42,7 @@ from dlq_admin.management.actor import cli_actor
 from dlq_admin.reveals import BATCH_SIZE, record_reveals
 from recovery.core import redaction
 from recovery.operations import replay as service
+from recovery.operations.effects_rerun import mark_all_effects_rerun
 from recovery.models import DeadLetter
 from recovery.store import export, importing, kafka
 from recovery.store.parking import drain_spool, spool
@@ -112,6 +113,9 @@ class Command(BaseCommand):
             if verb == "replay":
                 p.add_argument("--queue", help="publish to this queue instead of the original")
                 p.add_argument("--rate", type=float, help="at most N letters per second")
+                p.add_argument("--rerun-effects", action="store_true",
+                               help="run the effects the tasks already committed (self.effect) "
+                                    "again instead of skipping them; audited per letter")
         purge = filtered("purge", "delete closed letters past their retention (never parked "
                                   "ones unless --include-parked)")
         purge.add_argument("--older-than", help="closed (last updated) longer ago than this, "
@@ -236,6 +240,11 @@ class Command(BaseCommand):
             answer = self._ask(f"{verb.capitalize()} {count} parked letter{'s' if count != 1 else ''}? [y/N] ")
             if answer.strip().lower() not in ("y", "yes"):
                 raise CommandError("aborted; nothing changed")
+
+        if options.get("rerun_effects"):
+            marked = mark_all_effects_rerun(qs, actor=cli_actor(), note=options["note"])
+            self.stdout.write(f"{marked} letter{'s' if marked != 1 else ''} will run "
+                              f"{'their' if marked != 1 else 'its'} effects again.")
 
         def progress(result):
             self.stderr.write(f"  {result.done + result.failed}/{count} "

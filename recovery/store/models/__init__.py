@@ -7,6 +7,7 @@
 * ``resilience``: shared circuit and degraded-mode state, and the fallbacks taken.
 * ``sagas``: saga runs, their steps and their audit trail.
 * ``incidents``: failures escalated to a human, and the notifications about them.
+* ``effects``: effects in the application's database that ran once per task.
 
 Django finds the models through ``recovery.models``, which re-exports this package, so
 ``recovery.models.X`` and ``recovery.store.models.X`` are the same class. Every model
@@ -23,7 +24,8 @@ from .outbox import OutboxMessage
 from .resilience import FallbackUse, SharedState
 from .sagas import SagaEvent, SagaRun, SagaStep
 from .incidents import Incident, IncidentNotification
+from .effects import Effect
 
 __all__ = ["DeadLetter", "DueRetry", "DeliveryCount", "DeadLetterEvent", "OutboxMessage",
            "SharedState", "FallbackUse", "SagaRun", "SagaStep", "SagaEvent", "Incident",
-           "IncidentNotification"]
+           "IncidentNotification", "Effect"]

@@ -142,6 +142,7 @@ class DeadLetterEvent(models.Model):
         REPLAY_LOST = "replay_lost", "Replay never reported back"
         REVEALED = "revealed", "Secrets revealed"
         IMPORTED = "imported", "Imported from an export"
+        EFFECTS_RERUN = "effects_rerun", "Effects set to run again"
 
     letter = models.ForeignKey(DeadLetter, on_delete=models.CASCADE, related_name="events")
     action = models.CharField(max_length=32, choices=Action.choices)
