@@ -64,7 +64,7 @@ from .store.models import FallbackUse
 from .store.parking import ParkRecord, park
 from .workflows import broker_waits, degraded
 from .workflows.circuit import Circuit, CircuitOpenError
-from .workflows.sagas import is_current
+from .workflows.sagas import is_current, step_key
 
 __all__ = ["RecoveryTask", "exception_path"]
 
@@ -540,17 +540,23 @@ class RecoveryTask(Task):
                     Payment.objects.create(order_id=order_id, amount=amount)
 
         It records ``(task id, name)`` in the same transaction and yields whether this run
-        is the first to; an exception inside rolls both back. See docs/effects.md.
+        is the first to; an exception inside rolls both back. A saga step records it under
+        its step key instead, which a resumed step keeps though its task id is new. See
+        docs/effects.md.
         """
-        request = self.request
-        return effects.effect_once(request.id, name, generation=self._effects_generation(),
+        generation = self._effects_generation()
+        return effects.effect_once(self._effects_owner(), name, generation=generation,
                                    task_name=self.name)
 
     def idempotency_key(self, name: str) -> str:
         """A stable key for the external call ``name`` (e.g. a payment API's
         ``Idempotency-Key``): the same across retries, redeliveries and replays of this task
-        id, different for a new call of the task."""
-        return effects.idempotency_key(self.request.id, name, self._effects_generation())
+        id (of this saga step, for a step), different for a new call of the task."""
+        generation = self._effects_generation()
+        return effects.idempotency_key(self._effects_owner(), name, generation)
+
+    def _effects_owner(self) -> str:
+        return step_key(self.request) or self.request.id
 
     def _effects_generation(self) -> int:
         if self.request.id is None:

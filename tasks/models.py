@@ -10,7 +10,7 @@ from __future__ import annotations
 from django.db import models
 from django.utils import timezone
 
-__all__ = ["ServiceEffect", "ServiceCall", "ServiceFault"]
+__all__ = ["ServiceEffect", "ServiceCall", "ServiceFault", "Customer"]
 
 
 class ServiceEffect(models.Model):
@@ -84,3 +84,19 @@ class ServiceFault(models.Model):
 
     def __str__(self) -> str:
         return f"{self.service}.{self.action}: {self.mode}"
+
+
+class Customer(models.Model):
+    """A customer written by the import example (``tasks.tasks.import_customer_row``): once
+    per imported row, however often the import task runs (``self.effect``)."""
+
+    external_id = models.CharField(max_length=64)
+    email = models.EmailField()
+    imported_by = models.CharField("task id", max_length=255)
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ("at", "pk")
+
+    def __str__(self) -> str:
+        return f"customer {self.external_id} <{self.email}>"

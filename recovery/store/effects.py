@@ -20,8 +20,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 
-from django.db import IntegrityError, router, transaction
+from django.db import connections, router, transaction
 from django.db.models import Max
+from django.utils import timezone
 
 from .models import DeadLetter, Effect
 
@@ -52,15 +53,19 @@ def effect_once(task_id: str, name: str, *, generation: int = 0, task_name: str 
 
 
 def _record(task_id: str, name: str, generation: int, task_name: str, alias: str) -> bool:
-    try:
-        # A savepoint of its own: a duplicate must not poison the outer transaction the
-        # effect's writes go in (PostgreSQL aborts a transaction on any error in it).
-        with transaction.atomic(using=alias):
-            Effect.objects.using(alias).create(task_id=task_id, name=name, generation=generation,
-                                               task_name=task_name[:255])
-    except IntegrityError:
-        return False
-    return True
+    # One statement, no savepoint: a conflict is not an error that would abort the
+    # transaction the effect's writes go in, and a concurrent first run's uncommitted row
+    # makes this one wait for its outcome (PostgreSQL and SQLite >= 3.35 alike).
+    connection = connections[alias]
+    table = connection.ops.quote_name(Effect._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} (task_id, name, generation, task_name, created_at) "
+            f"VALUES (%s, %s, %s, %s, %s) "
+            f"ON CONFLICT (task_id, name, generation) DO NOTHING RETURNING id",
+            [task_id, name, generation, task_name[:255],
+             connection.ops.adapt_datetimefield_value(timezone.now())])
+        return cursor.fetchone() is not None
 
 
 def idempotency_key(task_id: str, name: str, generation: int = 0) -> str:

@@ -142,3 +142,17 @@ def test_old_proofs_are_purged_with_the_letters_but_those_a_replay_may_still_nee
     purge(plan(status=DeadLetter.Status.RESOLVED))
     assert set(Effect.objects.values_list("task_id", flat=True)) == {"parked", "replaying", "fresh"}
     assert purge_effects(timezone.now()) == 1
+
+
+def test_a_saga_step_keys_its_effects_by_its_step_so_a_resumed_step_skips_them(monkeypatch):
+    # (no saga run behind these messages: let them through as current steps)
+    monkeypatch.setattr("recovery.task.is_current", lambda *args, **kwargs: True)
+    step = {hdr.SAGA: {"run": 7, "step": 1, "role": "step"}}
+    first = probe.apply(args=("reserve",), task_id="step-run-1", headers=step).get()
+    resumed = probe.apply(args=("reserve",), task_id="step-run-2", headers=step).get()
+    compensation = probe.apply(args=("reserve",), task_id="comp-1",
+                               headers={hdr.SAGA: {"run": 7, "step": 1,
+                                                   "role": "compensation"}}).get()
+    assert first[0] is True and resumed[0] is False and compensation[0] is True
+    assert first[1] == resumed[1] != compensation[1]
+    assert set(Effect.objects.values_list("task_id", flat=True)) == {"7:1", "7:1:compensation"}
