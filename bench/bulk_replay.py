@@ -395,8 +395,8 @@ def run(options: Any, verbose: bool = False) -> list[Figure]:
             f"letters/s celery send_task {rates('celery')}"))
     memory = [r[replay]["memory"] for r in rounds]
     figures.append(ratio_figure(
-        f"bulk replay peak RSS at N={n:,} / at N/10", summarise([m["end"] / m["tenth"] for m in memory]),
-        "<=", RSS_TARGET, "peak RSS MiB at N/10 -> N per round: "
+        "bulk replay peak RSS at N / at N/10", summarise([m["end"] / m["tenth"] for m in memory]),
+        "<=", RSS_TARGET, f"N={n:,}; peak RSS MiB at N/10 -> N per round: "
                           + ", ".join(f"{m['tenth']:.1f} -> {m['end']:.1f}" for m in memory)))
     return figures
 
