@@ -42,6 +42,9 @@ from bench.rounds import Figure  # noqa: E402
 MODULES = ("throughput", "bulk_replay", "changelist", "metrics_scrape", "escalation_storm")
 RESULTS = ROOT / "bench" / "results.json"
 OK, NOT_AVAILABLE, CRASH = "ok", "not available", "CRASH"
+#: How long one module may run before it counts as crashed: a hung benchmark must not hang CI.
+#: (Only the module's process is killed: a worker it started may outlive it.)
+TIMEOUT_SECONDS = {"full": 4 * 3600, "quick": 600, "smoke": 120}
 
 
 @dataclass
@@ -59,6 +62,18 @@ class Outcome:
                 "seconds": round(self.seconds, 1), "figures": [f.to_json() for f in self.figures]}
 
 
+def as_figure(value: Any) -> Figure:
+    """A module's figure as this harness's :class:`Figure`: one imported under another module
+    name (``rounds.Figure`` with bench/ on sys.path) is a different class with the same
+    fields, and is taken field by field (which also validates target_op)."""
+    if isinstance(value, Figure):
+        return value
+    try:
+        return Figure(**{name: getattr(value, name) for name in Figure.__dataclass_fields__})
+    except AttributeError as missing:
+        raise TypeError(f"figures() must return bench.rounds.Figure objects, not {value!r}") from missing
+
+
 def child(name: str, mode: str, out: Path) -> None:
     """In the child process: import the module, call figures(mode), write them to ``out``."""
     module = importlib.import_module(f"bench.{name}")
@@ -66,10 +81,7 @@ def child(name: str, mode: str, out: Path) -> None:
     if not callable(produce):
         result = {"status": NOT_AVAILABLE, "reason": f"bench/{name}.py has no figures(mode)"}
     else:
-        figures = produce(mode)
-        if not all(isinstance(f, Figure) for f in figures):
-            raise TypeError(f"bench.{name}.figures() must return Figure objects, not {figures!r}")
-        result = {"status": OK, "figures": [f.to_json() for f in figures]}
+        result = {"status": OK, "figures": [as_figure(f).to_json() for f in produce(mode)]}
     out.write_text(json.dumps(result))
 
 
@@ -81,13 +93,20 @@ def run_module(name: str, mode: str, env: dict[str, str]) -> Outcome:
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "figures.json"
-        done = subprocess.run([sys.executable, __file__, "--child", name, "--mode", mode, "--out", str(out)],
-                              cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        child_process = subprocess.Popen(
+            [sys.executable, __file__, "--child", name, "--mode", mode, "--out", str(out)],
+            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            _, stderr = child_process.communicate(timeout=TIMEOUT_SECONDS[mode])
+        except subprocess.TimeoutExpired:
+            child_process.kill()  # same process group as this one, so Ctrl-C still reaches it
+            _, stderr = child_process.communicate()
+            stderr += f"\nTimeoutError: no figures after {TIMEOUT_SECONDS[mode]} s ({mode} run)\n"
         seconds = time.monotonic() - started
-        if done.stderr:
-            sys.stderr.write(done.stderr)
-        if done.returncode != 0 or not out.exists():
-            return Outcome(name, CRASH, reason=crash_reason(done.returncode, done.stderr),
+        if stderr:
+            sys.stderr.write(stderr)
+        if child_process.returncode != 0 or not out.exists():
+            return Outcome(name, CRASH, reason=crash_reason(child_process.returncode, stderr),
                            seconds=seconds)
         result = json.loads(out.read_text())
     return Outcome(name, result["status"], [Figure.from_json(f) for f in result.get("figures", [])],

@@ -17,7 +17,7 @@ round swaps who goes first (bench/rounds.py); a figure is the median of the per-
 with their min–max as its spread. Wall clock and CPU are both reported for every scenario.
 Targets (recovery / baseline): success >= 0.97 (wall and CPU), retry >= 1.5, park >= 1.5.
 
-Usage: python bench/throughput.py [--n 2000] [--rounds 5] [--concurrency 2] [--quick]
+Usage: python bench/throughput.py [--n 2000] [--rounds 5] [--concurrency 2] [--only SCENARIO]
 bench/run.py calls figures(mode) with the sizes of bench/plan.py.
 Environment: BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/celery_recovery_bench),
 BENCH_BROKER_URL (default redis://127.0.0.1:6379/12).

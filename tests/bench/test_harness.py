@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from bench import compare, report, rounds, run
-from bench.proc_cpu import parse_stat
+from bench.proc_cpu import TICKS, parse_stat, tree_cpu_seconds
 from bench.rounds import Figure
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,6 +108,23 @@ def test_parse_stat_counts_fields_after_a_command_name_with_spaces_and_parenthes
     assert stat.ticks == 209
 
 
+def test_tree_cpu_counts_the_worker_its_reaped_children_and_its_live_children(tmp_path: Path) -> None:
+    def stat(pid: int, ppid: int, utime: int, stime: int, cutime: int, cstime: int) -> None:
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "stat").write_text(
+            f"{pid} (python) S {ppid} 1 1 0 -1 0 0 0 0 0 {utime} {stime} {cutime} {cstime} 20 0 1 0")
+
+    stat(100, 1, 10, 5, 7, 3)     # the worker, with reaped children's 7 + 3
+    stat(101, 100, 20, 2, 0, 0)   # a live pool child
+    stat(102, 100, 30, 1, 0, 0)   # another
+    stat(200, 1, 999, 999, 0, 0)  # a stranger
+    (tmp_path / "self").mkdir()   # not a pid
+
+    assert tree_cpu_seconds(100, tmp_path) == pytest.approx(78 / TICKS)
+    with pytest.raises(ProcessLookupError):
+        tree_cpu_seconds(300, tmp_path)
+
+
 # -- report ---------------------------------------------------------------------------------
 
 def test_table_has_a_row_per_figure_with_spread_target_and_verdict() -> None:
@@ -158,6 +175,15 @@ def test_a_module_that_does_not_exist_is_not_available() -> None:
 
 
 # -- compare --------------------------------------------------------------------------------
+
+def test_a_figure_of_another_figure_class_is_taken_field_by_field() -> None:
+    class Lookalike:
+        name, value, unit, target_op, target, spread, detail = "p95", 90.0, "ms", "<", 150.0, None, ""
+
+    assert run.as_figure(Lookalike()) == Figure("p95", 90.0, "ms", "<", 150.0)
+    with pytest.raises(TypeError):
+        run.as_figure(object())
+
 
 def test_compare_prints_old_to_new_with_the_change_and_new_and_gone_figures() -> None:
     old = {"figures": [figure("a", 1.0).to_json(), figure("gone", 2.0).to_json()]}
