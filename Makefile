@@ -21,7 +21,7 @@ BROKER_URL_redis    := redis://127.0.0.1:6379/0
 BENCH_BROKER_URL_rabbitmq := amqp://guest:guest@127.0.0.1:5672/celery_recovery_bench
 BENCH_BROKER_URL_redis    := redis://127.0.0.1:6379/12
 
-.PHONY: demo test test-rabbitmq test-sqs chaos bench install clean
+.PHONY: demo test test-rabbitmq test-sqs chaos bench bench-quick install clean
 
 demo: $(STAMP)  ## run the example workflows on a worker, print what happened, serve the admin
 ifeq ($(BROKER),)
@@ -59,15 +59,17 @@ chaos: $(STAMP)  ## the chaos suite alone, longer: CHAOS_TASKS tasks over CHAOS_
 	./scripts/ensure-services.sh
 	CHAOS_TASKS=$${CHAOS_TASKS:-10000} CHAOS_SECONDS=$${CHAOS_SECONDS:-480} $(PY) -m pytest tests/chaos -m chaos
 
-bench: $(STAMP)  ## throughput, bulk replay and admin change-list benchmarks (need Redis and PostgreSQL); BROKER=rabbitmq or sqs runs the throughput there (sqs: a local moto server)
+bench: $(STAMP)  ## every benchmark in interleaved rounds: one table of figures against their targets, bench/results.json (exit 1 on a MISS, 2 on a crash); BROKER=rabbitmq or sqs runs the throughput there (sqs: a local moto server)
 	./scripts/ensure-services.sh
 ifeq ($(BROKER),sqs)
-	$(PY) scripts/with-local-sqs.py sh -c 'BENCH_BROKER_URL=$$CELERY_BROKER_URL $(PY) bench/throughput.py'
+	$(PY) scripts/with-local-sqs.py sh -c '$(PY) bench/run.py --throughput-broker $$CELERY_BROKER_URL'
 else
-	$(if $(BROKER),BENCH_BROKER_URL=$(BENCH_BROKER_URL_$(BROKER)) )$(PY) bench/throughput.py
+	$(PY) bench/run.py$(if $(BROKER), --throughput-broker $(BENCH_BROKER_URL_$(BROKER)))
 endif
-	$(PY) bench/bulk_replay.py
-	$(PY) bench/changelist.py
+
+bench-quick: $(STAMP)  ## the same table at small sizes, under 3 minutes; exits 0 whatever the figures, non-zero only if a benchmark crashes
+	./scripts/ensure-services.sh
+	$(PY) bench/run.py --quick
 
 install: $(STAMP)
 

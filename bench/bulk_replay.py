@@ -23,17 +23,19 @@ How:
   - celery send_task: the letters are read untimed; the timed part is the send_task loop.
   - Before timing, letter 1 is published by the replay and by the baseline and the two
     messages are compared (headers, properties, body): both sides send the same thing.
-  - Sides alternate (and swap who goes first) for ROUNDS rounds; the median of each side counts.
-    Ratio = replay letters/s / baseline letters/s; target >= 0.5.
+  - Each round runs every side back to back, the next round swaps who goes first
+    (bench/rounds.py). Figure: the median of the per-round ratios replay letters/s /
+    baseline letters/s, with their min–max; target >= 1.0.
   - Memory of the replay, from its timed runs: the process's peak RSS (ru_maxrss) once N/10
-    letters are done against once all N are (constant memory: the two agree), and its
-    increase over the RSS before ``bulk()`` started. Then one more, untimed replay of
-    ``--memory-n`` letters under tracemalloc, with the traced peak reset after every batch:
-    the Python heap peak per batch over the first tenth against the last tenth.
+    letters are done against once all N are; figure: the median per-round ratio RSS at N /
+    RSS at N/10, target <= 1.1 (flat). With --memory-n (the script alone), one more, untimed
+    replay under tracemalloc, with the traced peak reset after every batch: the Python heap
+    peak per batch over the first tenth against the last tenth.
 
-Usage: python bench/bulk_replay.py [--n 100000] [--rounds 2] [--batch-size 500]
-           [--memory-n 10000] [--celery] [--profile FILE] [--verbose]
-The default run takes 8 to 10 minutes on a 2-core VM (--celery adds about 2 per round).
+Usage: python bench/bulk_replay.py [--n 100000] [--rounds 5] [--batch-size 500]
+           [--memory-n 0] [--celery] [--profile FILE] [--verbose]
+The default run takes about 20 minutes on a 2-core VM (--celery adds about 2 per round).
+bench/run.py calls figures(mode) with the sizes of bench/plan.py.
 Environment: BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/celery_recovery_bench),
 BENCH_BROKER_URL (default redis://127.0.0.1:6379/13; the database is flushed every round).
 """
@@ -44,11 +46,12 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -62,10 +65,16 @@ os.environ["DJANGO_DEBUG"] = "0"  # DEBUG would keep every SQL statement in memo
 os.environ.setdefault("DJANGO_SECRET_KEY", "bench-only-key-" + "x" * 50)  # DEBUG is off
 os.environ.setdefault("RECOVERY_LOG_LEVEL", "WARNING")
 
+# The harness's pure modules: no Django, so they may come before django.setup().
+from bench.plan import sizes  # noqa: E402
+from bench.report import figures_table  # noqa: E402
+from bench.rounds import Figure, interleave, ratio_figure, ratio_spread, summarise  # noqa: E402
+
 TASK = "bench.fail_recovery"
 QUEUE = "bench"
 ORIGIN = "gen4242@bench-producer"
-TARGET = 0.5
+TARGET = 1.0
+RSS_TARGET = 1.1  # RSS at N over RSS at N/10: flat
 SIDES = {
     "baseline": "kombu publish, pre-built",
     "celery": "celery send_task loop",
@@ -165,19 +174,15 @@ def side_baseline(app, options) -> dict:
 
     messages = []
     for task_id, name, args, kwargs, extra, replay_count in parked_rows():
+        # A replay takes only an allow-list from the letter (recovery.operations.replay_options):
+        # its origin and reply_to are the publishing process's own, as with app.send_task;
+        # so are the baseline's (compare_messages leaves both out).
         headers, properties, body, _ = app.amqp.as_task_v2(
-            task_id, name, tuple(args), kwargs, root_id=extra.get("root_id"),
-            parent_id=extra.get("parent_id"), origin=extra.get("origin"),
-            reply_to=extra.get("reply_to"),
-            replaced_task_nesting=extra.get("replaced_task_nesting", 0),
-        )
+            task_id, name, tuple(args), kwargs, reply_to=app.thread_oid)
         headers[hdr.REPLAY] = replay_count + 1
         messages.append((body, dict(
             exchange="", routing_key=QUEUE, serializer="json", delivery_mode=2,
             headers=headers, priority=extra.get("priority"), **properties,
-            # Celery copies execution options it does not know (here: origin) into the
-            # message properties too; so does this, so both sides send identical messages.
-            **({"origin": extra["origin"]} if "origin" in extra else {}),
         )))
     queue = app.amqp.queues[QUEUE]
     with app.connection_for_write() as connection:
@@ -282,7 +287,7 @@ def child(options) -> None:
 
 # -- the parent: seeding, checks, rounds, report -------------------------------------------
 
-def run_child(side: str, options, n: int, profile: str | None = None) -> dict:
+def run_child(side: str, options: Any, n: int, profile: str | None = None) -> dict:
     seed(n)
     redis_client().flushdb()
     command = [sys.executable, __file__, "--child", side, "--n", str(n),
@@ -292,7 +297,7 @@ def run_child(side: str, options, n: int, profile: str | None = None) -> dict:
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
-        raise SystemExit(f"{side} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+        raise RuntimeError(f"{side} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     outcome = json.loads(lines[-1][len("RESULT "):])
     check(side, n)
     return outcome
@@ -313,29 +318,102 @@ def check(side: str, n: int) -> None:
                              f"expected {n} of each")
 
 
-def compare_messages(options) -> None:
+def compare_messages(options: Any) -> None:
     """Letter 1 published by the replay and by the baseline: the same message."""
     run_child("replay", options, 1)
     replayed = oldest_message()
     run_child("baseline", options, 1)
     raw = oldest_message()
+    # Each side's own: the broker's delivery fields, and the origin ("gen<pid>@host") and
+    # reply_to (the app's oid), which name the process that published (both sides run in
+    # a child of their own).
+    own = {"headers": ("origin",),
+           "properties": ("delivery_tag", "delivery_info", "origin", "reply_to")}
     for part in ("headers", "properties", "body", "content-type", "content-encoding"):
         a, b = replayed.get(part), raw.get(part)
-        if part == "properties":
-            a = {k: v for k, v in a.items() if k not in ("delivery_tag", "delivery_info")}
-            b = {k: v for k, v in b.items() if k not in ("delivery_tag", "delivery_info")}
+        if part in own:
+            a = {k: v for k, v in a.items() if k not in own[part]}
+            b = {k: v for k, v in b.items() if k not in own[part]}
         if a != b:
             raise SystemExit(f"the baseline does not send the replay's message: {part} differ:\n"
                              f"  replay   {a}\n  baseline {b}")
 
 
+def prepare() -> None:
+    """The benchmark's database exists and is migrated; Django is set up."""
+    ensure_database()
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+
+
+def run(options: Any, verbose: bool = False) -> list[Figure]:
+    """Interleaved rounds of the sides; the throughput ratio(s) and the RSS figure.
+
+    ``options`` carries n, rounds, batch_size, and optionally celery and profile.
+    """
+    prepare()
+    n = options.n
+    compare_messages(options)
+    sides = [side for side in SIDES if side != "celery" or getattr(options, "celery", False)]
+    profiled: list[bool] = []
+
+    def measure(side: str) -> Callable[[], dict]:
+        def once() -> dict:
+            profile = getattr(options, "profile", None) if side == "replay" and not profiled else None
+            if profile:
+                profiled.append(True)
+            outcome = run_child(side, options, n, profile)
+            if verbose:
+                print(f"  {side}: {outcome['letters'] / outcome['seconds']:,.0f} letters/s", flush=True)
+            return outcome
+
+        return once
+
+    rounds = interleave([measure(side) for side in sides], options.rounds)
+    redis_client().flushdb()
+    at = {side: i for i, side in enumerate(sides)}
+
+    def rate(outcome: dict) -> float:
+        return outcome["letters"] / outcome["seconds"]
+
+    def rates(side: str) -> str:
+        return ", ".join(f"{rate(r[at[side]]):,.0f}" for r in rounds)
+
+    replay, baseline = at["replay"], at["baseline"]
+    figures = [ratio_figure(
+        "bulk replay / raw kombu publish", ratio_spread(rounds, lambda *r: rate(r[replay]) / rate(r[baseline])),
+        ">=", TARGET, f"N={n:,}, {options.rounds} rounds; letters/s replay {rates('replay')}; "
+                      f"kombu publish {rates('baseline')}")]
+    if "celery" in at:
+        figures.append(ratio_figure(
+            "bulk replay / celery send_task loop",
+            ratio_spread(rounds, lambda *r: rate(r[replay]) / rate(r[at["celery"]])), ">=", TARGET,
+            f"letters/s celery send_task {rates('celery')}"))
+    memory = [r[replay]["memory"] for r in rounds]
+    figures.append(ratio_figure(
+        "bulk replay peak RSS at N / at N/10", summarise([m["end"] / m["tenth"] for m in memory]),
+        "<=", RSS_TARGET, f"N={n:,}; peak RSS MiB at N/10 -> N per round: "
+                          + ", ".join(f"{m['tenth']:.1f} -> {m['end']:.1f}" for m in memory)))
+    return figures
+
+
+def figures(mode: str) -> list[Figure]:
+    """The harness's entry point (bench/run.py): the figures at the sizes of ``mode``."""
+    return run(SimpleNamespace(**sizes("bulk_replay", mode)))
+
+
 def main() -> None:
+    full = sizes("bulk_replay", "full")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=100_000, help="letters per side and round")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--memory-n", type=int, default=10_000,
-                        help="letters in the tracemalloc run (0: skip it)")
+    parser.add_argument("--n", type=int, default=full["n"], help="letters per side and round")
+    parser.add_argument("--rounds", type=int, default=full["rounds"])
+    parser.add_argument("--batch-size", type=int, default=full["batch_size"])
+    parser.add_argument("--memory-n", type=int, default=0,
+                        help="letters in an extra tracemalloc run (0: skip it)")
     parser.add_argument("--profile", metavar="FILE",
                         help="cProfile the first replay round into FILE (slows that round)")
     parser.add_argument("--celery", action="store_true",
@@ -347,55 +425,16 @@ def main() -> None:
     if options.child:
         child(options)
         return
-    n = options.n
-
-    ensure_database()
-    import django
-
-    django.setup()
-    from django.core.management import call_command
-
-    call_command("migrate", verbosity=0)
-    print(f"N={n} parked letters per side and round, {options.rounds} round(s), batch size "
-          f"{options.batch_size}, broker {BROKER_URL}, database {DB_URL.rsplit('@', 1)[-1]}")
-    compare_messages(options)
-    print("check: the baseline publishes the same message as the replay (headers, properties, body)")
-
-    sides = [side for side in SIDES if side != "celery" or options.celery]
-    runs: dict[str, list[dict]] = {side: [] for side in sides}
-    for round_number in range(options.rounds):
-        for side in sides if round_number % 2 == 0 else sides[::-1]:
-            profile = options.profile if side == "replay" and not runs["replay"] else None
-            outcome = run_child(side, options, n, profile)
-            runs[side].append(outcome)
-            if options.verbose:
-                print(f"  round {round_number + 1} {side}: "
-                      f"{outcome['letters'] / outcome['seconds']:,.0f} letters/s", flush=True)
-    redis_client().flushdb()
-
-    rate = {side: statistics.median(r["letters"] / r["seconds"] for r in runs[side]) for side in sides}
-    print(f"{'side':<42} {'letters/s':>10} {'s for N':>8}   runs (letters/s)")
-    for side in sides:
-        print(f"{SIDES[side]:<42} {rate[side]:>10,.0f} {n / rate[side]:>8.1f}   "
-              + ", ".join(f"{r['letters'] / r['seconds']:,.0f}" for r in runs[side]))
-    if options.celery:
-        print(f"ratio bulk replay / celery send_task loop = {rate['replay'] / rate['celery']:.3f} "
-              f"(for scale: celery send_task loop / pre-built publish = "
-              f"{rate['celery'] / rate['baseline']:.3f})")
-    for r in runs["replay"]:
-        m = r["memory"]
-        print(f"replay memory (child process): peak RSS {m['first_batch']:.1f} MiB after the first "
-              f"batch, {m['tenth']:.1f} MiB at N/10, {m['end']:.1f} MiB at N={n}; "
-              f"RSS before bulk() {m['before']:.1f} MiB -> peak growth {m['end'] - m['before']:.1f} MiB")
+    print(f"N={options.n} parked letters per side and round, {options.rounds} round(s), batch size "
+          f"{options.batch_size}, broker {BROKER_URL}, database {DB_URL.rsplit('@', 1)[-1]}", flush=True)
+    results = run(options, verbose=options.verbose)
     if options.memory_n:
         m = run_child("memory", options, options.memory_n)
         redis_client().flushdb()
         print(f"replay tracemalloc ({m['letters']} letters, {m['batches']} batches of "
               f"{options.batch_size}): Python heap peak per batch {m['first']:.2f} MiB in the first "
               f"tenth, {m['last']:.2f} MiB in the last tenth, {m['peak']:.2f} MiB overall")
-    ratio = rate["replay"] / rate["baseline"]
-    verdict = "PASS" if ratio >= TARGET else "MISS"
-    print(f"{verdict}: bulk replay / raw kombu publish = {ratio:.3f} (target >= {TARGET})", flush=True)
+    print(figures_table(results))
 
 
 if __name__ == "__main__":

@@ -11,10 +11,14 @@ Scenarios (N tasks each, pre-queued, then one worker drains them):
              a dead letter with its FAILURE result
 Throughput is (N - 1) / (last date_done - first date_done) from the result backend, so
 worker start-up is not counted. Worker CPU per task is the CPU time of the worker and its
-pool children (wait4 rusage) minus an idle worker's start-up CPU, divided by N. Sides alternate (and swap who goes first) for ROUNDS
-rounds; the median round of each side counts.
+pool children, read from /proc the moment the last task is done (bench/proc_cpu.py), minus an
+idle worker's start-up CPU, divided by N. Each round runs both sides back to back, the next
+round swaps who goes first (bench/rounds.py); a figure is the median of the per-round ratios,
+with their min–max as its spread. Wall clock and CPU are both reported for every scenario.
+Targets (recovery / baseline): success >= 0.97 (wall and CPU), retry >= 1.5, park >= 1.5.
 
-Usage: python bench/throughput.py [--n 2000] [--rounds 2] [--concurrency 2]
+Usage: python bench/throughput.py [--n 2000] [--rounds 5] [--concurrency 2] [--only SCENARIO]
+bench/run.py calls figures(mode) with the sizes of bench/plan.py.
 Environment: BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/celery_recovery_bench),
 BENCH_BROKER_URL (default redis://127.0.0.1:6379/12).
 """
@@ -24,11 +28,11 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,12 +45,19 @@ os.environ["DJANGO_SETTINGS_MODULE"] = "config.settings"
 os.environ.setdefault("DJANGO_SECRET_KEY", "bench-only-key-" + "x" * 50)  # DEBUG is off
 os.environ.setdefault("RECOVERY_LOG_LEVEL", "WARNING")
 
+# The harness's pure modules: no Django, so they may come before django.setup().
+from bench.plan import sizes  # noqa: E402
+from bench.proc_cpu import tree_cpu_seconds  # noqa: E402
+from bench.report import figures_table  # noqa: E402
+from bench.rounds import Figure, interleave, ratio_figure, ratio_spread  # noqa: E402
+
 SCENARIOS = {
     "success": ("bench.noop_plain", "bench.noop_recovery"),
     "retry": ("bench.retry_plain", "bench.retry_recovery"),
     "park": ("bench.fail_plain", "bench.fail_recovery"),
 }
-TARGETS = {"success": 0.97, "retry": 1.0, "park": 1.0}
+TARGETS = {"success": 0.97, "retry": 1.5, "park": 1.5}
+BASELINES = {"success": "plain", "retry": "autoretry_for", "park": "django-celery-results"}
 
 
 def empty_broker(url: str, queues: tuple[str, ...]) -> None:
@@ -61,12 +72,14 @@ def ensure_database() -> None:
     create_if_missing(DB_URL)
 
 
-def _stop_and_cpu(worker: subprocess.Popen) -> float:
-    """SIGTERM the worker; return the CPU seconds of it and its pool children."""
+def _stop(worker: subprocess.Popen) -> None:
+    """SIGTERM the worker's process group and reap it."""
     os.killpg(worker.pid, signal.SIGTERM)
-    _, _, usage = os.wait4(worker.pid, 0)
-    worker.returncode = 0
-    return usage.ru_utime + usage.ru_stime
+    try:
+        worker.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
 
 
 def _start_worker(with_recovery: bool, concurrency: int) -> subprocess.Popen:
@@ -83,8 +96,11 @@ def _start_worker(with_recovery: bool, concurrency: int) -> subprocess.Popen:
 def idle_cpu(concurrency: int, with_recovery: bool, seconds: float = 6.0) -> float:
     """CPU a worker spends starting and idling, subtracted from each measured run."""
     worker = _start_worker(with_recovery, concurrency)
-    time.sleep(seconds)
-    return _stop_and_cpu(worker)
+    try:
+        time.sleep(seconds)
+        return tree_cpu_seconds(worker.pid)
+    finally:
+        _stop(worker)
 
 
 def run_side(task_name: str, n: int, concurrency: int, with_recovery: bool) -> tuple[float, float]:
@@ -103,7 +119,6 @@ def run_side(task_name: str, n: int, concurrency: int, with_recovery: bool) -> t
             app.send_task(task_name, args=(i,), producer=producer)
     connection.close()
     worker = _start_worker(with_recovery, concurrency)
-    cpu = None
     try:
         deadline = time.monotonic() + 600
         while True:
@@ -111,32 +126,24 @@ def run_side(task_name: str, n: int, concurrency: int, with_recovery: bool) -> t
             if done >= n:
                 break
             if time.monotonic() > deadline or worker.poll() is not None:
-                raise SystemExit(f"{task_name}: only {done}/{n} finished")
-            time.sleep(0.5)
-        cpu = _stop_and_cpu(worker)
+                raise RuntimeError(f"{task_name}: only {done}/{n} finished")
+            time.sleep(0.2)
+        cpu = tree_cpu_seconds(worker.pid)  # before SIGTERM: shutdown is not the tasks' cost
     finally:
-        if cpu is None:
-            os.killpg(worker.pid, signal.SIGKILL)
+        _stop(worker)
     stamps = TaskResult.objects.filter(task_name=task_name).order_by("date_done").values_list("date_done", flat=True)
     first, last = stamps.first(), stamps.last()
     if first is None or last is None or first == last:
-        raise SystemExit(f"{task_name}: no completion times recorded (first={first}, last={last})")
+        raise RuntimeError(f"{task_name}: no completion times recorded (first={first}, last={last})")
     if with_recovery and task_name == "bench.fail_recovery":
         parked = DeadLetter.objects.count()
         if parked != n:
-            raise SystemExit(f"expected {n} dead letters, found {parked}")
+            raise RuntimeError(f"expected {n} dead letters, found {parked}")
     return (n - 1) / max(1e-9, (last - first).total_seconds()), cpu
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--verbose", action="store_true", help="print every run")
-    parser.add_argument("--only", choices=sorted(SCENARIOS), action="append")
-    options = parser.parse_args()
-
+def prepare() -> None:
+    """The benchmark's database exists and is migrated; Django is set up."""
     ensure_database()
     import django
 
@@ -145,37 +152,73 @@ def main() -> None:
 
     call_command("migrate", verbosity=0)
 
+
+def scenario_figures(scenario: str, rounds: list[tuple[tuple[float, float], ...]], n: int) -> list[Figure]:
+    """Wall-clock and CPU figures of one scenario from its rounds of (plain, recovery) sides,
+    each side a (tasks/s, CPU ms per task) pair."""
+    def per_side(side: int, index: int, fmt: str) -> str:
+        return ", ".join(format(values[side][index], fmt) for values in rounds)
+
+    baseline, target = BASELINES[scenario], TARGETS[scenario]
+    wall = ratio_spread(rounds, lambda plain, recov: recov[0] / plain[0])
+    cpu = ratio_spread(rounds, lambda plain, recov: plain[1] / recov[1])
+    return [
+        ratio_figure(f"{scenario} wall clock (recovery/{baseline})", wall, ">=", target,
+                     f"N={n}, {len(rounds)} rounds; tasks/s plain {per_side(0, 0, '.0f')}; "
+                     f"recovery {per_side(1, 0, '.0f')}"),
+        ratio_figure(f"{scenario} worker CPU ({baseline}/recovery per task)", cpu, ">=", target,
+                     f"CPU ms/task plain {per_side(0, 1, '.3f')}; recovery {per_side(1, 1, '.3f')}"),
+    ]
+
+
+def run(n: int, rounds: int, concurrency: int, idle_seconds: float,
+        scenarios: tuple[str, ...], verbose: bool = False) -> list[Figure]:
+    """Measure ``scenarios`` in interleaved rounds; two figures (wall, CPU) per scenario."""
+    prepare()
+    idle = {side: idle_cpu(concurrency, side, idle_seconds) for side in (False, True)}
+    if verbose:
+        print(f"idle worker CPU (start-up, subtracted): baseline {idle[False]:.2f}s, "
+              f"recovery {idle[True]:.2f}s", flush=True)
+
+    def side(scenario: str, with_recovery: bool) -> Callable[[], tuple[float, float]]:
+        name = SCENARIOS[scenario][int(with_recovery)]
+
+        def measure() -> tuple[float, float]:
+            rate, cpu = run_side(name, n, concurrency, with_recovery)
+            cpu_ms = max(1e-6, cpu - idle[with_recovery]) / n * 1000
+            if verbose:
+                print(f"  {name}: {rate:.0f} t/s, {cpu_ms:.3f} ms CPU/task", flush=True)
+            return rate, cpu_ms
+
+        return measure
+
+    figures = []
+    for scenario in scenarios:
+        results = interleave([side(scenario, False), side(scenario, True)], rounds)
+        figures += scenario_figures(scenario, results, n)
+    return figures
+
+
+def figures(mode: str) -> list[Figure]:
+    """The harness's entry point (bench/run.py): the figures at the sizes of ``mode``."""
+    return run(**sizes("throughput", mode))
+
+
+def main() -> None:
+    full = sizes("throughput", "full")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=full["n"])
+    parser.add_argument("--rounds", type=int, default=full["rounds"])
+    parser.add_argument("--concurrency", type=int, default=full["concurrency"])
+    parser.add_argument("--idle-seconds", type=float, default=full["idle_seconds"])
+    parser.add_argument("--verbose", action="store_true", help="print every run")
+    parser.add_argument("--only", choices=sorted(SCENARIOS), action="append")
+    options = parser.parse_args()
     print(f"N={options.n} tasks per side, {options.rounds} round(s), prefork -c {options.concurrency}, "
-          f"broker {BROKER_URL}, database {DB_URL.rsplit('@', 1)[-1]}")
-    idle = {side: idle_cpu(options.concurrency, side) for side in (False, True)}
-    print(f"idle worker CPU (start-up, subtracted): baseline {idle[False]:.2f}s, "
-          f"recovery {idle[True]:.2f}s")
-    print("Wall-clock throughput is noisy on a shared 2-core machine (see --verbose); worker CPU")
-    print("per task is the steadier measure of what recovery adds. Ratios: >1 means recovery is faster.")
-    print(f"{'scenario':<9} {'base t/s':>9} {'recov t/s':>9} {'ratio':>6} | "
-          f"{'base ms CPU':>11} {'recov ms CPU':>12} {'ratio':>6} | {'target':>6}")
-    for scenario in options.only or SCENARIOS:
-        plain_name, recovery_name = SCENARIOS[scenario]
-        runs = {False: [], True: []}
-        for round_number in range(options.rounds):
-            order = (False, True) if round_number % 2 == 0 else (True, False)
-            for with_recovery in order:
-                name = recovery_name if with_recovery else plain_name
-                rate, cpu = run_side(name, options.n, options.concurrency, with_recovery)
-                cpu_ms = max(1e-6, cpu - idle[with_recovery]) / options.n * 1000
-                runs[with_recovery].append((rate, cpu_ms))
-        rate = {side: statistics.median(r for r, _ in runs[side]) for side in runs}
-        cpu_ms = {side: statistics.median(c for _, c in runs[side]) for side in runs}
-        rate_ratio = rate[True] / rate[False]
-        cpu_ratio = cpu_ms[False] / cpu_ms[True]
-        if options.verbose:
-            for side, label in ((False, "baseline"), (True, "recovery")):
-                print(f"  {scenario} {label}: " + ", ".join(f"{r:.0f} t/s {c:.2f} ms" for r, c in runs[side]))
-        verdict = "ok" if min(rate_ratio, cpu_ratio) >= TARGETS[scenario] else (
-            "ok (CPU)" if cpu_ratio >= TARGETS[scenario] else "BELOW")
-        print(f"{scenario:<9} {rate[False]:>9.1f} {rate[True]:>9.1f} {rate_ratio:>6.3f} | "
-              f"{cpu_ms[False]:>11.3f} {cpu_ms[True]:>12.3f} {cpu_ratio:>6.3f} | "
-              f"{TARGETS[scenario]:>5.2f} {verdict}", flush=True)
+          f"broker {BROKER_URL}, database {DB_URL.rsplit('@', 1)[-1]}", flush=True)
+    results = run(options.n, options.rounds, options.concurrency, options.idle_seconds,
+                  tuple(options.only or SCENARIOS), verbose=options.verbose)
+    print(figures_table(results))
 
 
 if __name__ == "__main__":

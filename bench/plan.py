@@ -1,0 +1,36 @@
+"""How big each benchmark runs in each mode, in one place so the modes can be compared.
+
+``full`` is what the targets are judged on; ``quick`` stays under three minutes for CI and a
+developer's check; ``smoke`` only proves the harness runs end to end (a few seconds a module),
+its figures mean nothing. Modules written elsewhere (changelist, metrics_scrape,
+escalation_storm) size themselves from the mode they are given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MODES = ("full", "quick", "smoke")
+
+PLAN: dict[str, dict[str, dict[str, Any]]] = {
+    "throughput": {
+        "full": {"n": 2000, "rounds": 5, "concurrency": 2, "idle_seconds": 6.0,
+                 "scenarios": ("success", "retry", "park")},
+        "quick": {"n": 200, "rounds": 3, "concurrency": 2, "idle_seconds": 3.0,
+                  "scenarios": ("success", "retry", "park")},
+        "smoke": {"n": 20, "rounds": 2, "concurrency": 1, "idle_seconds": 1.0,
+                  "scenarios": ("success",)},
+    },
+    "bulk_replay": {
+        "full": {"n": 100_000, "rounds": 5, "batch_size": 500},
+        "quick": {"n": 5_000, "rounds": 3, "batch_size": 500},
+        "smoke": {"n": 200, "rounds": 2, "batch_size": 50},
+    },
+}
+
+
+def sizes(module: str, mode: str) -> dict[str, Any]:
+    """The sizes of ``module`` in ``mode``; a mode that does not exist is an error, not a default."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    return dict(PLAN[module][mode])
