@@ -165,9 +165,10 @@ def _signature_for(letter: DeadLetter, app: Any, queue: str | None) -> tuple[Any
 
 
 def require_replayable(letter: DeadLetter, app: Any = None, queue: str | None = None,
-                       edited: bool = False) -> None:
+                       edited: bool = False) -> tuple[Any, dict]:
     """Refuse, before anything changes, a replay that could only fail or run the task
     with arguments it was never sent. Forms call it to say so before a payload check.
+    Returns the replay's signature and headers, as it would publish them now.
 
     Raises:
         ReplayError: the body could not be decoded, or the payload holds masked values (and
@@ -182,7 +183,7 @@ def require_replayable(letter: DeadLetter, app: Any = None, queue: str | None = 
             f"unknown; replay it with an edited payload, or discard it")
     if not edited:
         _refuse_masked(letter, *_published_payload(letter))
-    _signature_for(letter, app, queue)
+    return _signature_for(letter, app, queue)
 
 
 def _prepare_replay(letter: DeadLetter, *, actor: str, app: Any, queue: str | None = None,
@@ -225,7 +226,8 @@ def _publish_replay(letter: DeadLetter, *, actor: str, app: Any, queue: str | No
     try:
         # Inside the try: whatever fails here must put the letter back to parked.
         _refuse_masked(letter, *_published_payload(letter))
-        signature, carried = _signature_for(letter, app, queue)
+        signature, carried = (letter.__dict__.pop("_replay_signature", None)
+                              or _signature_for(letter, app, queue))
         signature.apply_async(task_id=letter.task_id,
                               headers={**carried, hdr.REPLAY: letter.replay_count},
                               **publish_options)
@@ -396,6 +398,9 @@ def bulk(operation: str, queryset: QuerySet, *, actor: str, batch_size: int = 50
         pending = deque(prepared)
         events: list[DeadLetterEvent] = []
         try:
+            if operation == "replay" and not rate:
+                _publish_replays_batched(pending, result, events, actor=actor, app=app,
+                                         queue=queue, note=note)
             while pending:
                 # One producer (one broker connection) for the batch; a fresh one after a
                 # failed publish, in case that connection is what failed.
@@ -435,6 +440,73 @@ def bulk(operation: str, queryset: QuerySet, *, actor: str, batch_size: int = 50
     return result
 
 
+#: Redis commands a batch may buffer before kombu flushes it on its own: more than any
+#: batch needs (a message is one LPUSH, a fanout one PUBLISH), so the only flush is ours.
+_BUFFER_PER_LETTER = 4
+
+
+def _publish_replays_batched(pending: deque, result: BulkResult,
+                             events: list[DeadLetterEvent], *, actor: str, app: Any,
+                             queue: str | None, note: str) -> None:
+    """Publish a replay batch as one round trip where the transport can (kombu's Redis
+    publish batch: one non-transactional pipeline); elsewhere kombu publishes each message
+    at once, as before. Takes what it published off ``pending``.
+
+    A letter that cannot be published (a masked payload, an unknown queue) is parked
+    again by ``_publish_replay`` and counted, the rest go on. If the flush itself fails,
+    the broker may hold some of the batch's messages and not others, and nothing tells
+    which: those letters stay ``replaying`` with an event saying so. A run that succeeds
+    resolves its letter; one that never runs is parked again by the watchdog
+    (``REPLAYING_AFTER_SECONDS``, a ``replay_lost`` event), whose late-success rule then
+    still resolves it if the message was only slow. Nothing is replayed twice by us, and
+    nothing is called published that was not.
+    """
+    buffered: list[DeadLetter] = []
+    buffered_events: list[DeadLetterEvent] = []
+    flushing = False
+    with app.producer_or_acquire() as producer:
+        try:
+            with producer.batch(max_size=_BUFFER_PER_LETTER * len(pending) + 8):
+                while pending:
+                    letter = pending[0]
+                    try:
+                        _publish_replay(letter, actor=actor, app=app, queue=queue, note=note,
+                                        producer=producer, events=buffered_events)
+                    except ReplayError as exc:
+                        result.failed += 1
+                        result.errors.append(f"letter {letter.pk}: {exc}")
+                        pending.popleft()
+                        continue
+                    buffered.append(pending.popleft())
+                flushing = True  # leaving the block sends the buffer
+        except BaseException as exc:
+            if not flushing:
+                # Interrupted while buffering: kombu discarded the buffer, nothing was sent;
+                # the caller puts these back to parked with the rest.
+                pending.extendleft(reversed(buffered))
+                raise
+            events.extend(_uncertain(buffered, actor=actor, note=note, error=exc))
+            result.failed += len(buffered)
+            result.errors.extend(f"letter {letter.pk}: publish uncertain ({exc})"
+                                 for letter in buffered)
+            return
+    result.done += len(buffered)
+    events.extend(buffered_events)
+
+
+def _uncertain(letters: list[DeadLetter], *, actor: str, note: str,
+               error: BaseException) -> list[DeadLetterEvent]:
+    """The audit events of letters whose messages the broker may or may not hold."""
+    logger.error("recovery: the broker failed while taking a batch of %d replays (%s); they "
+                 "stay replaying: those that run resolve themselves, the watchdog parks the "
+                 "others again after REPLAYING_AFTER_SECONDS", len(letters), error)
+    return [DeadLetterEvent(
+        letter_id=letter.pk, action=DeadLetterEvent.Action.REPLAYED, actor=actor, note=note,
+        outcome=f"replay {letter.replay_count} publish uncertain: the broker failed taking "
+                f"its batch ({error}); if it never runs, the watchdog parks it again"[:255],
+    ) for letter in letters]
+
+
 def _prepare_replays(batch: list[DeadLetter], result: BulkResult, *, app: Any,
                      queue: str | None,
                      known_tasks: dict[str, ReplayError | None]) -> list[DeadLetter]:
@@ -453,7 +525,8 @@ def _prepare_replays(batch: list[DeadLetter], result: BulkResult, *, app: Any,
                     known_tasks[letter.task_name] = exc
             if known_tasks[letter.task_name] is not None:
                 raise known_tasks[letter.task_name]
-            require_replayable(letter, app, queue)
+            # Built once: the publish after the commit takes it instead of building again.
+            letter.__dict__["_replay_signature"] = require_replayable(letter, app, queue)
         except ReplayError as exc:
             result.failed += 1
             result.errors.append(f"letter {letter.pk}: {exc}")

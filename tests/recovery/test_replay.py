@@ -142,9 +142,7 @@ def test_bulk_replay_counts_unregistered_tasks_as_failures_and_replays_the_rest(
     assert DeadLetter.objects.get(task_id="task-2").status == DeadLetter.Status.PARKED
 
 
-def test_an_interrupted_bulk_replay_puts_unpublished_letters_back_to_parked(broker, monkeypatch):
-    for n in range(1, 6):
-        make_letter(n)
+def _interrupt_the_third_publish(monkeypatch):
     real_publish = service._publish_replay
     calls = []
 
@@ -155,15 +153,68 @@ def test_an_interrupted_bulk_replay_puts_unpublished_letters_back_to_parked(brok
         return real_publish(letter, **kwargs)
 
     monkeypatch.setattr(service, "_publish_replay", publish_then_interrupt)
+    return real_publish
+
+
+def test_an_interrupted_bulk_replay_sends_nothing_of_the_batch_it_was_buffering(broker,
+                                                                                monkeypatch):
+    # Given five letters replayed in one batch, buffered for one round trip to Redis
+    for n in range(1, 6):
+        make_letter(n)
+    real_publish = _interrupt_the_third_publish(monkeypatch)
+    # When the operator interrupts while the batch is being buffered
     with pytest.raises(KeyboardInterrupt):
         service.bulk("replay", DeadLetter.objects.all(), actor="bob", batch_size=10)
+    # Then none of it was sent, and every letter is parked as before
+    assert len(published(broker)) == 0
+    assert DeadLetter.objects.filter(status="parked", replay_count=0).count() == 5
+    assert not DeadLetterEvent.objects.filter(action="replayed").exists()
+    # Running it again finishes the job.
+    monkeypatch.setattr(service, "_publish_replay", real_publish)
+    assert service.bulk("replay", DeadLetter.objects.all(), actor="bob").done == 5
+    assert len(published(broker)) == 5
+
+
+def test_an_interrupted_throttled_replay_puts_unpublished_letters_back_to_parked(broker,
+                                                                                monkeypatch):
+    # A throttled replay publishes letter by letter: what went out stays replaying.
+    for n in range(1, 6):
+        make_letter(n)
+    real_publish = _interrupt_the_third_publish(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        service.bulk("replay", DeadLetter.objects.all(), actor="bob", batch_size=10,
+                     rate=1000)
     assert len(published(broker)) == 2
     assert DeadLetter.objects.filter(status="replaying", replay_count=1).count() == 2
     assert DeadLetter.objects.filter(status="parked", replay_count=0).count() == 3
-    # Running it again finishes the job.
     monkeypatch.setattr(service, "_publish_replay", real_publish)
     assert service.bulk("replay", DeadLetter.objects.all(), actor="bob").done == 3
     assert len(published(broker)) == 5
+
+
+def test_a_batch_the_broker_fails_to_take_stays_replaying_with_an_uncertain_event(
+        broker, monkeypatch):
+    # Given three letters replayed in one batch
+    for n in range(1, 4):
+        make_letter(n)
+    # When Redis fails while the batch's pipeline is sent (some messages may be in)
+    from kombu.transport.redis import PublishBatch
+
+    def fail(self):
+        raise ConnectionError("Redis went away mid-pipeline")
+
+    monkeypatch.setattr(PublishBatch, "flush", fail)
+    result = service.bulk("replay", DeadLetter.objects.all(), actor="bob", batch_size=10)
+    # Then nothing is called published nor parked again: they stay replaying (a run
+    # resolves its letter, the watchdog parks the rest), and each says so in its history
+    assert (result.done, result.failed) == (0, 3)
+    assert all("publish uncertain" in error for error in result.errors)
+    assert DeadLetter.objects.filter(status="replaying", replay_count=1).count() == 3
+    outcomes = list(DeadLetterEvent.objects.filter(action="replayed")
+                    .values_list("outcome", flat=True))
+    assert len(outcomes) == 3
+    assert all("publish uncertain" in outcome and "Redis went away" in outcome
+               for outcome in outcomes)
 
 
 # -- letters imported from a masked export ----------------------------------------------------
