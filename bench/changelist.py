@@ -392,5 +392,79 @@ def main() -> None:
                  f"{len(before)} pages over)" if before else ""))
 
 
+# -- the harness's figures (bench/run.py) -------------------------------------------------
+
+WRITER_PREFIX = "writer-"
+
+
+@contextmanager
+def parking_writer(rate: float):
+    """``bench/park_writer.py`` parking ``rate`` letters/s into this database meanwhile;
+    yields a dict that holds the writer's own report once it has stopped."""
+    import signal
+    import subprocess
+
+    report: dict[str, str] = {}
+    writer = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("park_writer.py")), str(rate)],
+        env={**os.environ, "DATABASE_URL": DB_URL}, stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2.0)  # Django set up and the first letters in before the first request
+        if writer.poll() is not None:
+            raise SystemExit(f"the parking writer exited at once (status {writer.returncode})")
+        yield report
+    finally:
+        writer.send_signal(signal.SIGTERM)
+        out, _ = writer.communicate(timeout=30)
+        report["line"] = out.strip().splitlines()[-1] if out.strip() else "writer: no report"
+
+
+def forget_writer_letters() -> None:
+    """Delete what the writer parked, so the next run finds exactly N seeded rows again."""
+    from recovery.models import DeadLetter
+
+    DeadLetter.objects.filter(task_id__startswith=WRITER_PREFIX).delete()
+
+
+def figures(mode: str) -> list:
+    """The change list's p95 per page at N letters while a writer parks letters."""
+    ensure_database()
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+    from django.test import Client
+
+    from bench.plan import sizes
+    from bench.rounds import Figure
+    from recovery.models import DeadLetter
+
+    plan = sizes("changelist", mode)
+    call_command("migrate", verbosity=0)
+    forget_writer_letters()
+    if DeadLetter.objects.count() != plan["n"]:
+        print(f"seeding {plan['n']:,} letters into {DB_URL.rsplit('@', 1)[-1]}", flush=True)
+        seed(plan["n"])
+    else:
+        vacuum()
+    client = Client()
+    client.force_login(superuser())
+    sample = sample_values()
+    print(f"change list at {plan['n']:,} letters, {plan['repeat']} timed requests per page, "
+          f"a writer parking {plan['writer_rate']:.0f} letters/s ", end="", flush=True)
+    try:
+        with parking_writer(plan["writer_rate"]) as writer:
+            results = {name: measure(client, query, plan["repeat"], warmups=2)
+                       for name, query in pages(sample).items()}
+    finally:
+        forget_writer_letters()
+    print(writer["line"], flush=True)
+    return [Figure(name=f"change list p95: {name}", value=nearest_rank(times, 0.95), unit="ms",
+                   target_op="<", target=TARGET_MS, spread=(min(times), max(times)),
+                   detail=f"N={plan['n']:,}, {len(times)} requests, median "
+                          f"{statistics.median(times):.1f} ms; {writer['line']}")
+            for name, times in results.items()]
+
+
 if __name__ == "__main__":
     main()

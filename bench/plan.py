@@ -26,6 +26,11 @@ PLAN: dict[str, dict[str, dict[str, Any]]] = {
         "quick": {"n": 5_000, "rounds": 3, "batch_size": 500},
         "smoke": {"n": 200, "rounds": 2, "batch_size": 50},
     },
+    "changelist": {
+        "full": {"n": 1_000_000, "repeat": 20, "writer_rate": 50.0},
+        "quick": {"n": 100_000, "repeat": 10, "writer_rate": 50.0},
+        "smoke": {"n": 2_000, "repeat": 3, "writer_rate": 50.0},
+    },
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -236,3 +237,29 @@ def test_smoke_run_of_bulk_replay_writes_its_rows_to_results_json(tmp_path: Path
     assert data["mode"] == "smoke" and data["machine"]["cpu_count"] >= 1
     assert {m["name"]: m["status"] for m in data["modules"]}["bulk_replay"] == "ok"
     assert "bulk replay / raw kombu publish" in done.stdout
+
+
+def test_smoke_run_of_the_admin_metrics_and_storm_figures(tmp_path: Path) -> None:
+    # Given the smallest sizes, when bench/run.py runs the change list (with its parking
+    # writer), the /metrics scrape and the escalation storm (real workers)
+    results = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, "bench/run.py", "--smoke", "--only", "changelist", "--only",
+         "metrics_scrape", "--only", "escalation_storm", "--json", str(results)],
+        cwd=ROOT, env=bench_env(), capture_output=True, text=True, timeout=240)
+
+    # Then every module gave its figures, each page its own p95 row, and the writer kept
+    # its pace while the pages were measured
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads(results.read_text())
+    assert {m["name"]: m["status"] for m in data["modules"]} == {
+        "changelist": "ok", "metrics_scrape": "ok", "escalation_storm": "ok"}
+    figures = {f["name"]: f for f in data["figures"]}
+    pages = [name for name in figures if name.startswith("change list p95: ")]
+    assert len(pages) == 9 and "change list p95: unfiltered" in pages
+    assert all(figures[name]["unit"] == "ms" and figures[name]["target"] == 150 for name in pages)
+    assert re.search(r"writer: parked \d+ letters in [\d.]+ s \((4[5-9]|5[0-5])\.\d/s\)",
+                     figures["change list p95: unfiltered"]["detail"])
+    assert figures["/metrics scrape, uncached"]["target"] == 50
+    storm = figures["escalation storm: parking rate (escalation on/off)"]
+    assert storm["target_op"] == ">=" and storm["target"] == 0.9 and storm["value"] > 0
