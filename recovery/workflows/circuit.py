@@ -171,6 +171,57 @@ def _record(record: dict, now: float, ok: bool, policy: CircuitPolicy,
     return record.get("state", CLOSED)
 
 
+# -- the closed state's count, as one Redis script ------------------------------------------
+#
+# Every call of every worker writes the closed circuit's window; with WATCH/MULTI, writers
+# of one hot key retry each other's conflicts (bench/circuit_contention.py). This script is
+# ``_record`` for a closed circuit, run where the record lives: one round trip, no retry.
+# It answers nil for any other state, and the caller goes the WATCH way (rare transitions).
+# ARGV: bucket, ok (1/0), minimum_calls, failure_rate_threshold, now, open_seconds.
+_COUNT_CLOSED = """
+local raw = redis.call('GET', KEYS[1])
+local record = {}
+if raw then record = cjson.decode(raw) end
+if record['state'] ~= nil and record['state'] ~= 'closed' then return nil end
+local oldest = tonumber(ARGV[1]) - 9
+local buckets = {}
+if type(record['buckets']) == 'table' then
+  for bucket, counts in pairs(record['buckets']) do
+    if tonumber(bucket) >= oldest then buckets[bucket] = counts end
+  end
+end
+local ok = ARGV[2] == '1'
+local counts = buckets[ARGV[1]] or {0, 0}
+buckets[ARGV[1]] = {counts[1] + 1, counts[2] + (ok and 0 or 1)}
+local total, failed = 0, 0
+for _, counts in pairs(buckets) do
+  total = total + counts[1]
+  failed = failed + counts[2]
+end
+record['buckets'] = buckets
+if (not ok) and total >= tonumber(ARGV[3]) and failed / total >= tonumber(ARGV[4]) then
+  local now = tonumber(ARGV[5])
+  record['state'] = 'open'
+  record['open_until'] = now + tonumber(ARGV[6])
+  record['opened_at'] = now
+  record['changed_at'] = now
+  record['buckets'] = {}
+  record['opened'] = (record['opened'] or 0) + 1
+end
+redis.call('SET', KEYS[1], cjson.encode(record))
+return record['state'] or 'closed'
+"""
+
+
+def _count_closed(store: shared_state.RedisStore, key: str, now: float, ok: bool,
+                  policy: CircuitPolicy) -> str | None:
+    """The state after counting a call on a closed circuit; None if it is not closed."""
+    state = store.run_script(_COUNT_CLOSED, key, int(now // policy.bucket_seconds), int(ok),
+                             policy.minimum_calls, repr(policy.failure_rate_threshold),
+                             repr(now), repr(policy.open_seconds))
+    return state.decode() if isinstance(state, bytes) else state
+
+
 # -- a circuit on the shared store ------------------------------------------------------------
 
 
@@ -219,7 +270,13 @@ class Circuit:
                 before["state"] = record.get("state", CLOSED)
                 return _record(record, now, ok, self.policy, trial)
 
-            after = self.store.update(self.key, change)
+            store = self.store
+            after = None
+            if isinstance(store, shared_state.RedisStore):
+                after = _count_closed(store, self.key, now, ok, self.policy)
+                before["state"] = CLOSED
+            if after is None:
+                after = store.update(self.key, change)
         except Exception as exc:  # noqa: BLE001
             logger.warning("recovery: circuit %s: could not record a call (%s)", self.name, exc)
             return

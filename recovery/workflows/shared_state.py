@@ -4,7 +4,9 @@ degraded-mode switches), updated atomically.
 Kept in Redis when there is one (``RECOVERY["SHARED_STATE_URL"]``, or the broker's URL
 when the broker is Redis), otherwise in the database (``SharedState``), which is what
 the embedded demo default uses. Updates are read-modify-write transactions: Redis
-``WATCH``/``MULTI`` retried on conflict, or a row lock in the database.
+``WATCH``/``MULTI`` retried on conflict, or a row lock in the database. A record every
+worker writes on every call (a circuit's window) can instead be changed by a Lua script
+(:meth:`RedisStore.run_script`): one round trip, nothing to retry, however many writers.
 """
 
 from __future__ import annotations
@@ -78,6 +80,15 @@ class RedisStore:
 
     def forget(self, key_prefix: str, unchanged_for: float) -> int:
         return 0
+
+    def run_script(self, source: str, key: str, *args: Any) -> Any:
+        """Run the Lua ``source`` on the record ``key`` (its ``KEYS[1]``) with ``args`` as
+        ``ARGV``, atomically, in one round trip (``EVALSHA``, loaded once per client)."""
+        scripts = self.__dict__.setdefault("_scripts", {})
+        script = scripts.get(source)
+        if script is None:
+            script = scripts[source] = self.client.register_script(source)
+        return script(keys=[KEY_PREFIX + key], args=list(args))
 
 
 def _table() -> Any:

@@ -514,3 +514,80 @@ def test_another_circuits_refusal_counts_as_nothing(breaker):
     # Then no call to this dependency was made, and none is counted
     record = breaker.state()
     assert record["state"] == CLOSED and not record.get("buckets")
+
+
+# -- the closed count as a Redis script ------------------------------------------------------------
+
+
+def test_the_redis_script_counts_and_opens_exactly_as_the_state_machine(redis_state, clock):
+    # Given the same calls on a circuit in memory (the Python state machine) and on Redis
+    # (the closed state counted by the Lua script), over two windows' worth of buckets
+    memory = Circuit("same", POLICY, store=MemoryStore(), clock=clock)
+    on_redis = Circuit(redis_state(), POLICY, store=RedisStore(REDIS_URL), clock=clock)
+    for step, ok in enumerate([True, False, True, True, True, False, True, True, False, False,
+                               True, False, False]):
+        for breaker in (memory, on_redis):
+            if breaker.allow().allowed:
+                breaker.record(ok)
+        clock.advance(1.7 if step % 3 else 0.4)
+        # Then after every call both hold the same record (Redis's cjson writes numbers to
+        # 14 significant digits: a tenth of a millisecond for a Unix time)
+        assert _rounded(on_redis.state()) == _rounded(memory.state()), step
+    assert memory.state()["state"] == OPEN and memory.state()["opened"] == 1
+
+
+def _rounded(record: dict) -> dict:
+    return {key: round(value, 3) if isinstance(value, float) else value
+            for key, value in record.items()}
+
+
+def _hammer(name: str, policy: CircuitPolicy, calls: int, index: int) -> None:
+    breaker = Circuit(name, policy, store=RedisStore(REDIS_URL), clock=lambda: 2_000_000.0)
+    for n in range(calls):
+        breaker.record(ok=(n + index) % 3 != 0)
+
+
+def test_eight_processes_counting_one_hot_circuit_lose_no_call(redis_state):
+    # Given one closed circuit whose threshold no mix of these calls reaches
+    import multiprocessing
+
+    name = redis_state()
+    policy = CircuitPolicy(failure_rate_threshold=0.9, minimum_calls=10, window_seconds=600)
+    processes_n, per_process = 8, 200
+    context = multiprocessing.get_context("fork")
+    # When eight worker processes count calls on it at once
+    processes = [context.Process(target=_hammer, args=(name, policy, per_process, i))
+                 for i in range(processes_n)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+        assert process.exitcode == 0
+    # Then every call is in the window: none lost to a concurrent write
+    record = Circuit(name, policy, store=RedisStore(REDIS_URL)).state()
+    assert record["state"] == CLOSED
+    assert sum(v[0] for v in record["buckets"].values()) == processes_n * per_process
+    assert sum(v[1] for v in record["buckets"].values()) == sum(
+        1 for i in range(processes_n) for n in range(per_process) if (n + i) % 3 == 0)
+
+
+def test_eight_processes_failing_at_once_open_the_circuit_once(redis_state):
+    import multiprocessing
+
+    name = redis_state()
+    policy = CircuitPolicy(failure_rate_threshold=0.5, minimum_calls=20, window_seconds=600,
+                           open_seconds=600)
+    context = multiprocessing.get_context("fork")
+
+    def fail(_: int) -> None:
+        breaker = Circuit(name, policy, store=RedisStore(REDIS_URL), clock=lambda: 3_000_000.0)
+        for _ in range(50):
+            breaker.record(ok=False)
+
+    processes = [context.Process(target=fail, args=(i,)) for i in range(8)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    record = Circuit(name, policy, store=RedisStore(REDIS_URL)).state()
+    assert record["state"] == OPEN and record["opened"] == 1
