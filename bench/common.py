@@ -15,6 +15,20 @@ def ensure_database(url: str) -> None:
             conn.execute(f'CREATE DATABASE "{name}"')
 
 
+def fresh_queue(app, broker_url: str, task_name: str, n: int, tables: tuple[str, ...]) -> None:
+    """Truncate ``tables``, empty the broker's ``bench`` queue and queue ``n`` calls of
+    ``task_name`` (argument: the call's index), so a worker started next drains exactly them."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:  # TRUNCATE: no dead tuples left to slow the next run
+        cursor.execute(f"TRUNCATE {', '.join(tables)} CASCADE")
+    empty_broker(broker_url, ("bench",))
+    with app.producer_or_acquire() as producer:
+        for i in range(n):
+            app.send_task(task_name, args=(i,), producer=producer)
+    connection.close()
+
+
 def empty_broker(url: str, queues: tuple[str, ...]) -> None:
     """Leave nothing queued from an earlier run: flush the Redis database, or purge the
     named queues on RabbitMQ or SQS (a queue not declared yet is fine)."""

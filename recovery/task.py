@@ -378,7 +378,7 @@ class RecoveryTask(Task):
             if breaker is not None:
                 _isolated("counting the call on the circuit", breaker.record_exception, exc,
                           classify=self.classify, trial=trial)
-            fallback = self._recover(
+            fallback = self._recover_in_call(
                 exc, requested.call_args if requested.call_args is not None else args,
                 requested.call_kwargs if requested.call_kwargs is not None else kwargs,
                 min_delay=requested.min_delay, options=requested.options, started=started)
@@ -389,7 +389,7 @@ class RecoveryTask(Task):
             if breaker is not None:
                 _isolated("counting the call on the circuit", breaker.record_exception, exc,
                           classify=self.classify, trial=trial)
-            fallback = self._recover(exc, args, kwargs, started=started)
+            fallback = self._recover_in_call(exc, args, kwargs, started=started)
             if fallback is not None:
                 return fallback.value
             # A bare raise keeps the task's own traceback: no recovery frames for Celery to
@@ -398,6 +398,19 @@ class RecoveryTask(Task):
         if breaker is not None:
             _isolated("counting the call on the circuit", breaker.record_success, trial=trial)
         return result
+
+    def _recover_in_call(self, exc: BaseException, args: Any, kwargs: Any,
+                         **options: Any) -> _FallbackOutcome | None:
+        """:meth:`_recover` as ``__call__`` runs it: a ``Retry`` leaves without the frames
+        that published it (``_recover``, ``_schedule_retry``, ``_send_again``,
+        ``Task.retry``). Celery formats a Retry's traceback on every retry (billiard's
+        ``ExceptionInfo``), which cost more than publishing the retry; those frames tell
+        the reader of a log line or RETRY row nothing about the task. The task's own
+        exception stays chained (``__context__``), with its traceback."""
+        try:
+            return self._recover(exc, args, kwargs, **options)
+        except Retry as retry:
+            raise retry.with_traceback(None)
 
     # -- circuit breaker, degraded mode, fallback -------------------------------------------
 

@@ -138,18 +138,29 @@ def _positional_names(task_name: str, count: int, app: Any) -> list[str | None] 
         return None
     run = getattr(task, "_orig_run", None) or task.run
     try:
-        parameters = list(inspect.signature(run).parameters.values())
+        positional = _positional_parameters(run)
+    except TypeError:  # an unhashable callable: not cached
+        positional = _positional_parameters.__wrapped__(run)
+    if positional is None:
+        return None
+    return [positional[index] if index < len(positional) else None for index in range(count)]
+
+
+@lru_cache(maxsize=1024)
+def _positional_parameters(run: Any) -> tuple[str | None, ...] | None:
+    """The name of each parameter of ``run`` that a positional argument binds to by name
+    (None for ``*args`` and what follows it); None when it has no signature.
+
+    Cached per callable (a bound ``run`` equals the next one of the same task): a worker
+    masks every message it receives, and ``inspect.signature`` was most of that cost.
+    """
+    try:
+        parameters = inspect.signature(run).parameters.values()
     except (TypeError, ValueError):
         return None
-    names: list[str | None] = []
-    for index in range(count):
-        if index < len(parameters) and parameters[index].kind in (
-            inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        ):
-            names.append(parameters[index].name)
-        else:
-            names.append(None)
-    return names
+    return tuple(parameter.name if parameter.kind in (
+        inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) else None
+        for parameter in parameters)
 
 
 def _hidden(value: Any) -> bool:

@@ -180,3 +180,22 @@ def test_text_is_hidden_whole_when_a_payload_hides_too_many_values_to_scrub():
     shown = redaction.scrub_text("quoting s000001 and more", values)
     assert "s000001" not in shown and "hidden" in shown
     assert redaction.scrub_text("quoting s000001", values[:10]) == f"quoting {redaction.MASK}"
+
+
+def test_a_tasks_parameter_names_are_read_once_not_per_message(monkeypatch):
+    # A worker masks every message it receives: inspect.signature per message was most of
+    # that cost (bench/profile_worker.py success).
+    app = Celery("redaction-signature", set_as_current=False)
+
+    @app.task(name="charge_once", bind=True)
+    def charge_once(self, order_id, card_token, *rest):
+        return None
+
+    calls = []
+    real = redaction.inspect.signature
+    monkeypatch.setattr(redaction.inspect, "signature",
+                        lambda target: calls.append(target) or real(target))
+    for _ in range(3):
+        args, _kwargs = redaction.masked_payload("charge_once", [7, "tok", "x"], {}, app=app)
+        assert args == [7, redaction.MASK, "x"]
+    assert len(calls) == 1

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import traceback
+
 import pytest
 from celery import Celery, states
+from celery.exceptions import Retry
 from celery.app.task import Context
 from django.db import OperationalError
 from django_celery_results.models import TaskResult
@@ -199,3 +202,34 @@ def test_a_replay_that_succeeds_while_the_database_is_down_resolves_its_letter_l
     assert drain_spool() == 1
     letter.refresh_from_db()
     assert letter.status == DeadLetter.Status.RESOLVED
+
+
+def test_a_retry_leaves_the_task_without_recovery_frames_and_keeps_the_task_exception(
+        monkeypatch):
+    # Celery formats a Retry's traceback on every retry: the frames that published it are
+    # recovery's own and cost more to format than the publish (bench/README.md).
+    app = Celery("unit", set_as_current=False)
+
+    @app.task(base=RecoveryTask, bind=True, retry_policy=RetryPolicy(
+        max_attempts=3, initial_delay_seconds=0, max_delay_seconds=0, jitter="none"))
+    def flaky(self, i):
+        raise ValueError(f"first run of {i} fails")
+
+    def published(self, exc, delay, args, kwargs, headers, options):
+        raise Retry(exc=exc, when=delay)
+
+    monkeypatch.setattr(RecoveryTask, "_send_again", published)
+    flaky.push_request(id="retry-frames", called_directly=False, is_eager=False,
+                       delivery_info={"routing_key": "celery"}, args=[1], kwargs={})
+    try:
+        with pytest.raises(Retry) as raised:
+            flaky(1)
+    finally:
+        flaky.pop_request()
+
+    frames = [entry.name for entry in traceback.extract_tb(raised.value.__traceback__)]
+    assert not {"_recover", "_schedule_retry", "published"} & set(frames)
+    assert isinstance(raised.value.exc, ValueError)
+    context = raised.value.__context__
+    assert context is raised.value.exc
+    assert "flaky" in [entry.name for entry in traceback.extract_tb(context.__traceback__)]
