@@ -420,10 +420,12 @@ def parking_writer(rate: float):
 
 
 def forget_writer_letters() -> None:
-    """Delete what the writer parked, so the next run finds exactly N seeded rows again."""
-    from recovery.models import DeadLetter
+    """Delete what the writer parked (and the incident its one failure opened), so the next
+    run finds exactly N seeded rows again."""
+    from recovery.models import DeadLetter, Incident
 
     DeadLetter.objects.filter(task_id__startswith=WRITER_PREFIX).delete()
+    Incident.objects.filter(task_name="bench.park_writer").delete()
 
 
 def figures(mode: str) -> list:

@@ -46,7 +46,7 @@ def main() -> None:
     parked = 0
     while not _stop:
         park(ParkRecord(
-            task_id=f"writer-{uuid.uuid4()}", task_name="shop.tasks.charge_card",
+            task_id=f"writer-{uuid.uuid4()}", task_name="bench.park_writer",
             kind="dependency", reason="permanent failure: parked (dependency)",
             exception_type="payments.CardDeclined",
             exception_message=f"card declined (writer letter {parked})",
