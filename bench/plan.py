@@ -14,11 +14,11 @@ MODES = ("full", "quick", "smoke")
 
 PLAN: dict[str, dict[str, dict[str, Any]]] = {
     "throughput": {
-        "full": {"n": 2000, "rounds": 5, "concurrency": 2, "idle_seconds": 6.0,
+        "full": {"n": 2000, "rounds": 5, "concurrency": 2,
                  "scenarios": ("success", "retry", "park")},
-        "quick": {"n": 200, "rounds": 3, "concurrency": 2, "idle_seconds": 3.0,
+        "quick": {"n": 200, "rounds": 3, "concurrency": 2,
                   "scenarios": ("success", "retry", "park")},
-        "smoke": {"n": 20, "rounds": 2, "concurrency": 1, "idle_seconds": 1.0,
+        "smoke": {"n": 20, "rounds": 2, "concurrency": 1,
                   "scenarios": ("success",)},
     },
     "bulk_replay": {

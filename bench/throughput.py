@@ -10,9 +10,10 @@ Scenarios (N tasks each, pre-queued, then one worker drains them):
   park     - fail permanently: django-celery-results storing FAILURE vs RecoveryTask parking
              a dead letter with its FAILURE result
 Throughput is (N - 1) / (last date_done - first date_done) from the result backend, so
-worker start-up is not counted. Worker CPU per task is the CPU time of the worker and its
-pool children, read from /proc the moment the last task is done (bench/proc_cpu.py), minus an
-idle worker's start-up CPU, divided by N. Each round runs both sides back to back, the next
+worker start-up is not counted. Worker CPU per task is the CPU (from /proc) of the worker and its
+pool children between the first task's completion and the last's, divided by the tasks
+completed in that window: the same window as the wall clock, so start-up, idling and
+shutdown count on neither side and nothing is subtracted. Each round runs both sides back to back, the next
 round swaps who goes first (bench/rounds.py); a figure is the median of the per-round ratios,
 with their min–max as its spread. Wall clock and CPU are both reported for every scenario.
 Targets (recovery / baseline): success >= 0.97 (wall and CPU), retry >= 1.5, park >= 1.5.
@@ -93,18 +94,9 @@ def _start_worker(with_recovery: bool, concurrency: int) -> subprocess.Popen:
     )
 
 
-def idle_cpu(concurrency: int, with_recovery: bool, seconds: float = 6.0) -> float:
-    """CPU a worker spends starting and idling, subtracted from each measured run."""
-    worker = _start_worker(with_recovery, concurrency)
-    try:
-        time.sleep(seconds)
-        return tree_cpu_seconds(worker.pid)
-    finally:
-        _stop(worker)
-
-
 def run_side(task_name: str, n: int, concurrency: int, with_recovery: bool) -> tuple[float, float]:
-    """Returns (tasks per second, worker CPU seconds including start-up)."""
+    """Returns (tasks per second, worker CPU milliseconds per task), both over the window
+    from the first task's completion to the last's."""
     from django.db import connection
     from django_celery_results.models import TaskResult
 
@@ -119,16 +111,22 @@ def run_side(task_name: str, n: int, concurrency: int, with_recovery: bool) -> t
             app.send_task(task_name, args=(i,), producer=producer)
     connection.close()
     worker = _start_worker(with_recovery, concurrency)
+    finished = TaskResult.objects.filter(task_name=task_name, status__in=("SUCCESS", "FAILURE"))
     try:
         deadline = time.monotonic() + 600
+        while not finished.exists():  # start-up: the window opens with the first completion
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise RuntimeError(f"{task_name}: no task finished")
+            time.sleep(0.01)
+        cpu_first, done_first = tree_cpu_seconds(worker.pid), finished.count()
         while True:
-            done = TaskResult.objects.filter(task_name=task_name, status__in=("SUCCESS", "FAILURE")).count()
+            done = finished.count()
             if done >= n:
                 break
             if time.monotonic() > deadline or worker.poll() is not None:
                 raise RuntimeError(f"{task_name}: only {done}/{n} finished")
-            time.sleep(0.2)
-        cpu = tree_cpu_seconds(worker.pid)  # before SIGTERM: shutdown is not the tasks' cost
+            time.sleep(0.05)
+        cpu = tree_cpu_seconds(worker.pid) - cpu_first  # before SIGTERM: not shutdown's
     finally:
         _stop(worker)
     stamps = TaskResult.objects.filter(task_name=task_name).order_by("date_done").values_list("date_done", flat=True)
@@ -139,7 +137,9 @@ def run_side(task_name: str, n: int, concurrency: int, with_recovery: bool) -> t
         parked = DeadLetter.objects.count()
         if parked != n:
             raise RuntimeError(f"expected {n} dead letters, found {parked}")
-    return (n - 1) / max(1e-9, (last - first).total_seconds()), cpu
+    if done_first >= n:
+        raise RuntimeError(f"{task_name}: all {n} finished before the first look; raise N")
+    return (n - 1) / max(1e-9, (last - first).total_seconds()), cpu / (n - done_first) * 1000
 
 
 def prepare() -> None:
@@ -171,21 +171,16 @@ def scenario_figures(scenario: str, rounds: list[tuple[tuple[float, float], ...]
     ]
 
 
-def run(n: int, rounds: int, concurrency: int, idle_seconds: float,
-        scenarios: tuple[str, ...], verbose: bool = False) -> list[Figure]:
+def run(n: int, rounds: int, concurrency: int, scenarios: tuple[str, ...],
+        verbose: bool = False) -> list[Figure]:
     """Measure ``scenarios`` in interleaved rounds; two figures (wall, CPU) per scenario."""
     prepare()
-    idle = {side: idle_cpu(concurrency, side, idle_seconds) for side in (False, True)}
-    if verbose:
-        print(f"idle worker CPU (start-up, subtracted): baseline {idle[False]:.2f}s, "
-              f"recovery {idle[True]:.2f}s", flush=True)
 
     def side(scenario: str, with_recovery: bool) -> Callable[[], tuple[float, float]]:
         name = SCENARIOS[scenario][int(with_recovery)]
 
         def measure() -> tuple[float, float]:
-            rate, cpu = run_side(name, n, concurrency, with_recovery)
-            cpu_ms = max(1e-6, cpu - idle[with_recovery]) / n * 1000
+            rate, cpu_ms = run_side(name, n, concurrency, with_recovery)
             if verbose:
                 print(f"  {name}: {rate:.0f} t/s, {cpu_ms:.3f} ms CPU/task", flush=True)
             return rate, cpu_ms
@@ -210,13 +205,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=full["n"])
     parser.add_argument("--rounds", type=int, default=full["rounds"])
     parser.add_argument("--concurrency", type=int, default=full["concurrency"])
-    parser.add_argument("--idle-seconds", type=float, default=full["idle_seconds"])
     parser.add_argument("--verbose", action="store_true", help="print every run")
     parser.add_argument("--only", choices=sorted(SCENARIOS), action="append")
     options = parser.parse_args()
     print(f"N={options.n} tasks per side, {options.rounds} round(s), prefork -c {options.concurrency}, "
           f"broker {BROKER_URL}, database {DB_URL.rsplit('@', 1)[-1]}", flush=True)
-    results = run(options.n, options.rounds, options.concurrency, options.idle_seconds,
+    results = run(options.n, options.rounds, options.concurrency,
                   tuple(options.only or SCENARIOS), verbose=options.verbose)
     print(figures_table(results))
 
