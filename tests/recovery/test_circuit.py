@@ -541,28 +541,54 @@ def _rounded(record: dict) -> dict:
             for key, value in record.items()}
 
 
-def _hammer(name: str, policy: CircuitPolicy, calls: int, index: int) -> None:
-    breaker = Circuit(name, policy, store=RedisStore(REDIS_URL), clock=lambda: 2_000_000.0)
-    for n in range(calls):
-        breaker.record(ok=(n + index) % 3 != 0)
+# Each hammer is a fresh interpreter, as a worker process is: forking the test process,
+# which holds threads and connection pools, can inherit a lock held mid-operation and hang.
+_HAMMER = """
+import json
+import sys
+from recovery.workflows.circuit import Circuit, CircuitPolicy
+from recovery.workflows.shared_state import RedisStore
+
+url, name, index, calls, clock, mode = sys.argv[1:7]
+policy = CircuitPolicy(**json.loads(sys.argv[7]))
+breaker = Circuit(name, policy, store=RedisStore(url), clock=lambda: float(clock))
+for n in range(int(calls)):
+    breaker.record(ok=False if mode == "fail" else (n + int(index)) % 3 != 0)
+"""
+
+
+def _run_hammers(name: str, policy_kwargs: dict, processes_n: int, calls: int, clock: float,
+                 mode: str) -> None:
+    """Start the hammers together, wait for each, kill any left after a minute."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    processes = [subprocess.Popen([sys.executable, "-c", _HAMMER, REDIS_URL, name, str(i), str(calls),
+                                   str(clock), mode, json.dumps(policy_kwargs)], cwd=root)
+                 for i in range(processes_n)]
+    codes = []
+    try:
+        for process in processes:
+            codes.append(process.wait(timeout=60))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert codes == [0] * processes_n
 
 
 def test_eight_processes_counting_one_hot_circuit_lose_no_call(redis_state):
     # Given one closed circuit whose threshold no mix of these calls reaches
-    import multiprocessing
-
     name = redis_state()
-    policy = CircuitPolicy(failure_rate_threshold=0.9, minimum_calls=10, window_seconds=600)
+    policy_kwargs = dict(failure_rate_threshold=0.9, minimum_calls=10, window_seconds=600)
+    policy = CircuitPolicy(**policy_kwargs)
     processes_n, per_process = 8, 200
-    context = multiprocessing.get_context("fork")
     # When eight worker processes count calls on it at once
-    processes = [context.Process(target=_hammer, args=(name, policy, per_process, i))
-                 for i in range(processes_n)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(60)
-        assert process.exitcode == 0
+    _run_hammers(name, policy_kwargs, processes_n, per_process, 2_000_000.0, "mixed")
     # Then every call is in the window: none lost to a concurrent write
     record = Circuit(name, policy, store=RedisStore(REDIS_URL)).state()
     assert record["state"] == CLOSED
@@ -572,22 +598,10 @@ def test_eight_processes_counting_one_hot_circuit_lose_no_call(redis_state):
 
 
 def test_eight_processes_failing_at_once_open_the_circuit_once(redis_state):
-    import multiprocessing
-
     name = redis_state()
-    policy = CircuitPolicy(failure_rate_threshold=0.5, minimum_calls=20, window_seconds=600,
-                           open_seconds=600)
-    context = multiprocessing.get_context("fork")
-
-    def fail(_: int) -> None:
-        breaker = Circuit(name, policy, store=RedisStore(REDIS_URL), clock=lambda: 3_000_000.0)
-        for _ in range(50):
-            breaker.record(ok=False)
-
-    processes = [context.Process(target=fail, args=(i,)) for i in range(8)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(60)
+    policy_kwargs = dict(failure_rate_threshold=0.5, minimum_calls=20, window_seconds=600,
+                         open_seconds=600)
+    policy = CircuitPolicy(**policy_kwargs)
+    _run_hammers(name, policy_kwargs, 8, 50, 3_000_000.0, "fail")
     record = Circuit(name, policy, store=RedisStore(REDIS_URL)).state()
     assert record["state"] == OPEN and record["opened"] == 1
