@@ -147,6 +147,9 @@ RECOVERY = {
         "partner-api": {"failure_rate_threshold": 0.5, "minimum_calls": 4, "window_seconds": 60,
                         "open_seconds": 60, "half_open_max_calls": 1},
     },
+    # Failure rehearsals (docs/rehearsals.md): on for the local demo (DEBUG), off otherwise
+    # unless RECOVERY_REHEARSALS_ENABLED=1 says so (a staging environment).
+    "REHEARSALS_ENABLED": DEBUG or os.environ.get("RECOVERY_REHEARSALS_ENABLED") == "1",
 }
 for _key, _cast in (("VISIBILITY_TIMEOUT_SECONDS", float), ("BROKER_DELAY_MAX_SECONDS", float),
                     ("MAX_DELIVERIES", int), ("SPOOL_DRAIN_INTERVAL_SECONDS", float)):

@@ -297,6 +297,27 @@ def _check_metrics_backends(user: dict) -> list:
     return problems
 
 
+@register()
+def check_rehearsals(app_configs=None, **kwargs):
+    """Rehearsals inject real failures: a production settings file must not allow them."""
+    user = getattr(settings, "RECOVERY", None)
+    if not isinstance(user, dict) or "REHEARSALS_ENABLED" not in user:
+        return []
+    value = user["REHEARSALS_ENABLED"]
+    if not isinstance(value, bool):
+        return [Error("RECOVERY['REHEARSALS_ENABLED'] must be True or False.",
+                      id="recovery.E050")]
+    if value and not settings.DEBUG:
+        return [Warning(
+            "RECOVERY['REHEARSALS_ENABLED'] is on with DEBUG off: anyone with the "
+            "run_rehearsal permission can make tasks fail here.",
+            hint="Turn rehearsals on in staging and other non-production environments only; "
+                 "if this is one, silence this check with SILENCED_SYSTEM_CHECKS = "
+                 "['recovery.W050'].",
+            id="recovery.W050")]
+    return []
+
+
 def _is_network(value: object) -> bool:
     try:
         ipaddress.ip_network(value, strict=False)

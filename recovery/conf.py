@@ -75,6 +75,9 @@ DEFAULTS: Mapping[str, Any] = {
     # Proofs that a task's effect ran (self.effect) older than this are purged with the
     # letters, except those of tasks whose letter is still parked or replaying.
     "EFFECTS_RETENTION_DAYS": 90,
+    # Failure rehearsals (manage.py rehearse): refused unless True. Turn on in staging and
+    # other non-production environments only; a system check warns when DEBUG is off.
+    "REHEARSALS_ENABLED": False,
     # How often each worker's outbox relay publishes committed intents the fast path missed.
     "OUTBOX_RELAY_INTERVAL_SECONDS": 1.0,
     # Longest wait between publish attempts of one outbox row while the broker is down.

@@ -41,6 +41,7 @@ __all__ = [
     "circuit_changed",
     "saga_needs_human",
     "incident_opened",
+    "rehearsal_injected",
     "worker_started",
     "worker_heartbeat",
     "worker_stopping",
@@ -204,6 +205,14 @@ incident_opened = Event("incident_opened", """An incident was opened (not one ad
 
 ``occurrence`` is what opened it; ``rules`` the escalation rules in force.""",
                         fields=("incident", "occurrence", "rules"))
+
+# -- rehearsals (recovery.workflows.rehearsals) -------------------------------------------------
+
+rehearsal_injected = Event("rehearsal_injected", """A running rehearsal hit a task's run with its fault.
+
+``rehearsal`` is the rehearsal's id (as a string, as letters and metrics carry it);
+``fault`` one of permanent, transient, timeout, hang, kill.""",
+                           fields=("rehearsal", "task_name", "fault"))
 
 ALL: tuple[Event, ...] = tuple(value for value in dict(globals()).values()
                                if isinstance(value, Event))

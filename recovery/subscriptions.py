@@ -41,6 +41,7 @@ RECEIVERS: tuple[tuple[events.Event, tuple], ...] = (
     (events.circuit_changed, (metrics.record_circuit, cloudwatch.record_circuit)),
     (events.saga_needs_human, (escalation.on_saga_needs_human,)),
     (events.incident_opened, (sentry.report_opened_incident,)),
+    (events.rehearsal_injected, (metrics.count_rehearsal_injected,)),
     (events.worker_started, (notify.start_delivering,)),
     (events.worker_heartbeat, (metrics.record_heartbeat, cloudwatch.record_heartbeat,
                                notify.on_heartbeat)),

@@ -62,7 +62,7 @@ from .store.connections import discard_broken_connections
 from .store.due import hold
 from .store.models import FallbackUse
 from .store.parking import ParkRecord, park
-from .workflows import broker_waits, degraded
+from .workflows import broker_waits, degraded, rehearsals
 from .workflows.circuit import Circuit, CircuitOpenError
 from .workflows.sagas import is_current, step_key
 
@@ -370,6 +370,9 @@ class RecoveryTask(Task):
                     CircuitOpenError(self.dependency, decision.retry_in_seconds),
                     decision.retry_in_seconds, args, kwargs)
         try:
+            if rehearsals.enabled():
+                # Inside the try: an injected failure takes the lifecycle a real one does.
+                rehearsals.inject(self, request)
             result = self.run(*args, **kwargs)
         except (Retry, Ignore, Reject):
             raise
@@ -751,6 +754,7 @@ class RecoveryTask(Task):
             queue=_routing_key(request),
             worker=request.hostname or "",
             result=result,
+            rehearsal=str(hdr.read(request, hdr.REHEARSAL, "") or ""),
         )
         try:
             outcome = park(record, backend=real_backend, request=request, exc=exc)

@@ -88,6 +88,8 @@ RECOVERY = {
     # The watchdog of the worker and beat processes of tests/integration/test_watchdog.py
     # (short intervals and limits), as JSON.
     "WATCHDOG": json.loads(os.environ.get("RECOVERY_TEST_WATCHDOG") or "{}"),
+    # The worker processes of tests/integration/test_rehearsals.py take rehearsals.
+    "REHEARSALS_ENABLED": os.environ.get("RECOVERY_TEST_REHEARSALS") == "1",
 }
 
 # Incident e-mail goes to a real SMTP server started by the escalation tests.

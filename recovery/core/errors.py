@@ -8,6 +8,8 @@ and skip the retries that would only hammer the payment provider.
 
 from __future__ import annotations
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from .kinds import FailureKind
 from .names import public_module
 
@@ -20,6 +22,8 @@ __all__ = [
     "DataIntegrityError",
     "ResourceExhaustedError",
     "TimeoutOrDeadlockError",
+    "RehearsalFault",
+    "RehearsedTimeLimit",
 ]
 
 
@@ -106,3 +110,28 @@ def exception_path(exc: BaseException | type) -> str:
     cls = exc if isinstance(exc, type) else type(exc)
     module = public_module(cls.__module__)
     return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+# -- what a failure rehearsal injects (recovery.workflows.rehearsals) ---------------------------
+
+
+class RehearsalFault(RecoveryError):
+    """The failure a rehearsal injected: classified as its declared kind and permanence,
+    like the real failure it stands for."""
+
+    def __init__(self, message: str = "", *, kind: str = "dependency",
+                 permanent: bool | None = None, retry_after_seconds: float | None = None) -> None:
+        super().__init__(message, permanent=permanent, retry_after_seconds=retry_after_seconds)
+        self.kind = FailureKind(kind)
+
+    def __reduce__(self):
+        return (_rebuild_fault, (str(self), self.kind.value, self.permanent))
+
+
+def _rebuild_fault(message: str, kind: str, permanent: bool) -> "RehearsalFault":
+    return RehearsalFault(message, kind=kind, permanent=permanent)
+
+
+class RehearsedTimeLimit(SoftTimeLimitExceeded):
+    """A time limit a rehearsal injected: Celery's own soft limit, so it is classified
+    and handled exactly as a real one."""

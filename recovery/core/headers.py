@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["HISTORY", "POLICY", "STARTED_AT", "REPLAY", "COMPENSATES", "SAGA", "ORIGINAL_TASK_ID",
-           "EFFECTS_GENERATION", "CARRIED", "read", "from_options", "policy_header"]
+           "EFFECTS_GENERATION", "REHEARSAL", "CARRIED", "read", "from_options", "policy_header"]
 
 HISTORY = "recovery_history"
 POLICY = "recovery_policy"
@@ -33,9 +33,13 @@ ORIGINAL_TASK_ID = "recovery_original_task_id"
 #: of ``recovery_effect`` proofs the run records and checks (recovery.store.effects)
 EFFECTS_GENERATION = "recovery_effects_generation"
 
+#: on a run a rehearsal hit (recovery.workflows.rehearsals), and on its retries: the
+#: rehearsal's id, which its letter and incident then carry
+REHEARSAL = "recovery_rehearsal"
+
 #: headers a retry carries to the next attempt besides the history (Celery drops custom
 #: headers on retry)
-CARRIED = (POLICY, REPLAY, COMPENSATES, SAGA, EFFECTS_GENERATION)
+CARRIED = (POLICY, REPLAY, COMPENSATES, SAGA, EFFECTS_GENERATION, REHEARSAL)
 
 #: A replay carries only COMPENSATES and SAGA over from a letter (so a parked compensation
 #: that is replayed still says what it compensates); see recovery.operations.replay_options.

@@ -48,6 +48,7 @@ from ..store import result_rows
 from ..store.deliveries import count_redelivery, note_loss
 from ..store.models import DeadLetter
 from ..store.parking import ParkRecord, park
+from ..workflows import rehearsals
 from . import handback
 from .handback import unstarted_requests
 from .housekeeping import Housekeeping
@@ -163,6 +164,8 @@ def park_poison(*, task_id: str | None, task_name: str, body: Any, content_type:
         queue=delivered_queue(delivery_info),
         worker=hostname,
         keep_existing=keep_existing,
+        # A child a rehearsal killed never got to tag its run; its injection says.
+        rehearsal=rehearsals.injected_into(task_id) if rehearsals.enabled() else "",
     )
     outcome = park(record)
     logger.error("recovery: parked %s message %s[%s]: %s", kind.value, task_name, task_id, reason)

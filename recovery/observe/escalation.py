@@ -139,6 +139,8 @@ class Occurrence:
     saga_run_id: int | None = None
     #: Earlier letters of the same occurrence (a threshold's window): linked and counted.
     letter_ids: tuple[int, ...] = ()
+    #: The rehearsal whose injected fault this is ("" for a real failure).
+    rehearsal: str = ""
 
 
 def _one_line(text: str) -> str:
@@ -301,10 +303,13 @@ def _escalate_letter(record: "ParkRecord", letter_id: int, chosen: EscalationRul
     diagnostics = details()
     exception = diagnostics["exception"]
     title += f"{exception['type'].rsplit('.', 1)[-1]}: {exception['message']}"
+    if record.rehearsal:
+        # Whoever is paged must see at once that this one was caused on purpose.
+        title = f"[rehearsal {record.rehearsal}] {title}"
     _upsert(Occurrence(
         fingerprint=fp, reason=reason, severity=severity, title=title,
         task_name=record.task_name, kind=record.kind, queue=record.queue, details=diagnostics,
-        letter_id=letter_id, letter_ids=tuple(window)), chosen)
+        letter_id=letter_id, letter_ids=tuple(window), rehearsal=record.rehearsal), chosen)
 
 
 def escalate(occurrence: Occurrence) -> Incident | None:
@@ -437,6 +442,7 @@ def _upsert(occurrence: Occurrence, chosen: EscalationRules) -> tuple[Incident, 
                         task_name=occurrence.task_name[:255], kind=occurrence.kind[:32],
                         queue=occurrence.queue[:255], details=occurrence.details,
                         saga_run_id=occurrence.saga_run_id, first_seen_at=now, last_seen_at=now,
+                        rehearsal=occurrence.rehearsal[:32],
                     )
                     opened = True
             except IntegrityError:

@@ -110,6 +110,13 @@ _SPECS: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
     "escalations": ("recovery_saga_escalations", "counter",
                     "Saga runs escalated to a human (a compensation failed for good).",
                     ("saga",), ""),
+    "rehearsal_injections": ("recovery_rehearsal_injections", "counter",
+                             "Task runs a failure rehearsal hit with its fault.",
+                             ("rehearsal", "task", "fault"), ""),
+    "rehearsal_parked": ("recovery_rehearsal_dead_letters_parked", "counter",
+                         "Dead letters a rehearsal's injected fault parked (also counted in "
+                         "recovery_dead_letters_parked_total, so its alerts fire as they "
+                         "would for real).", ("rehearsal", "task"), ""),
     # "max", not "livemax": a worker that died keeps its last timestamp in a shared
     # multiprocess directory, so its age grows and the heartbeat alert fires instead of the
     # series vanishing.
@@ -244,6 +251,16 @@ def dead_letter_parked(task: str, kind: str, replay: int = 0) -> None:
 
 
 @_safe
+def rehearsal_injected(rehearsal: str, task: str, fault: str) -> None:
+    _metric("rehearsal_injections").labels(label(rehearsal), ran_task_label(task), label(fault)).inc()
+
+
+@_safe
+def rehearsal_parked(rehearsal: str, task: str) -> None:
+    _metric("rehearsal_parked").labels(label(rehearsal), task_label(task)).inc()
+
+
+@_safe
 def internal_error(task: str, exception: str) -> None:
     """An error escaped the pool child outside the task's body and was not a decoding
     failure (see recovery.delivery.worker.RecoveryRequest)."""
@@ -338,6 +355,13 @@ def count_parked(record: Any, first_report: bool = True, **_: Any) -> None:
     # A spooled letter was counted when it was spooled, not again when the drain writes it.
     if first_report:
         dead_letter_parked(record.task_name, record.kind, record.replay)
+        if getattr(record, "rehearsal", ""):
+            rehearsal_parked(record.rehearsal, record.task_name)
+
+
+@counted_by(PROMETHEUS)
+def count_rehearsal_injected(rehearsal: str, task_name: str, fault: str, **_: Any) -> None:
+    rehearsal_injected(rehearsal, task_name, fault)
 
 
 @counted_by(PROMETHEUS)

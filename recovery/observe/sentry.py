@@ -12,7 +12,8 @@ What is sent for a letter (:func:`report_letter`):
 - the fingerprint ``["celery-recovery", <letter fingerprint>]``, so every letter of one
   failure lands in one Sentry issue, as the admin groups them;
 - tags ``recovery.task``, ``recovery.kind``, ``recovery.queue``, ``recovery.status``,
-  ``recovery.permanent`` and ``recovery.fingerprint``;
+  ``recovery.permanent`` and ``recovery.fingerprint`` (and ``recovery.rehearsal`` on what a
+  rehearsal caused);
 - a ``dead_letter`` context: arguments and history with secrets masked
   (:mod:`recovery.core.redaction`), attempts, classification, letter id, admin links.
 
@@ -166,6 +167,7 @@ def report_incident(incident: "Incident", chosen: "EscalationRules | None" = Non
             "recovery.queue": incident.queue,
             "recovery.status": incident.status,
             "recovery.severity": incident.severity,
+            "recovery.rehearsal": getattr(incident, "rehearsal", ""),
         })
         fingerprint = ["celery-recovery", "incident", incident.fingerprint]
         level = _LEVELS.get(incident.severity, "error")
@@ -213,6 +215,7 @@ def _send_letter(sentry_sdk: Any, client: Any, record: "ParkRecord", letter_id: 
         "recovery.status": "parked",
         "recovery.permanent": "true" if record.permanent else "false",
         "recovery.fingerprint": fp,
+        "recovery.rehearsal": record.rehearsal,
     })
     masked_args, masked_kwargs = diagnostics["args"], diagnostics["kwargs"]
     secrets = _secrets(record.args, masked_args) + _secrets(record.kwargs, masked_kwargs)

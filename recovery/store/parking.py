@@ -135,6 +135,8 @@ class ParkRecord:
     # more; its history entries are added to that letter. Kept through the spool, so the
     # order in which spooled records drain cannot let it overwrite.
     keep_existing: bool = False
+    # The rehearsal (recovery.workflows.rehearsals) whose injected fault failed the task.
+    rehearsal: str = ""
 
     def __post_init__(self) -> None:
         # Exceptions quote their arguments: the secrets among them are scrubbed from the
@@ -149,7 +151,7 @@ class ParkRecord:
         self.traceback = _clean(self.traceback)
         bounded(self)  # recovery.core.bounds: what one letter stores, whatever a client sent
         for name in ("task_name", "kind", "reason", "exception_type", "queue", "worker",
-                     "content_type"):
+                     "content_type", "rehearsal"):
             setattr(self, name, _bounded(str(getattr(self, name) or ""), _max_length(name)))
         # A NUL anywhere (an argument, a message in the history, a poison body) would make
         # every write fail, and the letter would sit in the spool forever.
@@ -277,6 +279,7 @@ def _write(record: ParkRecord, backend: Any, request: Any) -> tuple[int, bool, b
         traceback=record.traceback,
         queue=record.queue or "",
         worker=record.worker or "",
+        rehearsal=record.rehearsal or "",
         fingerprint=fingerprint(record.task_name, record.exception_type, record.exception_message),
         last_failed_at=failed_at,
     )
@@ -327,6 +330,8 @@ def _write(record: ParkRecord, backend: Any, request: Any) -> tuple[int, bool, b
             for name, value in values.items():
                 if name in ("raw_body", "content_type") and not record.raw_body:
                     continue  # a re-park by the task keeps the original message's body
+                if name == "rehearsal" and not value:
+                    continue  # a replay of a rehearsed letter that fails again stays rehearsed
                 setattr(letter, name, value)
             letter.history = history
             letter.attempts = attempt_count(history)

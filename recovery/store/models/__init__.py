@@ -8,6 +8,7 @@
 * ``sagas``: saga runs, their steps and their audit trail.
 * ``incidents``: failures escalated to a human, and the notifications about them.
 * ``effects``: effects in the application's database that ran once per task.
+* ``rehearsals``: failures injected on purpose, what they hit, who started them.
 
 Django finds the models through ``recovery.models``, which re-exports this package, so
 ``recovery.models.X`` and ``recovery.store.models.X`` are the same class. Every model
@@ -25,7 +26,9 @@ from .resilience import FallbackUse, SharedState
 from .sagas import SagaEvent, SagaRun, SagaStep
 from .incidents import Incident, IncidentNotification
 from .effects import Effect
+from .rehearsals import Rehearsal, RehearsalEvent, RehearsalInjection
 
 __all__ = ["DeadLetter", "DueRetry", "DeliveryCount", "DeadLetterEvent", "OutboxMessage",
            "SharedState", "FallbackUse", "SagaRun", "SagaStep", "SagaEvent", "Incident",
-           "IncidentNotification", "Effect"]
+           "IncidentNotification", "Effect", "Rehearsal", "RehearsalEvent",
+           "RehearsalInjection"]

@@ -71,6 +71,9 @@ class Incident(models.Model):
     saga_run = models.ForeignKey(
         "recovery.SagaRun", null=True, blank=True, on_delete=models.SET_NULL,
         related_name="incidents")
+    rehearsal = models.CharField(
+        max_length=32, blank=True, default="",
+        help_text="The rehearsal (manage.py rehearse) whose injected fault opened it, if any.")
     first_seen_at = models.DateTimeField("first seen", default=timezone.now)
     last_seen_at = models.DateTimeField("last seen", default=timezone.now)
     acknowledged_at = models.DateTimeField(null=True, blank=True)

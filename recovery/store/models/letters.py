@@ -92,6 +92,9 @@ class DeadLetter(models.Model):
         max_length=40,
         help_text="Groups the same failure on different data (see recovery.fingerprint).",
     )
+    rehearsal = models.CharField(
+        max_length=32, blank=True, default="",
+        help_text="The rehearsal (manage.py rehearse) whose injected fault parked it, if any.")
     first_failed_at = models.DateTimeField("first failed", default=timezone.now)
     last_failed_at = models.DateTimeField("last failed", default=timezone.now)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -122,6 +125,9 @@ class DeadLetter(models.Model):
             # as small as the open letters, however many closed ones the table keeps.
             models.Index(fields=["status", "last_failed_at"], name="recovery_dl_open",
                          condition=models.Q(status__in=["parked", "replaying"])),
+            # A rehearsal's report and purge: as small as the rehearsed letters.
+            models.Index(fields=["rehearsal"], name="recovery_dl_rehearsal",
+                         condition=~models.Q(rehearsal="")),
         ]
 
     def __str__(self) -> str:
