@@ -34,6 +34,7 @@ from .hostile import has_nul
 from .lookups import SafeLookupsMixin
 from .reveals import record_reveals, reveals_anything
 from . import resilience_admin  # noqa: F401 - registers the circuits/degraded/fallback admin
+from . import rehearsals_admin  # noqa: F401 - registers the rehearsals admin
 
 _PARKED = (DeadLetter.Status.PARKED,)
 #: what an operator may do to parked letters (what each does: DeadLetterAdmin.explain)
@@ -112,7 +113,8 @@ class DeadLetterAdmin(ConfirmedOperationsMixin, SafeLookupsMixin, ChangeListAtSc
     # indexed change list: see .changelist; what it may be filtered by: see .lookups
     payload_fields = ("args", "kwargs", "headers", "raw_body", "traceback", "history", "events",
                       "exception_message")  # text stored before scrubbing may quote secrets
-    filter_fields = ("fingerprint",)  # the failure group's "list them all" links
+    # the failure group's "list them all" links; a rehearsal's page links to its letters
+    filter_fields = ("fingerprint", "rehearsal")
     list_display = ("task_name", "status", "kind", "exception_type", "attempts", "replay_count",
                     "last_failed_at", "age")
     list_filter = ("status", "kind", TaskNameFilter, "last_failed_at")
@@ -130,7 +132,7 @@ class DeadLetterAdmin(ConfirmedOperationsMixin, SafeLookupsMixin, ChangeListAtSc
     fieldsets = (
         (None, {"fields": ("task_id", "task_name", "status", "kind", "permanent", "reason",
                            "attempts", "replay_count", "queue", "worker",
-                           "first_failed_at", "last_failed_at", "fingerprint")}),
+                           "first_failed_at", "last_failed_at", "fingerprint", "rehearsal")}),
         ("Exception", {"fields": ("exception_type", "exception_message_shown", "traceback_pre")}),
         ("Payload", {"fields": ("args_pretty", "kwargs_pretty", "headers_pretty", "raw_body_shown",
                                 "content_type")}),

@@ -34,6 +34,7 @@ from django.utils.timesince import timesince
 from recovery.models import DeadLetter
 
 from . import dashboard as data
+from .rehearsals_admin import running_rehearsals
 
 __all__ = ["Bar", "Chart", "bar_chart", "short_age", "dashboard_view", "install", "PERMISSION"]
 
@@ -207,6 +208,11 @@ def dashboard_view(request: HttpRequest, site: AdminSite) -> TemplateResponse:
         **site.each_context(request),
         "title": "On-call dashboard",
         "now": now,
+        # Failures caused on purpose: whoever looks must know before reading a number.
+        "rehearsals": [{"rehearsal": r, "until": r.expires_at,
+                        "url": reverse("admin:recovery_rehearsal_change", args=[r.pk],
+                                       current_app=site.name)}
+                       for r in running_rehearsals()],
         "refresh": 0 if request.GET.get("refresh") == "0" else REFRESH_SECONDS,
         "lights": lights,
         "incidents": incidents,

@@ -66,8 +66,9 @@ IMPORTED = (
     "replay_count", "history", "queue", "worker", "fingerprint", "first_failed_at",
     "last_failed_at",
 )
-#: Fields of an export record that are read but never written.
-_IGNORED = ("id", "created_at", "updated_at", "events")
+#: Fields of an export record that are read but never written. A rehearsal's id names a
+#: rehearsal of the database it was exported from, none of this one's.
+_IGNORED = ("id", "created_at", "updated_at", "events", "rehearsal")
 _KNOWN = frozenset(("task_id", *IMPORTED, *_IGNORED))
 
 #: Largest record read (its JSON text, in bytes): a record that size is already far past

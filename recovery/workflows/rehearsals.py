@@ -42,7 +42,7 @@ from ..store.models import Rehearsal, RehearsalEvent, RehearsalInjection
 from . import shared_state
 
 __all__ = ["MAX_DURATION", "READ_INTERVAL_SECONDS", "ActiveRehearsal", "RehearsalFault",
-           "RehearsedTimeLimit", "RehearsalsDisabled", "enabled", "start", "stop", "running",
+           "RehearsedTimeLimit", "RehearsalsDisabled", "enabled", "validate", "start", "stop", "running",
            "active", "inject", "parse_duration", "publish", "injected_into"]
 
 logger = logging.getLogger(__name__)
@@ -146,14 +146,10 @@ def _check_task(task: str) -> None:
     raise ValueError(f"{task!r} matches no registered task{hint}")
 
 
-def start(*, task: str, fault: str, rate: float, duration: timedelta, actor: str,
-          kind: str = FailureKind.DEPENDENCY.value, message: str = "") -> Rehearsal:
-    """Start a rehearsal and tell the workers. Raises :class:`RehearsalsDisabled`, or
-    ValueError naming what is wrong with the request."""
-    if not enabled():
-        raise RehearsalsDisabled(
-            "rehearsals are off here: set RECOVERY['REHEARSALS_ENABLED'] = True in a "
-            "non-production environment")
+def validate(*, task: str, fault: str, rate: Any, duration: timedelta,
+             kind: str = FailureKind.DEPENDENCY.value, message: str = "") -> float:
+    """Check a rehearsal request without starting it (the admin's form, then :func:`start`);
+    returns the rate as a number. Raises ValueError naming what is wrong."""
     if fault not in FAULTS:
         raise ValueError(f"--fault must be one of {', '.join(FAULTS)}, not {fault!r}")
     if kind not in KINDS:
@@ -165,9 +161,22 @@ def start(*, task: str, fault: str, rate: float, duration: timedelta, actor: str
     if not 0 < rate <= 1:
         raise ValueError(f"--rate must be in (0, 1], not {rate:g}")
     _check_duration(duration)
-    if len(message) > 255:
+    if len(message or "") > 255:
         raise ValueError("--message is 255 characters at most")
     _check_task(task)
+    return rate
+
+
+def start(*, task: str, fault: str, rate: float, duration: timedelta, actor: str,
+          kind: str = FailureKind.DEPENDENCY.value, message: str = "") -> Rehearsal:
+    """Start a rehearsal and tell the workers. Raises :class:`RehearsalsDisabled`, or
+    ValueError naming what is wrong with the request."""
+    if not enabled():
+        raise RehearsalsDisabled(
+            "rehearsals are off here: set RECOVERY['REHEARSALS_ENABLED'] = True in a "
+            "non-production environment")
+    rate = validate(task=task, fault=fault, rate=rate, duration=duration, kind=kind,
+                    message=message)
     now = timezone.now()
     with transaction.atomic():
         rehearsal = Rehearsal.objects.create(

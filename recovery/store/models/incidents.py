@@ -71,8 +71,9 @@ class Incident(models.Model):
     saga_run = models.ForeignKey(
         "recovery.SagaRun", null=True, blank=True, on_delete=models.SET_NULL,
         related_name="incidents")
+    # db_default: rows written by raw SQL (bulk loads, benchmarks) need no value for it.
     rehearsal = models.CharField(
-        max_length=32, blank=True, default="",
+        max_length=32, blank=True, default="", db_default="",
         help_text="The rehearsal (manage.py rehearse) whose injected fault opened it, if any.")
     first_seen_at = models.DateTimeField("first seen", default=timezone.now)
     last_seen_at = models.DateTimeField("last seen", default=timezone.now)

@@ -92,8 +92,9 @@ class DeadLetter(models.Model):
         max_length=40,
         help_text="Groups the same failure on different data (see recovery.fingerprint).",
     )
+    # db_default: rows written by raw SQL (bulk loads, benchmarks) need no value for it.
     rehearsal = models.CharField(
-        max_length=32, blank=True, default="",
+        max_length=32, blank=True, default="", db_default="",
         help_text="The rehearsal (manage.py rehearse) whose injected fault parked it, if any.")
     first_failed_at = models.DateTimeField("first failed", default=timezone.now)
     last_failed_at = models.DateTimeField("last failed", default=timezone.now)
