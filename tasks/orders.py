@@ -104,3 +104,35 @@ def run_demo(timeout: float = 60.0) -> list[tuple[str, str, str, str]]:
                           for row in run.steps.filter(role="step").order_by("index"))
         rows.append((str(run.pk), str(run.context.get("order_id")), run.status, steps))
     return rows
+
+
+def run_rehearsal_demo(timeout: float = 60.0) -> str:
+    """``manage.py demo``: a rehearsal of the order saga. The payment provider "fails
+    permanently" for 30 seconds (``manage.py rehearse start --task
+    tasks.orders.charge_payment --fault permanent --rate 1 --for 30s``); two orders placed
+    meanwhile park their charge and are compensated (their stock released); the rehearsal is
+    stopped and its report returned."""
+    import time
+
+    from recovery.models import SagaRun
+    from recovery.operations import rehearsal_report
+    from recovery.workflows import rehearsals
+
+    rehearsal = rehearsals.start(task=charge_payment.name, fault="permanent", rate=1.0,
+                                 duration=rehearsals.parse_duration("30s"), actor="demo",
+                                 message="payment provider down (rehearsal)")
+    try:
+        # Workers read the running rehearsals at most once a second: give them that second.
+        time.sleep(rehearsals.READ_INTERVAL_SECONDS + 0.2)
+        runs = [place_order.start(order_id=order_id, sku="BOOK-3", quantity=1, amount_cents=1900)
+                for order_id in (601, 602)]
+        deadline = time.monotonic() + timeout
+        for run in runs:
+            while run.status in (SagaRun.Status.RUNNING, SagaRun.Status.COMPENSATING):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+                run.refresh_from_db()
+    finally:
+        rehearsals.stop([rehearsal.pk], actor="demo")
+    return rehearsal_report.format_report(rehearsal_report.report(rehearsal))

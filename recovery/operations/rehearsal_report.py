@@ -114,6 +114,7 @@ def _success_ids(task_ids: list[str]) -> set[str]:
 
 def report(rehearsal: Rehearsal) -> RehearsalReport:
     """Follow every run ``rehearsal`` hit (a few queries, whatever the number of tasks)."""
+    rehearsal.refresh_from_db()  # a caller's copy may predate its stop
     hits: dict[str, list[RehearsalInjection]] = {}
     for injection in RehearsalInjection.objects.filter(rehearsal=rehearsal).order_by("at", "pk"):
         hits.setdefault(injection.task_id, []).append(injection)
@@ -179,12 +180,14 @@ def report(rehearsal: Rehearsal) -> RehearsalReport:
 
 
 def _secs(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}s"
+    if value is None:
+        return "-"
+    return f"{value:.2f}s" if value < 10 else f"{value:.0f}s"
 
 
 def _median(values: list[float | None]) -> str:
     present = [v for v in values if v is not None]
-    return "-" if not present else f"{statistics.median(present):.1f}s (of {len(present)})"
+    return "-" if not present else f"{_secs(statistics.median(present))} (of {len(present)})"
 
 
 def format_report(found: RehearsalReport) -> str:

@@ -70,6 +70,12 @@ def test_demo_runs_the_examples_on_the_embedded_default(tmp_path):
     assert "Circuit partner-api: open" in out
     # charge_payment is critical: its dead letter opened an incident on the embedded default
     assert "critical critical_task        Critical task tasks.tasks.charge_payment failed" in out
+    # The rehearsal of the order saga: payment failed on purpose, both orders compensated,
+    # the report printed
+    assert "Rehearsal of the order saga: payment fails permanently for 30 s" in out
+    assert "2 runs hit in 2 tasks: 2 compensated" in out
+    hit = [line for line in out.splitlines() if line.startswith("saga-") and "charge_payment" in line]
+    assert len(hit) == 2 and all(" compensated " in line for line in hit)
     assert (tmp_path / "demo.sqlite3").exists()
 
 

@@ -75,6 +75,7 @@ class Command(BaseCommand):
             self._run_resilience(options["timeout"])
             self._run_sagas(options["timeout"])
             self._print_incidents()
+            self._run_rehearsal(options["timeout"])
             if options["no_serve"]:
                 return
             self.stdout.write(self.style.SUCCESS(
@@ -173,6 +174,20 @@ class Command(BaseCommand):
             self.stdout.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
             if index == 0:
                 self.stdout.write("  ".join("-" * width for width in widths))
+
+    def _run_rehearsal(self, timeout: float) -> None:
+        """A failure rehearsal of the order saga (docs/rehearsals.md): payment fails on
+        purpose, the orders are compensated, the report shows each step's time."""
+        from recovery.workflows import rehearsals
+        from tasks import orders
+
+        if not rehearsals.enabled():
+            self.stdout.write("\nRehearsal: skipped (RECOVERY['REHEARSALS_ENABLED'] is off)")
+            return
+        self.stdout.write("\nRehearsal of the order saga: payment fails permanently for 30 s "
+                          "(python manage.py rehearse start --task tasks.orders.charge_payment "
+                          "--fault permanent --rate 1 --for 30s):\n")
+        self.stdout.write(orders.run_rehearsal_demo(timeout))
 
     def _print_incidents(self) -> None:
         from recovery.models import Incident
