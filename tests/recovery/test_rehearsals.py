@@ -261,11 +261,11 @@ def test_a_letter_keeps_its_rehearsal_when_a_replay_of_it_fails_again_untagged()
 # -- the command ---------------------------------------------------------------------------------
 
 
-def command(*args) -> str:
+def command(*args, name: str = "rehearse") -> str:
     from io import StringIO
 
     out = StringIO()
-    call_command("rehearse", *args, stdout=out)
+    call_command(name, *args, stdout=out)
     return out.getvalue()
 
 
@@ -320,6 +320,8 @@ def test_purge_deletes_the_rehearsals_letters_and_incidents_and_nothing_else(ena
     Incident.objects.create(fingerprint="f1", reason="threshold", title="t",
                             rehearsal=str(rehearsal.pk))
     Incident.objects.create(fingerprint="f2", reason="threshold", title="real")
+    listed = command("list", "--rehearsal", str(rehearsal.pk), name="dlq").splitlines()[1:]
+    assert [int(row.split()[0]) for row in listed] == [DeadLetter.objects.get(task_id="rh-a").pk]
     assert rehearsal_report.purge(rehearsal, actor="cli:x") == {"letters": 1, "incidents": 1}
     assert list(DeadLetter.objects.values_list("task_id", flat=True)) == ["real"]
     assert list(Incident.objects.values_list("title", flat=True)) == ["real"]

@@ -13,6 +13,7 @@
     manage.py dlq stats                      manage.py dlq drain
 
 Filters: --ids 1,2,3 --task-id ID --task NAME --kind KIND --status STATUS --fingerprint SHA1
+--rehearsal ID
 --since/--until (ISO date or time, or 30m/6h/2d ago) --limit N. Every operation goes
 through recovery.operations.replay, so it is locked, audited (actor cli:<user>) and the same as in
 the admin. Exit status 1 when some letters could not be handled.
@@ -95,6 +96,8 @@ class Command(BaseCommand):
             p.add_argument("--kind", choices=DeadLetter.Kind.values)
             p.add_argument("--status", choices=DeadLetter.Status.values)
             p.add_argument("--fingerprint")
+            p.add_argument("--rehearsal", type=int,
+                           help="letters a failure rehearsal parked (manage.py rehearse)")
             p.add_argument("--since", help="last failure at or after (ISO time, or 30m/6h/2d)")
             p.add_argument("--until", help="last failure before (ISO time, or 30m/6h/2d)")
             p.add_argument("--limit", type=int)
@@ -176,6 +179,8 @@ class Command(BaseCommand):
                                ("fingerprint", "fingerprint")):
             if options.get(option):
                 qs = qs.filter(**{lookup: options[option]})
+        if options.get("rehearsal") is not None:
+            qs = qs.filter(rehearsal=str(options["rehearsal"]))
         if options.get("since"):
             qs = qs.filter(last_failed_at__gte=_moment(options["since"]))
         if options.get("until"):
