@@ -427,12 +427,14 @@ class DeadLetterAdmin(ConfirmedOperationsMixin, SafeLookupsMixin, ChangeListAtSc
                     args=form.cleaned_data["args"] if edit else None,
                     kwargs=form.cleaned_data["kwargs"] if edit else None,
                     note=form.cleaned_data["note"],
+                    rerun_effects=form.cleaned_data["rerun_effects"],
                 )
             except service.ReplayError as exc:
                 form.add_error(None, str(exc))
             else:
                 self.message_user(request, f"Dead letter {letter.pk} was replayed"
-                                           f"{' with the edited payload' if edit else ''}.",
+                                           f"{' with the edited payload' if edit else ''}"
+                                           f"{', its effects to run again' if form.cleaned_data['rerun_effects'] else ''}.",
                                   messages.SUCCESS)
                 return HttpResponseRedirect(
                     reverse("admin:recovery_deadletter_change", args=[letter.pk]))

@@ -21,6 +21,11 @@ class ReplayForm(forms.Form):
                              help_text="A JSON object of keyword arguments.")
     queue = forms.CharField(required=False, help_text="Leave empty for the original queue.")
     note = forms.CharField(required=False, help_text="Why; kept in the audit trail.")
+    rerun_effects = forms.BooleanField(
+        required=False, label="Run its effects again",
+        help_text="Effects this task already committed (self.effect, docs/effects.md) are "
+                  "skipped by a replay; tick to run them again (a second charge, a second "
+                  "row). Recorded in the audit trail.")
 
     def __init__(self, *args, letter, can_reveal: bool = True, **kwargs):
         self.letter = letter

@@ -10,7 +10,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.urls import reverse
 
-from recovery.models import DeadLetter, DeadLetterEvent
+from recovery.models import DeadLetter, DeadLetterEvent, Effect
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -144,3 +144,35 @@ def test_audit_events_cannot_be_edited_or_deleted(admin_client, broker):
     page = admin_client.get(reverse("admin:recovery_deadletter_change", args=[letter.pk]))
     assert 'name="events-0-DELETE"' not in page.content.decode()
     assert DeadLetterEvent.objects.count() == 1
+
+
+def test_replay_form_may_ask_for_the_effects_to_run_again_and_audits_it(client, broker):
+    # Given a parked letter whose task had committed an effect before it failed
+    c = operator(client, "replay_deadletter")
+    letter = make(1)
+    Effect.objects.create(task_id=letter.task_id, name="charge", task_name=letter.task_name)
+    url = reverse("admin:recovery_deadletter_replay", args=[letter.pk])
+    assert "Run its effects again" in c.get(url).content.decode()
+    # When the operator replays it asking for the effects to run again
+    page = c.post(url, {"args": "[1, 500]", "kwargs": "{}", "rerun_effects": "on",
+                        "note": "refunded by hand"}, follow=True)
+    # Then the replay is published with a new generation of effects, and the audit says so
+    assert "was replayed, its effects to run again" in page.content.decode()
+    letter.refresh_from_db()
+    assert letter.status == "replaying"
+    assert letter.headers["headers"]["recovery_effects_generation"] == 1
+    event = letter.events.get(action=DeadLetterEvent.Action.EFFECTS_RERUN)
+    assert event.actor == "op"
+    message = json.loads(broker.lindex("celery", 0))
+    assert message["headers"]["recovery_effects_generation"] == 1
+
+
+def test_a_replay_from_the_form_skips_committed_effects_unless_asked(client, broker):
+    c = operator(client, "replay_deadletter")
+    letter = make(2)
+    Effect.objects.create(task_id=letter.task_id, name="charge", task_name=letter.task_name)
+    c.post(reverse("admin:recovery_deadletter_replay", args=[letter.pk]),
+           {"args": "[2, 500]", "kwargs": "{}"})
+    assert not DeadLetterEvent.objects.filter(action=DeadLetterEvent.Action.EFFECTS_RERUN).exists()
+    message = json.loads(broker.lindex("celery", 0))
+    assert "recovery_effects_generation" not in message["headers"]
