@@ -322,9 +322,13 @@ def _write_probe(probe: str, kind: str, i: int, task_id: str) -> None:
 
 
 def _hold_after_commit(key: str, kind: str, i: int, hold: float) -> None:
-    store().rpush(f"t:window:{key}", f"{kind}:{i}:{os.getpid()}")
+    """Announce the window (committed, unacknowledged) and stay in it until the test has
+    either SIGKILLed this child or released it, at most ``hold`` seconds: a kill that
+    arrived after a fixed sleep could hit the child's next task instead."""
+    entry = f"{kind}:{i}:{os.getpid()}"
+    store().rpush(f"t:window:{key}", entry)
     store().incr(f"t:windows:{key}")
-    time.sleep(hold)
+    store().blpop(f"t:release:{key}:{entry}", timeout=hold)
 
 
 @shared_task(base=RecoveryTask, bind=True, retry_policy=QUICK)
