@@ -333,6 +333,7 @@ class RecoveryTask(Task):
 
     # -- publishing -----------------------------------------------------------------------
 
+    @result_rows.masked_publish
     def apply_async(self, args=None, kwargs=None, **options):
         """Publish with ``argsrepr``/``kwargsrepr`` masked (:mod:`recovery.store.result_rows`),
         unless the caller chose them: Celery shows these in events, logs and result rows."""

@@ -22,6 +22,7 @@ batches with ``SELECT ... FOR UPDATE SKIP LOCKED``, so two operators (or two
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from collections import deque
@@ -44,8 +45,9 @@ from ..store.deliveries import forget as forget_deliveries
 from ..store.models import DeadLetter, DeadLetterEvent
 from ..workflows import sagas
 from .effects_rerun import mark_effects_rerun
-from .replay_options import (UnknownQueue, body_payload, check_queue, replay_options,
-                             undecodable_body)
+from .replay_sender import ReplaySender
+from .replay_options import (UnknownQueue, body_payload, check_queue, is_known_queue,
+                             replay_options, undecodable_body)
 from ..core.names import logger_for
 
 __all__ = [
@@ -149,14 +151,15 @@ def _refuse_masked(letter: DeadLetter, args: Any, kwargs: Any, verb: str = "repl
             f"edited replay, or discard it")
 
 
-def _signature_for(letter: DeadLetter, app: Any, queue: str | None) -> tuple[Any, dict]:
+def _signature_for(letter: DeadLetter, app: Any, queue: str | None,
+                   is_known: Callable[[str], bool] | None = None) -> tuple[Any, dict]:
     """The replay's signature and headers, from the allow-list only.
 
     Raises:
         ReplayError: the queue (chosen, or the letter's own) is not one the app knows.
     """
     try:
-        options, carried = replay_options(letter.headers, letter.queue, app, queue)
+        options, carried = replay_options(letter.headers, letter.queue, app, queue, is_known)
     except UnknownQueue as exc:
         raise ReplayError(f"cannot replay letter {letter.pk}: {exc}") from None
     args, kwargs = _published_payload(letter)
@@ -165,7 +168,8 @@ def _signature_for(letter: DeadLetter, app: Any, queue: str | None) -> tuple[Any
 
 
 def require_replayable(letter: DeadLetter, app: Any = None, queue: str | None = None,
-                       edited: bool = False) -> tuple[Any, dict]:
+                       edited: bool = False,
+                       is_known: Callable[[str], bool] | None = None) -> tuple[Any, dict]:
     """Refuse, before anything changes, a replay that could only fail or run the task
     with arguments it was never sent. Forms call it to say so before a payload check.
     Returns the replay's signature and headers, as it would publish them now.
@@ -183,7 +187,7 @@ def require_replayable(letter: DeadLetter, app: Any = None, queue: str | None = 
             f"unknown; replay it with an edited payload, or discard it")
     if not edited:
         _refuse_masked(letter, *_published_payload(letter))
-    return _signature_for(letter, app, queue)
+    return _signature_for(letter, app, queue, is_known)
 
 
 def _prepare_replay(letter: DeadLetter, *, actor: str, app: Any, queue: str | None = None,
@@ -214,23 +218,26 @@ def _prepare_replay(letter: DeadLetter, *, actor: str, app: Any, queue: str | No
 
 
 def _publish_replay(letter: DeadLetter, *, actor: str, app: Any, queue: str | None,
-                    note: str = "", producer: Any = None,
+                    note: str = "", sender: ReplaySender | None = None,
                     events: list[DeadLetterEvent] | None = None) -> None:
     """After commit: publish; on failure put the letter back to parked, audited.
 
-    ``producer``: publish on this kombu producer instead of acquiring one from the pool.
+    ``sender``: publish through this batch's sender (its producer, Celery's message built
+    directly where that is known to equal ``apply_async``'s) instead of ``apply_async``
+    on a producer from the pool.
     ``events``: append the ``replayed`` event here for the caller to write (``bulk``
     writes one batch's events in one INSERT) instead of inserting it now.
     """
-    publish_options = {} if producer is None else {"producer": producer}
     try:
         # Inside the try: whatever fails here must put the letter back to parked.
         _refuse_masked(letter, *_published_payload(letter))
         signature, carried = (letter.__dict__.pop("_replay_signature", None)
                               or _signature_for(letter, app, queue))
-        signature.apply_async(task_id=letter.task_id,
-                              headers={**carried, hdr.REPLAY: letter.replay_count},
-                              **publish_options)
+        headers = {**carried, hdr.REPLAY: letter.replay_count}
+        if sender is None:
+            signature.apply_async(task_id=letter.task_id, headers=headers)
+        else:
+            sender.send(signature, letter.task_id, headers)
     except Exception as exc:
         DeadLetter.objects.filter(pk=letter.pk, status=DeadLetter.Status.REPLAYING).update(
             status=DeadLetter.Status.PARKED, replay_count=F("replay_count") - 1,
@@ -405,6 +412,7 @@ def bulk(operation: str, queryset: QuerySet, *, actor: str, batch_size: int = 50
                 # One producer (one broker connection) for the batch; a fresh one after a
                 # failed publish, in case that connection is what failed.
                 with app.producer_or_acquire() as producer:
+                    sender = ReplaySender(app, producer)
                     while pending:
                         letter = pending[0]
                         if rate:
@@ -418,7 +426,7 @@ def bulk(operation: str, queryset: QuerySet, *, actor: str, batch_size: int = 50
                                                       producer=producer)
                             else:
                                 _publish_replay(letter, actor=actor, app=app, queue=queue,
-                                                note=note, producer=producer, events=events)
+                                                note=note, sender=sender, events=events)
                         except ReplayError as exc:
                             result.failed += 1
                             result.errors.append(f"letter {letter.pk}: {exc}")
@@ -465,13 +473,14 @@ def _publish_replays_batched(pending: deque, result: BulkResult,
     buffered_events: list[DeadLetterEvent] = []
     flushing = False
     with app.producer_or_acquire() as producer:
+        sender = ReplaySender(app, producer)
         try:
             with producer.batch(max_size=_BUFFER_PER_LETTER * len(pending) + 8):
                 while pending:
                     letter = pending[0]
                     try:
                         _publish_replay(letter, actor=actor, app=app, queue=queue, note=note,
-                                        producer=producer, events=buffered_events)
+                                        sender=sender, events=buffered_events)
                     except ReplayError as exc:
                         result.failed += 1
                         result.errors.append(f"letter {letter.pk}: {exc}")
@@ -514,6 +523,7 @@ def _prepare_replays(batch: list[DeadLetter], result: BulkResult, *, app: Any,
     letter (without an edit), for the whole batch in one UPDATE. Returns the letters to
     publish; the others are counted as failed."""
     prepared = []
+    is_known = functools.lru_cache(maxsize=None)(lambda name: is_known_queue(name, app))
     for letter in batch:
         try:
             _require_parked(letter, "replayed")
@@ -526,7 +536,8 @@ def _prepare_replays(batch: list[DeadLetter], result: BulkResult, *, app: Any,
             if known_tasks[letter.task_name] is not None:
                 raise known_tasks[letter.task_name]
             # Built once: the publish after the commit takes it instead of building again.
-            letter.__dict__["_replay_signature"] = require_replayable(letter, app, queue)
+            letter.__dict__["_replay_signature"] = require_replayable(letter, app, queue,
+                                                                     is_known=is_known)
         except ReplayError as exc:
             result.failed += 1
             result.errors.append(f"letter {letter.pk}: {exc}")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ..core import deepjson, headers as hdr
@@ -145,23 +145,27 @@ def _carried_header(name: str, value: Any) -> Any:
 
 
 def replay_options(stored: Any, origin_queue: str, app: Any,
-                   queue: str | None = None) -> tuple[dict, dict]:
+                   queue: str | None = None,
+                   is_known: Callable[[str], bool] | None = None) -> tuple[dict, dict]:
     """``(publish options, headers)`` for replaying a letter.
 
     Args:
         stored: the letter's ``headers`` (its stored execution options).
         origin_queue: the queue the letter was parked from (``letter.queue``).
         queue: the operator's choice, or None for the origin queue.
+        is_known: :func:`is_known_queue` for ``app``, memoised by a caller that checks
+            many letters (reading the settings costs more than the rest of this).
 
     Raises:
         UnknownQueue: the chosen queue, or the origin queue when none is chosen, is not
             one this app knows.
     """
+    is_known = is_known or (lambda name: is_known_queue(name, app))
     options: dict[str, Any] = {}
     if queue:
-        options["queue"] = check_queue(queue, app)
+        options["queue"] = queue if is_known(queue) else check_queue(queue, app)
     elif origin_queue:
-        if not is_known_queue(origin_queue, app):
+        if not is_known(origin_queue):
             raise UnknownQueue(
                 f"the letter was parked from queue {origin_queue!r}, which this app neither "
                 f"declares nor routes to, and no live worker consumes; replay it to a queue "

@@ -28,12 +28,25 @@ from ..core import bounds, headers as hdr, redaction
 from .. import conf
 from ..core.names import logger_for
 
-__all__ = ["masked_reprs", "hidden_in_request", "scrubbed_failure"]
+__all__ = ["masked_reprs", "masked_publish", "MASKED_PUBLISH", "hidden_in_request",
+           "scrubbed_failure"]
 
 logger = logger_for(__name__)
 
 #: Celery's own bound on ``argsrepr``/``kwargsrepr`` (``celery.app.amqp.AMQP``).
 REPR_MAX_CHARS = 1024
+
+
+#: Set on a task class's ``apply_async`` that is Celery's own plus :func:`masked_reprs`
+#: and nothing else: a bulk replay may then build the message itself
+#: (:mod:`recovery.operations.replay_sender`). A subclass that overrides it loses the mark.
+MASKED_PUBLISH = "recovery_masked_publish"
+
+
+def masked_publish(apply_async: Any) -> Any:
+    """Mark ``apply_async`` as :data:`MASKED_PUBLISH` says."""
+    setattr(apply_async, MASKED_PUBLISH, True)
+    return apply_async
 
 
 #: What stands for arguments that could not be masked (never their clear repr).
