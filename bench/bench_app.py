@@ -6,6 +6,7 @@ concurrency and prefetch, so a ratio measures only what recovery adds.
 """
 
 import os
+import time
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 os.environ.setdefault("DJANGO_SECRET_KEY", "bench-only-key-" + "x" * 50)  # DEBUG is off
@@ -43,22 +44,43 @@ else:
     # Stock Celery with the same connection reuse recovery.setup() installs.
     signals.task_prerun.connect(lambda **kw: close_old_connections(), weak=False)
 
+#: A file the first run of task number START_INDEX creates, holding the time it started:
+#: the measured window opens there (bench/throughput.py), when every pool child has run a
+#: few tasks (its first opens the database connection and fills recovery's caches), on
+#: both sides alike. Tasks are queued in order, so taken in order.
+START_MARK = os.environ.get("BENCH_START_MARK", "")
+START_INDEX = int(os.environ.get("BENCH_START_INDEX", 0))
+
+
+def mark_start(i) -> None:
+    if i == START_INDEX and START_MARK:
+        try:
+            fd = os.open(START_MARK, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:  # a retry of that task
+            return
+        os.write(fd, repr(time.time()).encode())
+        os.close(fd)
+
+
 IMMEDIATE = RetryPolicy(max_attempts=3, initial_delay_seconds=0, max_delay_seconds=0, jitter="none")
 
 
 @app.task(base=Task, bind=True, name="bench.noop_plain")
 def noop_plain(self, i):
+    mark_start(i)
     return i
 
 
 @app.task(base=RecoveryTask, bind=True, name="bench.noop_recovery", retry_policy=IMMEDIATE)
 def noop_recovery(self, i):
+    mark_start(i)
     return i
 
 
 @app.task(base=Task, bind=True, name="bench.retry_plain", autoretry_for=(ValueError,),
           retry_kwargs={"countdown": 0}, max_retries=3)
 def retry_plain(self, i):
+    mark_start(i)
     if self.request.retries == 0:
         raise ValueError(f"first run of {i} fails")
     return i
@@ -66,6 +88,7 @@ def retry_plain(self, i):
 
 @app.task(base=RecoveryTask, bind=True, name="bench.retry_recovery", retry_policy=IMMEDIATE)
 def retry_recovery(self, i):
+    mark_start(i)
     if self.request.retries == 0:
         raise ValueError(f"first run of {i} fails")
     return i
@@ -73,9 +96,11 @@ def retry_recovery(self, i):
 
 @app.task(base=Task, bind=True, name="bench.fail_plain")
 def fail_plain(self, i):
+    mark_start(i)
     raise PermanentError(f"order {i} cannot be processed")
 
 
 @app.task(base=RecoveryTask, bind=True, name="bench.fail_recovery", retry_policy=IMMEDIATE)
 def fail_recovery(self, i):
+    mark_start(i)
     raise PermanentError(f"order {i} cannot be processed")
