@@ -5,6 +5,7 @@
 concurrency and prefetch, so a ratio measures only what recovery adds.
 """
 
+import hashlib
 import os
 import time
 
@@ -102,5 +103,31 @@ def fail_plain(self, i):
 
 @app.task(base=RecoveryTask, bind=True, name="bench.fail_recovery", retry_policy=IMMEDIATE)
 def fail_recovery(self, i):
+    mark_start(i)
+    raise PermanentError(f"order {i} cannot be processed")
+
+
+class HandWrittenDeadLetterTask(Task):
+    """The like-for-like baseline of parking: stock Celery plus what a team would write
+    by hand to keep a failed task, an ``on_failure`` that saves it to the same dead-letter
+    table (payload, exception, traceback, queue, worker), beside Celery's FAILURE row."""
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo):
+        from recovery.models import DeadLetter
+
+        request = self.request
+        exception_type = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        DeadLetter.objects.create(
+            task_id=task_id, task_name=self.name, args=list(args), kwargs=dict(kwargs),
+            headers={"root_id": request.root_id, "priority": request.delivery_info.get("priority")},
+            exception_type=exception_type, exception_message=str(exc)[:2000],
+            traceback=einfo.traceback, queue=request.delivery_info.get("routing_key") or "",
+            worker=request.hostname or "", attempts=request.retries + 1,
+            fingerprint=hashlib.sha1(f"{self.name}:{exception_type}".encode()).hexdigest(),
+        )
+
+
+@app.task(base=HandWrittenDeadLetterTask, bind=True, name="bench.fail_plain_dead_letter")
+def fail_plain_dead_letter(self, i):
     mark_start(i)
     raise PermanentError(f"order {i} cannot be processed")

@@ -15,9 +15,9 @@ MODES = ("full", "quick", "smoke")
 PLAN: dict[str, dict[str, dict[str, Any]]] = {
     "throughput": {
         "full": {"n": 2000, "rounds": 5, "concurrency": 2,
-                 "scenarios": ("success", "retry", "park")},
+                 "scenarios": ("success", "retry", "park", "park_like")},
         "quick": {"n": 200, "rounds": 3, "concurrency": 2,
-                  "scenarios": ("success", "retry", "park")},
+                  "scenarios": ("success", "retry", "park", "park_like")},
         "smoke": {"n": 20, "rounds": 2, "concurrency": 1,
                   "scenarios": ("success",)},
     },

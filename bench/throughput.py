@@ -9,6 +9,8 @@ Scenarios (N tasks each, pre-queued, then one worker drains them):
   retry    - fail once then succeed: Celery autoretry_for vs RecoveryTask's policy
   park     - fail permanently: django-celery-results storing FAILURE vs RecoveryTask parking
              a dead letter with its FAILURE result
+  park_like - the same, against stock Celery plus a hand-written on_failure that saves the
+             dead letter too (like for like: both sides write both rows)
 Throughput is (N - W) / (last date_done - the moment task W started), W = ten tasks per
 pool child (warm_up_tasks): the first run of task W writes that moment to a file
 (bench_app.mark_start), so worker start-up and each child's first tasks (database
@@ -61,9 +63,13 @@ SCENARIOS = {
     "success": ("bench.noop_plain", "bench.noop_recovery"),
     "retry": ("bench.retry_plain", "bench.retry_recovery"),
     "park": ("bench.fail_plain", "bench.fail_recovery"),
+    "park_like": ("bench.fail_plain_dead_letter", "bench.fail_recovery"),
 }
-TARGETS = {"success": 0.97, "retry": 1.5, "park": 1.5}
-BASELINES = {"success": "plain", "retry": "autoretry_for", "park": "django-celery-results"}
+#: park_like is the like-for-like figure of parking (the issue asks for one where a path
+#: does more than its baseline): the baseline also keeps a dead letter, by hand.
+TARGETS = {"success": 0.97, "retry": 1.5, "park": 1.5, "park_like": 1.0}
+BASELINES = {"success": "plain", "retry": "autoretry_for", "park": "django-celery-results",
+             "park_like": "hand-written on_failure dead letter"}
 
 
 def empty_broker(url: str, queues: tuple[str, ...]) -> None:
@@ -144,7 +150,7 @@ def run_side(task_name: str, n: int, concurrency: int, with_recovery: bool) -> t
         "date_done", flat=True).first()
     if last is None or last.timestamp() <= started:
         raise RuntimeError(f"{task_name}: no completion after the start (start={started}, last={last})")
-    if with_recovery and task_name == "bench.fail_recovery":
+    if task_name in ("bench.fail_recovery", "bench.fail_plain_dead_letter"):
         parked = DeadLetter.objects.count()
         if parked != n:
             raise RuntimeError(f"expected {n} dead letters, found {parked}")
