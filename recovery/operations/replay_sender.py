@@ -14,16 +14,21 @@ backend's ``on_task_call``, the task's argument check and the masked ``argsrepr`
 ``apply_async`` sends (``tests/recovery/test_replay_sender.py`` compares them).
 
 Only where that equivalence is known: a task whose class overrides ``apply_async`` or
-``shadow_name`` (it may route, stamp or refuse on its own), one with an ``expires``, a
-pydantic-typed one, an app that runs tasks eagerly or sends ``task-sent`` events, a
-replay started from inside a running task (Celery links it to its parent) all keep
-``apply_async``: detected per task, never assumed.
+``shadow_name`` (it may route, stamp or refuse on its own), an ``apply_async`` wrapped by
+an integration (Sentry's Celery integration wraps ``Task.apply_async`` to add its trace
+headers) or patched on the task or app, one with an ``expires``, a pydantic-typed one, an
+app that runs tasks eagerly or sends ``task-sent`` events, a replay started from inside a
+running task (Celery links it to its parent), and any Celery other than the minor
+version this copies (:data:`CELERY_VERSION`) all keep ``apply_async``: detected per
+task, never assumed.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import celery
+import celery.app.task as celery_task_module
 from celery import Celery, Task
 from celery.app.task import Task as CeleryTask
 from kombu import Queue
@@ -35,6 +40,15 @@ __all__ = ["ReplaySender"]
 
 MASKED_PUBLISH = result_rows.MASKED_PUBLISH
 
+#: The Celery minor version whose ``Task.apply_async`` and ``send_task`` this follows
+#: (5.7.0); on any other the replay keeps ``apply_async`` until the comparison test
+#: (tests/recovery/test_replay_sender.py) has passed on it and this is moved.
+CELERY_VERSION = (5, 7)
+
+#: Where Celery's own ``Task.apply_async`` is defined (a wrapper an integration installed
+#: before this module was imported is defined elsewhere).
+_CELERY_TASK_FILE = celery_task_module.__file__
+
 
 class ReplaySender:
     """Publishes one batch's replays on ``producer``; :meth:`send` takes a replay's
@@ -45,10 +59,11 @@ class ReplaySender:
         self.app = app
         self.producer = producer
         self._plans: dict[str, _Plan | None] = {}
-        self._declared: set[str] = set()
         conf = app.conf
-        self._app_allows = (not conf.task_always_eager and not conf.task_send_sent_event
+        self._app_allows = (tuple(celery.VERSION[:2]) == CELERY_VERSION
+                            and not conf.task_always_eager and not conf.task_send_sent_event
                             and getattr(type(app), "send_task", None) is Celery.send_task
+                            and "send_task" not in vars(app)
                             and app.current_worker_task is None)
 
     def send(self, signature: Any, task_id: str, headers: dict) -> None:
@@ -71,22 +86,36 @@ class ReplaySender:
                                       and _publishes_as_celery(task) else None)
         return self._plans[task_name]
 
-    def _declare_option(self, queue: Any) -> dict:
-        """``declare=[]`` once this batch's producer has declared the routed ``queue``:
-        kombu would declare it again for every message (cached, but ~30 µs of lookups)."""
-        name = queue.name if isinstance(queue, Queue) else queue
-        if not isinstance(name, str) or not name:
+    def declare_option(self, queue: Any) -> dict:
+        """``declare=[]`` when kombu's own declaration cache holds the routed ``queue`` on
+        this producer's connection, the check kombu's ``maybe_declare`` makes first, minus
+        binding a copy of the queue and wrapping the call for retries (~30 µs a message).
+        Kombu empties that cache on reconnect and never caches an auto-delete or expiring
+        queue, so those are declared again, as ``apply_async`` would."""
+        if not isinstance(queue, Queue) or not queue.can_cache_declaration:
             return {}
-        if name in self._declared:
+        connection = getattr(self.producer.channel, "connection", None)
+        if connection and hash(queue) in connection.client.declared_entities:
             return {"declare": []}
-        self._declared.add(name)
         return {}
+
+
+def _is_celerys_apply_async(function: Any) -> bool:
+    """Celery's own ``Task.apply_async``, not a wrapper of it (``functools.wraps`` keeps
+    the name but not the code) nor a replacement."""
+    code = getattr(function, "__code__", None)
+    return (code is not None and code.co_filename == _CELERY_TASK_FILE
+            and code.co_name == "apply_async" and not hasattr(function, "__wrapped__"))
 
 
 def _publishes_as_celery(task: Any) -> bool:
     cls = type(task)
     apply_async = cls.apply_async
-    return ((apply_async is CeleryTask.apply_async or getattr(apply_async, MASKED_PUBLISH, False))
+    own = _is_celerys_apply_async(apply_async)
+    masked = (getattr(apply_async, MASKED_PUBLISH, False) and not hasattr(apply_async, "__wrapped__")
+              and _is_celerys_apply_async(CeleryTask.apply_async))
+    return ((own or masked)
+            and "apply_async" not in vars(task)
             and cls.shadow_name is CeleryTask.shadow_name
             and not getattr(task, "__v2_compat__", False)
             and task.expires is None
@@ -127,7 +156,7 @@ class _Plan:
         options.pop("expires", None)
         ignore_result = options.pop("ignore_result", None)
         options = app.amqp.router.route(options, self.name, args, kwargs, task)
-        options.update(sender._declare_option(options.get("queue")))
+        options.update(sender.declare_option(options.get("queue")))
         message = app.amqp.create_task_message(
             task_id, self.name, args, kwargs, None, None, None, None, None, 0, None, None, None,
             app.thread_oid, time_limit, soft_time_limit, False, None, None, None, None,
@@ -139,3 +168,7 @@ class _Plan:
             if not ignore_result:
                 app.backend.on_task_call(producer, task_id)
             app.amqp.send_task_message(producer, self.name, message, **options)
+        # send_task returns an AsyncResult, which the replay drops: dropping it is what
+        # ends a result backend's pending subscription (Redis: on_task_call subscribes).
+        result = task.AsyncResult(task_id)
+        result.ignored = ignore_result

@@ -6,6 +6,8 @@ Each case publishes a replay twice, once through :class:`ReplaySender` and once 
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
 
 import pytest
@@ -153,3 +155,74 @@ def test_a_bulk_replay_publishes_directly_and_parks_back_a_letter_with_bad_argum
     bad = DeadLetter.objects.get(task_id="bulk-bad")
     assert bad.status == DeadLetter.Status.PARKED and bad.replay_count == 0
     assert bad.events.get(action="replay_failed").outcome.startswith("could not publish")
+
+
+def test_an_integration_wrapping_apply_async_keeps_apply_async(broker, monkeypatch):
+    # Given Celery's apply_async wrapped the way sentry-sdk's Celery integration wraps it
+    original = Task.apply_async
+
+    @functools.wraps(original)
+    def traced(self, args=None, kwargs=None, **options):
+        headers = dict(options.pop("headers", None) or {}, **{"sentry-trace": "abc-def-1"})
+        return original(self, args, kwargs, headers=headers, **options)
+
+    monkeypatch.setattr(Task, "apply_async", traced)
+    with app.producer_or_acquire() as producer:
+        sender = ReplaySender(app, producer)
+        # Then neither plain tasks nor RecoveryTask (whose super() goes through it) skip it
+        assert not sender.direct("tests.sender.plain")
+        assert not sender.direct("tests.sender.recovery_with_secret")
+        sender.send(app.signature("tests.sender.plain", args=[1], queue="celery"), "traced-1",
+                    {"recovery_replay": 1})
+    [message] = _messages(broker, "celery")
+    assert message["headers"]["sentry-trace"] == "abc-def-1"
+
+
+def test_apply_async_or_send_task_patched_on_the_object_keeps_apply_async(broker, monkeypatch):
+    with app.producer_or_acquire() as producer:
+        monkeypatch.setattr(app.tasks["tests.sender.plain"], "apply_async",
+                            app.tasks["tests.sender.plain"].apply_async)
+        assert not ReplaySender(app, producer).direct("tests.sender.plain")
+        monkeypatch.undo()
+        monkeypatch.setattr(app, "send_task", app.send_task)
+        assert not ReplaySender(app, producer).direct("tests.sender.plain")
+        monkeypatch.undo()
+        assert ReplaySender(app, producer).direct("tests.sender.plain")
+
+
+def test_another_celery_version_keeps_apply_async(broker, monkeypatch):
+    import celery
+
+    monkeypatch.setattr(celery, "VERSION", celery.VERSION._replace(minor=celery.VERSION.minor + 1))
+    with app.producer_or_acquire() as producer:
+        assert not ReplaySender(app, producer).direct("tests.sender.plain")
+
+
+def test_a_result_backend_subscription_ends_as_apply_async_ends_it(broker, monkeypatch):
+    # Given a result backend that subscribes to a task's result when it is published
+    # (Redis does) and unsubscribes when the AsyncResult send_task returned is dropped
+    backend = app.backend
+    calls = []
+    monkeypatch.setattr(backend, "on_task_call", lambda producer, task_id: calls.append(("on", task_id)))
+    monkeypatch.setattr(backend, "remove_pending_result",
+                        lambda result: calls.append(("off", result.id)))
+    signature = app.signature("tests.sender.plain", args=[1], queue="celery")
+    with app.producer_or_acquire() as producer:
+        ReplaySender(app, producer).send(signature, "direct-1", {"recovery_replay": 1})
+    signature.apply_async(task_id="celery-1", headers={"recovery_replay": 1})
+    gc.collect()
+    # Then the direct path leaves none behind either
+    assert calls == [("on", "direct-1"), ("off", "direct-1"), ("on", "celery-1"), ("off", "celery-1")]
+
+
+def test_a_queue_kombu_does_not_cache_is_declared_for_every_message(broker):
+    from kombu import Queue
+
+    with app.producer_or_acquire() as producer:
+        sender = ReplaySender(app, producer)
+        cached, expiring = Queue("sender-cached"), Queue("sender-expiring", auto_delete=True)
+        assert sender.declare_option(cached) == {}
+        producer.maybe_declare(cached.bind(producer.channel))
+        assert sender.declare_option(cached) == {"declare": []}
+        producer.maybe_declare(expiring.bind(producer.channel))
+        assert sender.declare_option(expiring) == {}
