@@ -36,6 +36,7 @@ from .. import conf, events
 from ..core import headers as hdr, redaction
 from ..core.bounds import attempt_count
 from ..core.fingerprint import fingerprint
+from ..store import pg_fastpath
 from ..store.models import DeadLetter, Incident, IncidentNotification, SagaRun, SagaStep
 from ..workflows import saga_secrets
 from . import metrics
@@ -284,7 +285,15 @@ def _escalate_letter(record: "ParkRecord", letter_id: int, chosen: EscalationRul
     def details() -> dict:
         return letter_diagnostics(record, letter_id, chosen.admin_base_url)
 
-    if _add_to_open(fp, letter_id, details):
+    link = pg_fastpath.take_incident_link(letter_id)
+    if link is not None:
+        # The letter's own statement looked for the open incident and, if there was one,
+        # linked and counted the letter there already.
+        if link.incident_id is not None:
+            if link.moved_last_seen:
+                _write_details(link.incident_id, details)
+            return
+    elif _add_to_open(fp, letter_id, details):
         # The same problem is already in front of a human: add to it, announce nothing.
         return
     if chosen.on_compensation_failure and _compensation_failed(record):
@@ -362,6 +371,7 @@ _ADD_TO_OPEN_SQL = """
 WITH incident AS (
     SELECT id, last_seen_at FROM {incident}
      WHERE fingerprint = %s AND status IN ('open', 'acknowledged')
+       FOR UPDATE
 ), linked AS (
     INSERT INTO {letters} (incident_id, deadletter_id)
     SELECT id, %s FROM incident
@@ -369,12 +379,10 @@ WITH incident AS (
     RETURNING incident_id
 )
 UPDATE {incident}
-   SET count = count + (SELECT count(*) FROM linked), last_seen_at = %s
+   SET count = count + (SELECT count(*) FROM linked), last_seen_at = {touch_last_seen}
  WHERE id IN (SELECT id FROM incident)
-RETURNING id, (SELECT last_seen_at FROM incident)
+RETURNING id, last_seen_at IS DISTINCT FROM (SELECT last_seen_at FROM incident)
 """
-#: A storm of one failure refreshes its incident's diagnostics at most this often.
-_DETAILS_REFRESH = timedelta(seconds=1)
 
 
 def _add_to_open(fp: str, letter_id: int, details: Callable[[], dict]) -> bool:
@@ -388,15 +396,16 @@ def _add_to_open(fp: str, letter_id: int, details: Callable[[], dict]) -> bool:
     now = timezone.now()
     if connection.vendor == "postgresql" and not connection.in_atomic_block:
         sql = _ADD_TO_OPEN_SQL.format(incident=Incident._meta.db_table,
-                                      letters=Incident.letters.through._meta.db_table)
+                                      letters=Incident.letters.through._meta.db_table,
+                                      touch_last_seen=pg_fastpath.TOUCH_LAST_SEEN)
         with connection.cursor() as cursor:
-            cursor.execute(sql, [fp, letter_id, now])
+            cursor.execute(sql, [fp, letter_id, now, now])
             row = cursor.fetchone()
         if row is None:
             return False
-        incident_id, seen_before = row
-        if seen_before is None or seen_before < now - _DETAILS_REFRESH:
-            Incident.objects.filter(pk=incident_id).update(details=details())
+        incident_id, moved_last_seen = row
+        if moved_last_seen:
+            _write_details(incident_id, details)
         return True
     incident_id = (Incident.objects.filter(fingerprint=fp, status__in=OPEN_STATUSES)
                    .values_list("pk", flat=True).first())
@@ -407,6 +416,10 @@ def _add_to_open(fp: str, letter_id: int, details: Callable[[], dict]) -> bool:
         Incident.objects.filter(pk=incident_id).update(
             count=F("count") + new, last_seen_at=now, details=details())
     return True
+
+
+def _write_details(incident_id: int, details: Callable[[], dict]) -> None:
+    Incident.objects.filter(pk=incident_id).update(details=details())
 
 
 def _link(incident_id: int, letter_ids: set[int]) -> int:

@@ -7,11 +7,20 @@ upserts the FAILURE row, atomically and in a single round trip, so parking
 costs less than django-celery-results storing the FAILURE on its own. Any
 other case (a conflict, another backend or database) returns None and the
 general path in :mod:`recovery.store.parking` handles it.
+
+The same statement links the new letter to its fingerprint's open incident, if
+one is open, and counts it there: in a storm of one failure that link is the
+one thing escalation does for every letter, and as a statement of its own it
+cost each letter a second round trip and a second wait on the incident's row.
+What the statement found is kept for the escalation listener
+(:func:`take_incident_link`), which then skips its own look-up.
 """
 
 from __future__ import annotations
 
 import json
+from contextvars import ContextVar
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -19,10 +28,10 @@ from celery import states
 from django.db import connection
 from django.utils import timezone
 
-from .models import DeadLetter
+from .models import DeadLetter, Incident
 from ..core.names import logger_for
 
-__all__ = ["insert_new_letter", "missing_internals"]
+__all__ = ["insert_new_letter", "missing_internals", "IncidentLink", "take_incident_link"]
 
 logger = logger_for(__name__)
 
@@ -31,6 +40,64 @@ _LETTER_JSON = ("args", "kwargs", "headers", "history")
 # ones are how its DatabaseBackend.store_result builds it.
 _BACKEND_ATTRIBUTES = ("TaskModel", "encode_result", "encode_content", "current_task_children",
                        "_get_meta_from_request", "_get_extended_properties")
+
+
+@dataclass(frozen=True)
+class IncidentLink:
+    """What the letter's statement found of its fingerprint's open incident."""
+
+    letter_id: int
+    #: the open incident the letter was linked to and counted in; None when none was open
+    incident_id: int | None = None
+    #: whether this letter moved the incident's ``last_seen_at`` (at most once a second),
+    #: which is when its diagnostics are rewritten too
+    moved_last_seen: bool = False
+
+
+#: The last link this context's fast path made; one slot, so a listener that is not
+#: connected leaves nothing to pile up.
+_last_link: ContextVar[IncidentLink | None] = ContextVar("recovery_incident_link", default=None)
+
+
+def take_incident_link(letter_id: int) -> IncidentLink | None:
+    """The incident link the fast path made for ``letter_id`` (once), or None when the
+    letter was written another way and its incident is still to be looked up."""
+    link = _last_link.get()
+    if link is None or link.letter_id != letter_id:
+        return None
+    _last_link.set(None)
+    return link
+
+
+# Statuses as recovery.store.models.Incident.Status spells them (the partial unique index
+# that allows one open incident per fingerprint uses the same two).
+_OPEN = (Incident.Status.OPEN.value, Incident.Status.ACKNOWLEDGED.value)
+
+
+#: ``last_seen_at`` moves at most once a second in a storm (with the diagnostics, which
+#: escalation refreshes as often): an update that changes only ``count``, which no index
+#: holds, is a heap-only update, where moving an indexed timestamp on every letter wrote
+#: four index entries and left a dead version of the row in each of them.
+#: Its two parameters are both the time of the letter.
+TOUCH_LAST_SEEN = "CASE WHEN last_seen_at < %s - interval '1 second' THEN %s ELSE last_seen_at END"
+
+
+def _incident_ctes() -> str:
+    incident = Incident._meta.db_table
+    through = Incident.letters.through._meta.db_table
+    return (
+        f', incident AS (SELECT id, last_seen_at FROM "{incident}" '
+        f"WHERE fingerprint = %s AND status IN (%s, %s) AND EXISTS (SELECT 1 FROM letter) "
+        # Locked as it is read: the update needs the lock anyway, and so the incident read
+        # is the latest version (one resolved a moment ago is not linked to).
+        f"FOR UPDATE)"
+        f', linked AS (INSERT INTO "{through}" (incident_id, deadletter_id) '
+        f"SELECT incident.id, letter.id FROM incident, letter ON CONFLICT DO NOTHING "
+        f"RETURNING incident_id)"
+        f', touched AS (UPDATE "{incident}" SET count = count + (SELECT count(*) FROM linked), '
+        f"last_seen_at = {TOUCH_LAST_SEEN} WHERE id IN (SELECT id FROM incident) "
+        f"RETURNING id, last_seen_at)"
+    )
 
 
 def _is_django_celery_results(backend: Any) -> bool:
@@ -125,8 +192,15 @@ def insert_new_letter(values: dict[str, Any], record: Any, backend: Any, request
             f'ON CONFLICT (task_id) DO UPDATE SET {updates})'
         )
         params.extend(result_row.values())
-    sql += " SELECT id FROM letter"
+    sql += _incident_ctes()
+    params.extend([values["fingerprint"], *_OPEN, now, now])
+    sql += (" SELECT letter.id, touched.id, touched.last_seen_at IS DISTINCT FROM "
+            "(SELECT last_seen_at FROM incident) FROM letter LEFT JOIN touched ON true")
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
-    return row[0] if row else None
+    if not row:
+        return None
+    letter_id, incident_id, moved = row
+    _last_link.set(IncidentLink(letter_id, incident_id, bool(incident_id and moved)))
+    return letter_id

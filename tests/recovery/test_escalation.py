@@ -405,3 +405,140 @@ def test_letters_of_a_resolved_incident_do_not_count_towards_the_next(escalation
     reopened = Incident.objects.exclude(status="resolved").get()
     assert sorted(reopened.letters.values_list("task_id", flat=True)) == [
         "task-4", "task-5", "task-6"]
+
+
+# -- a storm's letters: linked in the letter's own statement --------------------------------------
+
+
+def _statements_while(action) -> list[str]:
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as captured:
+        action()
+    return [q["sql"] for q in captured.captured_queries]
+
+
+@db
+def test_a_letter_of_an_open_incident_is_linked_and_counted_by_its_own_statement(
+        escalation_settings):
+    escalation_settings(THRESHOLD_LETTERS=1)
+    park(record(1))
+    incident = Incident.objects.get()
+
+    statements = _statements_while(lambda: park(record(2)))
+
+    # One round trip parks the letter, links it and counts it; within a second of the
+    # last letter the diagnostics are not rewritten.
+    assert len(statements) == 1, statements
+    assert "recovery_incident_letters" in statements[0]
+    incident.refresh_from_db()
+    assert incident.count == 2
+    assert sorted(incident.letters.values_list("task_id", flat=True)) == ["task-1", "task-2"]
+    assert Incident.objects.count() == 1
+    assert incident.details["task_id"] == "task-1"
+
+    # A second later the next letter's diagnostics replace the incident's (one more statement).
+    Incident.objects.update(last_seen_at=timezone.now() - timedelta(seconds=2))
+    statements = _statements_while(lambda: park(record(3)))
+    assert len(statements) == 2, statements
+    incident.refresh_from_db()
+    assert (incident.count, incident.details["task_id"]) == (3, "task-3")
+
+
+@db
+def test_a_letter_with_no_open_incident_costs_no_second_look_up(escalation_settings):
+    escalation_settings(THRESHOLD_LETTERS=None)
+    statements = _statements_while(lambda: park(record(1)))
+    assert len(statements) == 1, statements
+    assert not Incident.objects.exists()
+    assert DeadLetter.objects.get().task_id == "task-1"
+
+
+@db
+def test_a_letter_of_a_resolved_incident_is_not_linked_to_it(escalation_settings):
+    escalation_settings(THRESHOLD_LETTERS=None, CRITICAL_TASKS=["tasks.import_row"])
+    park(record(1))
+    first = Incident.objects.get()
+    escalation.resolve(first, actor="alice")
+
+    park(record(2))
+
+    first.refresh_from_db()
+    assert (first.count, list(first.letters.values_list("task_id", flat=True))) == (1, ["task-1"])
+    second = Incident.objects.exclude(pk=first.pk).get()
+    assert list(second.letters.values_list("task_id", flat=True)) == ["task-2"]
+
+
+@db
+def test_a_letter_waits_for_an_incident_another_transaction_holds_and_is_counted_once(
+        escalation_settings):
+    import psycopg
+
+    escalation_settings(THRESHOLD_LETTERS=1)
+    park(record(1))
+    incident = Incident.objects.get()
+    settings_dict = connection.settings_dict
+    other = psycopg.connect(host=settings_dict["HOST"], port=settings_dict["PORT"],
+                            user=settings_dict["USER"], dbname=settings_dict["NAME"])
+    held = threading.Event()
+
+    def hold_for_a_moment():
+        with other.transaction():
+            other.execute("SELECT id FROM recovery_incident WHERE id = %s FOR UPDATE",
+                          [incident.pk])
+            held.set()
+            threading.Event().wait(0.5)
+
+    holder = threading.Thread(target=hold_for_a_moment)
+    holder.start()
+    try:
+        assert held.wait(10)
+        outcome = park(record(2))
+    finally:
+        holder.join(10)
+        other.close()
+    assert outcome.letter_id == DeadLetter.objects.get(task_id="task-2").pk
+    incident.refresh_from_db()
+    assert incident.count == 2
+    assert incident.letters.count() == 2
+
+
+@db
+def test_an_incident_table_that_refuses_the_update_never_costs_the_letter(
+        escalation_settings, caplog):
+    escalation_settings(THRESHOLD_LETTERS=1)
+    park(record(1))
+    with connection.cursor() as cursor:
+        cursor.execute("""
+            CREATE FUNCTION test_refuse_incident() RETURNS trigger AS $$
+            BEGIN RAISE EXCEPTION 'incident table refuses updates'; END $$ LANGUAGE plpgsql;
+            CREATE TRIGGER test_refuse_incident BEFORE UPDATE ON recovery_incident
+            FOR EACH ROW EXECUTE FUNCTION test_refuse_incident();
+        """)
+    try:
+        outcome = park(record(2))
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TRIGGER test_refuse_incident ON recovery_incident; "
+                           "DROP FUNCTION test_refuse_incident();")
+    # The one statement failed as a whole; the general path parked the letter, and
+    # escalation, which the same refusal stops, said why it could not add it.
+    letter = DeadLetter.objects.get(task_id="task-2")
+    assert outcome.letter_id == letter.pk
+    assert letter.status == DeadLetter.Status.PARKED
+    assert "could not escalate tasks.import_row[task-2]" in caplog.text
+    assert Incident.objects.get().count == 1
+
+
+@db
+def test_the_fast_paths_link_is_taken_once_and_only_for_its_letter(escalation_settings):
+    from recovery.store import pg_fastpath
+
+    escalation_settings(THRESHOLD_LETTERS=1)
+    park(record(1))
+    # The escalation listener took the link of letter 1 already.
+    assert pg_fastpath.take_incident_link(DeadLetter.objects.get().pk) is None
+    pg_fastpath._last_link.set(pg_fastpath.IncidentLink(letter_id=7, incident_id=None))
+    assert pg_fastpath.take_incident_link(8) is None
+    assert pg_fastpath.take_incident_link(7) == pg_fastpath.IncidentLink(7, None)
+    assert pg_fastpath.take_incident_link(7) is None
