@@ -10,11 +10,14 @@ Celery app, so the project says once, where it builds its app::
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import weakref
+from collections.abc import Callable
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, current_app, signals
 from django.db import close_old_connections
 
 from . import conf
@@ -72,17 +75,35 @@ def setup(app: Celery) -> Celery:
     else:
         app.on_after_configure.connect(_broker_topology, weak=False)
         app.on_after_configure.connect(_watchdog_schedule, weak=False)
-    signals.task_prerun.connect(_reuse_connection, weak=False, dispatch_uid="recovery-db-reuse")
-    signals.worker_process_init.connect(_unbound_child_connection, weak=False,
-                                        dispatch_uid="recovery-db-unbound-child")
-    signals.worker_init.connect(_reliable_fetch, weak=False, dispatch_uid="recovery-redis-fetch")
-    signals.worker_init.connect(_metrics_worker_init, weak=False,
-                                dispatch_uid="recovery-metrics-init")
-    signals.worker_process_shutdown.connect(_metrics_child_exit, weak=False,
-                                            dispatch_uid="recovery-metrics-child-exit")
-    signals.worker_shutdown.connect(_metrics_worker_shutdown, weak=False,
-                                    dispatch_uid="recovery-metrics-shutdown")
+    _INSTALLED.add(app)
+    for signal, receiver, uid in _WORKER_RECEIVERS:
+        signal.connect(_SCOPED[uid], weak=False, dispatch_uid=uid)
     return app
+
+
+#: The apps :func:`setup` installed into. Celery's signals are process-wide: its receivers
+#: act for these apps' workers and tasks only, so another app in the same process (a
+#: plain app beside the project's, the stock baseline in bench/) keeps stock Celery:
+#: kombu's own Redis fetch, Celery's own connection handling.
+_INSTALLED: "weakref.WeakSet[Celery]" = weakref.WeakSet()
+
+
+def _app_of(sender: Any) -> Any:
+    app = getattr(sender, "app", None)
+    if app is None:
+        # worker_process_init/shutdown come with no sender: a pool child's current app
+        # is its worker's (Celery's process initializer makes it so before sending them).
+        app = current_app._get_current_object()
+    return app
+
+
+def _for_installed_apps(receiver: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(receiver)
+    def scoped(sender: Any = None, **kwargs: Any) -> None:
+        if _app_of(sender) in _INSTALLED:
+            receiver(sender=sender, **kwargs)
+
+    return scoped
 
 
 def _reliable_fetch(sender: Any = None, **kwargs: Any) -> None:
@@ -165,3 +186,15 @@ def _reuse_connection(sender: Any = None, **kwargs: Any) -> None:
     close_old_connections()
 
 
+
+
+_WORKER_RECEIVERS: tuple[tuple[Any, Callable[..., None], str], ...] = (
+    (signals.task_prerun, _reuse_connection, "recovery-db-reuse"),
+    (signals.worker_process_init, _unbound_child_connection, "recovery-db-unbound-child"),
+    (signals.worker_init, _reliable_fetch, "recovery-redis-fetch"),
+    (signals.worker_init, _metrics_worker_init, "recovery-metrics-init"),
+    (signals.worker_process_shutdown, _metrics_child_exit, "recovery-metrics-child-exit"),
+    (signals.worker_shutdown, _metrics_worker_shutdown, "recovery-metrics-shutdown"),
+)
+#: One scoped receiver per signal, made once: connecting it again (a second setup) is a no-op.
+_SCOPED = {uid: _for_installed_apps(receiver) for _signal, receiver, uid in _WORKER_RECEIVERS}
