@@ -23,6 +23,7 @@ worker does not stop on it.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
@@ -70,6 +71,11 @@ return false
 """
 
 
+#: The script's SHA1: a poll sends ``EVALSHA`` (40 bytes) rather than the script, which
+#: Redis would otherwise receive and hash again for every message.
+_TAKE_SHA = hashlib.sha1(_TAKE.encode()).hexdigest()
+
+
 class ReliableQoS(kombu_redis.QoS):
     """kombu's QoS, minus the second write for a message the script recorded already."""
 
@@ -91,6 +97,9 @@ class ReliableChannel(kombu_redis.Channel):
     _recovery_unsupported = False
     #: Whether the command in flight is the wait (its reply is read as BLMOVE's).
     _recovery_waiting = False
+    #: Whether the server holds the script (by its SHA1): until a reply says so, and after
+    #: a NOSCRIPT (a restarted or flushed server), the next poll sends it whole.
+    _recovery_script_cached = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._recovery_recorded: set[str] = set()
@@ -121,8 +130,9 @@ class ReliableChannel(kombu_redis.Channel):
         fixed = [self.unacked_key, self.unacked_index_key, MALFORMED_LIST]
         all_keys = [self._prefixed(key) for key in fixed + keys]
         self._recovery_waiting = False
+        script = ("EVALSHA", _TAKE_SHA) if self._recovery_script_cached else ("EVAL", _TAKE)
         self.client.connection.send_command(
-            "EVAL", _TAKE, len(all_keys), *all_keys, repr(kombu_redis.time()))
+            *script, len(all_keys), *all_keys, repr(kombu_redis.time()))
 
     def _brpop_read(self, **options: Any) -> bool:
         if self._recovery_unsupported:
@@ -136,6 +146,11 @@ class ReliableChannel(kombu_redis.Channel):
                 self.client.connection.disconnect()
                 raise
             except kombu_redis.redis.ResponseError as exc:
+                if not waited and isinstance(exc, kombu_redis.redis.exceptions.NoScriptError):
+                    # The server lost its script cache (a restart, SCRIPT FLUSH): the script
+                    # did not run and took nothing. The next poll sends it whole.
+                    self._recovery_script_cached = False
+                    raise kombu_redis.Empty() from exc
                 # Redis before 6.2 (no BLMOVE), or scripting disabled: kombu's way, loudly.
                 self._recovery_unsupported = True
                 logger.critical("recovery: this Redis server cannot take a message and record "
@@ -143,6 +158,8 @@ class ReliableChannel(kombu_redis.Channel):
                                 "loses the message a worker held if it is killed between "
                                 "taking and recording it. Use Redis 6.2 or later.", exc)
                 raise kombu_redis.Empty() from exc
+            if not waited:
+                self._recovery_script_cached = True
             if waited:
                 # Something may be queued now (or the wait timed out): take next.
                 self._recovery_wait_next = False

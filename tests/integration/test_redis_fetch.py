@@ -101,3 +101,20 @@ def _no_malformed_leftovers(store):
     store.delete(MALFORMED_LIST)
     yield
     store.delete(MALFORMED_LIST)
+
+
+def test_the_poll_sends_the_script_by_its_hash_and_survives_a_flushed_script_cache(
+        start_worker, store, key):
+    # Given a worker that has taken a task (its poll sent the script whole once)
+    worker = start_worker()
+    assert t.flaky_twice.delay(f"{key}-1").get(timeout=60) == 3
+    calls_before = store.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    # When the server forgets every script (as after a restart without persistence)
+    store.script_flush()
+    # Then the next tasks still run, on the same one-step fetch (no fall-back to BRPOP),
+    # and the polls after the first send the script's hash, not the script
+    assert t.flaky_twice.delay(f"{key}-2").get(timeout=60) == 3
+    assert t.flaky_twice.delay(f"{key}-3").get(timeout=60) == 3
+    assert store.info("commandstats")["cmdstat_evalsha"]["calls"] > calls_before
+    assert "cannot take a message and record it in one step" not in worker.log()
+    assert worker.process.poll() is None
