@@ -76,6 +76,8 @@ def setup(app: Celery) -> Celery:
         app.on_after_configure.connect(_broker_topology, weak=False)
         app.on_after_configure.connect(_watchdog_schedule, weak=False)
     _INSTALLED.add(app)
+    # Survives pickling (a pool child started with `spawn` gets a copy of the app).
+    app.conf.update({INSTALLED_FLAG: True})
     for signal, receiver, uid in _WORKER_RECEIVERS:
         signal.connect(_SCOPED[uid], weak=False, dispatch_uid=uid)
     return app
@@ -88,19 +90,36 @@ def setup(app: Celery) -> Celery:
 _INSTALLED: "weakref.WeakSet[Celery]" = weakref.WeakSet()
 
 
+#: The configuration key setup() sets: a pickled copy of the app (a pool child started
+#: with `spawn`) is a new object, not in _INSTALLED, and carries its configuration.
+INSTALLED_FLAG = "recovery_installed"
+
+
 def _app_of(sender: Any) -> Any:
     app = getattr(sender, "app", None)
     if app is None:
-        # worker_process_init/shutdown come with no sender: a pool child's current app
-        # is its worker's (Celery's process initializer makes it so before sending them).
+        # worker_process_init/shutdown are sent by a pool child with its hostname: its
+        # current app is its worker's (Celery's process initializer makes it so first).
         app = current_app._get_current_object()
     return app
+
+
+def _installed(app: Any) -> bool:
+    if app in _INSTALLED:
+        return True
+    try:
+        flagged = bool(app.conf.get(INSTALLED_FLAG))
+    except Exception:  # noqa: BLE001 - not an app, or one that cannot read its configuration
+        return False
+    if flagged:
+        _INSTALLED.add(app)
+    return flagged
 
 
 def _for_installed_apps(receiver: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(receiver)
     def scoped(sender: Any = None, **kwargs: Any) -> None:
-        if _app_of(sender) in _INSTALLED:
+        if _installed(_app_of(sender)):
             receiver(sender=sender, **kwargs)
 
     return scoped

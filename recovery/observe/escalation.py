@@ -238,8 +238,12 @@ def _threshold_crossed(fp: str, chosen: EscalationRules) -> list[int]:
     # All of the window's letters (up to a bound), not only N: letters parked at the same
     # instant by other workers, whose own check came a moment too early, belong to it too.
     # Letters of an incident already resolved were dealt with: they do not count again.
+    # Letters of an open one do: a letter whose statement found no incident open, while
+    # another worker was opening it with this window, joins that incident through _upsert.
+    resolved = Incident.letters.through.objects.filter(
+        incident__fingerprint=fp, incident__status=Incident.Status.RESOLVED)
     found = list(DeadLetter.objects.filter(fingerprint=fp, last_failed_at__gte=since)
-                 .exclude(incidents__fingerprint=fp)
+                 .exclude(pk__in=resolved.values("deadletter_id"))
                  .order_by("-last_failed_at", "-id")
                  .values_list("id", flat=True)[: max(chosen.threshold_letters, _WINDOW_MAX)])
     return found if len(found) >= chosen.threshold_letters else []

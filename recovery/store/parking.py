@@ -105,6 +105,14 @@ def database_unreachable(error: BaseException) -> bool:
     return isinstance(error, (OperationalError, InterfaceError))
 
 
+#: SQLSTATEs of a statement that lost a lock: deadlock_detected, lock_not_available.
+_LOCK_LOST = ("40P01", "55P03")
+
+
+def _lost_a_lock(error: BaseException) -> bool:
+    return getattr(getattr(error, "__cause__", None), "sqlstate", None) in _LOCK_LOST
+
+
 @dataclass
 class ParkRecord:
     """Everything a dead letter holds, as plain JSON-safe data (it may sit in the spool)."""
@@ -293,10 +301,12 @@ def _write(record: ParkRecord, backend: Any, request: Any) -> tuple[int, bool, b
                 record, backend, request,
             )
         except DatabaseError as refused:
-            if database_unreachable(refused):
+            if database_unreachable(refused) and not _lost_a_lock(refused):
                 raise
-            # The one statement holds the letter and the result: the general path below
-            # tells which of them the database refuses, and writes what it can.
+            # The one statement holds the letter, the result and the incident link: the
+            # general path below tells which of them the database refuses, and writes what
+            # it can. A deadlock or a lock not granted (the incident's row) is the
+            # statement's, not the letter's: the general path writes the letter without it.
             letter_id = None
         if letter_id is not None:
             return letter_id, with_result, False

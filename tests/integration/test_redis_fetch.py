@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from kombu import Connection
@@ -116,5 +117,39 @@ def test_the_poll_sends_the_script_by_its_hash_and_survives_a_flushed_script_cac
     assert t.flaky_twice.delay(f"{key}-2").get(timeout=60) == 3
     assert t.flaky_twice.delay(f"{key}-3").get(timeout=60) == 3
     assert store.info("commandstats")["cmdstat_evalsha"]["calls"] > calls_before
+    # and, the script cached again, an idle worker's polls send only its hash
+    polls = _polls_for(store, seconds=3)
+    assert [name for name in polls if name == "EVALSHA"], polls
+    assert "EVAL" not in polls, polls
     assert "cannot take a message and record it in one step" not in worker.log()
     assert worker.process.poll() is None
+
+
+def _polls_for(store, seconds: float) -> list[str]:
+    """The script commands (EVAL or EVALSHA) that took from this broker's queues, as
+    MONITOR saw them for ``seconds`` (server-wide command counts would include other
+    clients' scripts)."""
+    import threading
+
+    db = store.connection_pool.connection_kwargs.get("db", 0)
+    seen: list[str] = []
+    done = threading.Event()
+
+    def watch():
+        with store.monitor() as monitor:
+            deadline = time.monotonic() + seconds
+            for command in monitor.listen():
+                text = command.get("command", "")
+                name = text.split(" ", 1)[0].upper()
+                if int(command.get("db", -1)) == db and name in ("EVAL", "EVALSHA") \
+                        and "unacked" in text:
+                    seen.append(name)
+                if time.monotonic() > deadline:
+                    break
+        done.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    time.sleep(seconds)
+    store.ping()  # one more command, so the monitor wakes up past its deadline
+    assert done.wait(10)
+    return seen

@@ -5,6 +5,7 @@ channel however often the threshold is crossed, and parking that never waits on 
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -493,10 +494,13 @@ def test_a_letter_waits_for_an_incident_another_transaction_holds_and_is_counted
     holder.start()
     try:
         assert held.wait(10)
+        began = time.monotonic()
         outcome = park(record(2))
+        waited = time.monotonic() - began
     finally:
         holder.join(10)
         other.close()
+    assert waited >= 0.3  # it did wait for the lock, then wrote
     assert outcome.letter_id == DeadLetter.objects.get(task_id="task-2").pk
     incident.refresh_from_db()
     assert incident.count == 2
@@ -542,3 +546,62 @@ def test_the_fast_paths_link_is_taken_once_and_only_for_its_letter(escalation_se
     assert pg_fastpath.take_incident_link(8) is None
     assert pg_fastpath.take_incident_link(7) == pg_fastpath.IncidentLink(7, None)
     assert pg_fastpath.take_incident_link(7) is None
+
+
+@db
+def test_a_letter_whose_statement_ran_while_another_worker_opened_the_incident_joins_it(
+        escalation_settings, monkeypatch):
+    from recovery.store import pg_fastpath
+
+    escalation_settings(THRESHOLD_LETTERS=None)
+    first, second = park(record(1)).letter_id, park(record(2)).letter_id
+    escalation_settings(THRESHOLD_LETTERS=2)
+    take = pg_fastpath.take_incident_link
+    opened = []
+
+    def another_worker_opens_it_meanwhile(letter_id):
+        # Letter 3's statement found no incident open. Another worker, whose threshold
+        # window ({1, 2}) was read before letter 3 was committed, opens the incident now,
+        # before letter 3's escalation looks.
+        if not opened:
+            incident, _ = escalation._upsert(Occurrence(
+                fingerprint=FP, reason=Incident.Reason.THRESHOLD, title="2 dead letters",
+                task_name="tasks.import_row", letter_ids=(first, second)), escalation.rules())
+            opened.append(incident.count)
+        return take(letter_id)
+
+    monkeypatch.setattr(pg_fastpath, "take_incident_link", another_worker_opens_it_meanwhile)
+    park(record(3))
+
+    incident = Incident.objects.get()
+    assert opened == [2]
+    assert incident.count == 3
+    assert sorted(incident.letters.values_list("task_id", flat=True)) == [
+        "task-1", "task-2", "task-3"]
+
+
+@db
+def test_a_letter_whose_statement_loses_the_incidents_lock_is_written_without_it(
+        escalation_settings, monkeypatch):
+    from django.db import OperationalError
+    import psycopg
+
+    from recovery.store import pg_fastpath
+
+    escalation_settings(THRESHOLD_LETTERS=1)
+    park(record(1))
+
+    def deadlocked(*args, **kwargs):
+        try:
+            raise psycopg.errors.DeadlockDetected("deadlock detected")
+        except psycopg.Error as cause:
+            raise OperationalError("deadlock detected") from cause
+
+    monkeypatch.setattr(pg_fastpath, "insert_new_letter", deadlocked)
+    outcome = park(record(2))
+
+    # Not spooled as if the database were down: the general path wrote it, and
+    # escalation linked it with its own statement.
+    assert not outcome.spooled
+    assert outcome.letter_id == DeadLetter.objects.get(task_id="task-2").pk
+    assert Incident.objects.get().count == 2

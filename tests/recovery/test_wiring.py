@@ -75,3 +75,24 @@ def test_a_pool_child_is_judged_by_its_workers_app(calls):
         assert calls == ["unbound"]
     finally:
         before.set_current()
+
+
+def test_a_pool_child_started_with_spawn_has_a_copy_of_the_app_and_is_judged_installed(calls):
+    import pickle
+
+    from celery import current_app
+
+    plain, ours = _apps()
+    # `spawn` hands the child a pickled app: a new object, with the configuration.
+    copy, plain_copy = pickle.loads(pickle.dumps(ours)), pickle.loads(pickle.dumps(plain))
+    assert copy is not ours
+    before = current_app._get_current_object()
+    try:
+        plain_copy.set_current()
+        wiring._SCOPED["recovery-db-unbound-child"](sender="celery@host")
+        assert calls == []
+        copy.set_current()
+        wiring._SCOPED["recovery-db-unbound-child"](sender="celery@host")
+        assert calls == ["unbound"]
+    finally:
+        before.set_current()
