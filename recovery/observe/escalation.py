@@ -371,24 +371,6 @@ def on_saga_needs_human(run: SagaRun, reason: str, failed_step: SagaStep | None 
     ))
 
 
-_ADD_TO_OPEN_SQL = """
-WITH incident AS (
-    SELECT id, last_seen_at FROM {incident}
-     WHERE fingerprint = %s AND status IN ('open', 'acknowledged')
-       FOR UPDATE
-), linked AS (
-    INSERT INTO {letters} (incident_id, deadletter_id)
-    SELECT id, %s FROM incident
-    ON CONFLICT DO NOTHING
-    RETURNING incident_id
-)
-UPDATE {incident}
-   SET count = count + (SELECT count(*) FROM linked), last_seen_at = {touch_last_seen}
- WHERE id IN (SELECT id FROM incident)
-RETURNING id, last_seen_at IS DISTINCT FROM (SELECT last_seen_at FROM incident)
-"""
-
-
 def _add_to_open(fp: str, letter_id: int, details: Callable[[], dict]) -> bool:
     """Add a letter to its fingerprint's open incident, if there is one.
 
@@ -399,17 +381,11 @@ def _add_to_open(fp: str, letter_id: int, details: Callable[[], dict]) -> bool:
     """
     now = timezone.now()
     if connection.vendor == "postgresql" and not connection.in_atomic_block:
-        sql = _ADD_TO_OPEN_SQL.format(incident=Incident._meta.db_table,
-                                      letters=Incident.letters.through._meta.db_table,
-                                      touch_last_seen=pg_fastpath.TOUCH_LAST_SEEN)
-        with connection.cursor() as cursor:
-            cursor.execute(sql, [fp, letter_id, now, now])
-            row = cursor.fetchone()
-        if row is None:
+        link = pg_fastpath.link_to_open_incident(letter_id, fp)
+        if link.incident_id is None:
             return False
-        incident_id, moved_last_seen = row
-        if moved_last_seen:
-            _write_details(incident_id, details)
+        if link.moved_last_seen:
+            _write_details(link.incident_id, details)
         return True
     incident_id = (Incident.objects.filter(fingerprint=fp, status__in=OPEN_STATUSES)
                    .values_list("pk", flat=True).first())

@@ -31,7 +31,8 @@ from django.utils import timezone
 from .models import DeadLetter, Incident
 from ..core.names import logger_for
 
-__all__ = ["insert_new_letter", "missing_internals", "IncidentLink", "take_incident_link"]
+__all__ = ["insert_new_letter", "missing_internals", "IncidentLink", "take_incident_link",
+           "link_to_open_incident"]
 
 logger = logger_for(__name__)
 
@@ -192,15 +193,32 @@ def insert_new_letter(values: dict[str, Any], record: Any, backend: Any, request
             f'ON CONFLICT (task_id) DO UPDATE SET {updates})'
         )
         params.extend(result_row.values())
-    sql += _incident_ctes()
-    params.extend([values["fingerprint"], *_OPEN, now, now])
-    sql += (" SELECT letter.id, touched.id, touched.last_seen_at IS DISTINCT FROM "
-            "(SELECT last_seen_at FROM incident) FROM letter LEFT JOIN touched ON true")
+    link = _run_with_incident_link(sql, params, values["fingerprint"], now)
+    if link is None:
+        return None
+    _last_link.set(link)
+    return link.letter_id
+
+
+def link_to_open_incident(letter_id: int, fingerprint: str) -> IncidentLink:
+    """Link a letter already written to its fingerprint's open incident, if one is open,
+    and count it there: the same statement the fast path appends to the letter's."""
+    link = _run_with_incident_link("WITH letter AS (SELECT %s::bigint AS id)", [letter_id],
+                                   fingerprint, timezone.now())
+    return link or IncidentLink(letter_id)  # (the letter CTE always has its one row)
+
+
+def _run_with_incident_link(letter_sql: str, params: list[Any], fingerprint: str,
+                            now: Any) -> IncidentLink | None:
+    """Run ``letter_sql`` (a WITH clause whose CTE ``letter`` yields the letter's id, when
+    there is one) with the incident link appended; None when ``letter`` was empty."""
+    sql = letter_sql + _incident_ctes() + (
+        " SELECT letter.id, touched.id, touched.last_seen_at IS DISTINCT FROM "
+        "(SELECT last_seen_at FROM incident) FROM letter LEFT JOIN touched ON true")
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(sql, [*params, fingerprint, *_OPEN, now, now])
         row = cursor.fetchone()
     if not row:
         return None
     letter_id, incident_id, moved = row
-    _last_link.set(IncidentLink(letter_id, incident_id, bool(incident_id and moved)))
-    return letter_id
+    return IncidentLink(letter_id, incident_id, bool(incident_id and moved))
